@@ -1,0 +1,23 @@
+"""tova_engine: LLM inference with a fixed-size multi-state KV cache and TOVA eviction."""
+
+from tova_engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from tova_engine.config import EngineConfig
+from tova_engine.engine import LLMEngine, StepStats
+from tova_engine.llm import LLM
+from tova_engine.outputs import CompletionOutput, Logprob, RequestOutput
+from tova_engine.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "AsyncEngine",
+    "CompletionOutput",
+    "EngineConfig",
+    "EngineDeadError",
+    "LLMEngine",
+    "Logprob",
+    "RequestFailedError",
+    "RequestOutput",
+    "SamplingParams",
+    "StepStats",
+]
+__version__ = "0.1.0"

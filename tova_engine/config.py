@@ -1,0 +1,108 @@
+"""Engine configuration: one frozen dataclass, validated on construction. The CLI reads its
+defaults from here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from tova_engine.policies import POLICIES
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPES_BY_DEVICE = {
+    "cpu": ("float32", "float64", "bfloat16"),
+    "cuda": ("bfloat16", "float16", "float32"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    # Hugging Face folder, hub id, .gguf file, or config .json (dummy); None = embedded default.
+    model: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    # Entries per layer per sequence: the fixed memory every request gets.
+    state_size: int = 512
+    policy: str = "tova"
+    max_num_seqs: int = 64
+    # Prompt tokens one sequence prefills per step; eviction happens between chunks.
+    prefill_chunk_size: int = 512
+    # Tokens (decodes plus prefill chunks) one step may process; None = sized from the above.
+    max_num_batched_tokens: int | None = None
+    # Longest prompt + output a request may ask for; None = the model's position limit.
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_choice("policy", self.policy, tuple(POLICIES))
+        _require_choice("load_format", self.load_format, LOAD_FORMATS)
+        _require_choice("dtype", self.dtype, ("auto", *DTYPES))
+        _require_positive("state_size", self.state_size)
+        _require_positive("max_num_seqs", self.max_num_seqs)
+        _require_positive("prefill_chunk_size", self.prefill_chunk_size)
+        if self.max_model_len is not None:
+            _require_positive("max_model_len", self.max_model_len)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < max(
+            self.max_num_seqs, 1
+        ):
+            raise ValueError(
+                "max_num_batched_tokens must be at least max_num_seqs "
+                f"({self.max_num_seqs}) so every running sequence decodes each step; "
+                f"got {self.max_num_batched_tokens}"
+            )
+        device = self.torch_device  # validates the device string
+        allowed = DTYPES_BY_DEVICE[device.type]
+        if self.dtype != "auto" and self.dtype not in allowed:
+            raise ValueError(
+                f"dtype {self.dtype!r} is not supported on {device.type}; use one of {allowed}"
+            )
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}") from exc
+        if device.type not in DTYPES_BY_DEVICE:
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for but CUDA is not available")
+        return device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def batched_token_budget(self) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return max(2048, self.max_num_seqs + self.prefill_chunk_size)
+
+    def replace(self, **changes: object) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _require_positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")

@@ -1,0 +1,206 @@
+"""Llama-family decoder (llama, mistral, qwen2) whose attention runs against the engine's
+bounded state instead of a growing cache.
+
+The model never owns key/value memory: each layer hands its rotated q/k/v to an `Attend`
+callback supplied by the runner, which reads and writes the state buffers in place and
+applies the eviction policy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tova_engine.model.config import ModelConfig
+from tova_engine.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+# (layer index, q [T, heads, head_dim], k [T, kv_heads, head_dim], v) -> out [T, heads, head_dim]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference implementation does, then cast back.
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        # q, k and v in one matmul: one kernel instead of three per layer.
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, attend: Attend
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        out = attend(layer, q, k, v)
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, self.index, attend)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attend)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab], at least float32 (sampling and log-probs want it)."""
+        logits = self.lm_head(hidden)
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def init_random_weights(self, seed: int) -> None:
+        """Random weights with a trained model's scale, for `load_format="dummy"`."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+    def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            target = _map_hf_name(hf_name)
+            if target is None:
+                continue
+            name, row_offset = self._resolve_fused(*target)
+            param = params[name]
+            with torch.no_grad():
+                param[row_offset : row_offset + tensor.shape[0]].copy_(tensor)
+            loaded.add(hf_name)
+        self._check_complete(loaded)
+
+    def _resolve_fused(self, name: str, part: str | None) -> tuple[str, int]:
+        if part is None:
+            return name, 0
+        c = self.config
+        offsets = {
+            "q": 0,
+            "k": c.num_heads * c.head_dim,
+            "v": (c.num_heads + c.num_kv_heads) * c.head_dim,
+            "gate": 0,
+            "up": c.intermediate_size,
+        }
+        return name, offsets[part]
+
+    def _check_complete(self, loaded: set[str]) -> None:
+        c = self.config
+        expected = {"model.embed_tokens.weight", "model.norm.weight"}
+        if not c.tie_word_embeddings:
+            expected.add("lm_head.weight")
+        for i in range(c.num_layers):
+            prefix = f"model.layers.{i}."
+            expected |= {
+                prefix + "input_layernorm.weight",
+                prefix + "post_attention_layernorm.weight",
+                prefix + "mlp.down_proj.weight",
+                prefix + "self_attn.o_proj.weight",
+            }
+            expected |= {prefix + f"self_attn.{p}_proj.weight" for p in "qkv"}
+            if c.attention_bias:
+                expected |= {prefix + f"self_attn.{p}_proj.bias" for p in "qkv"}
+            expected |= {prefix + f"mlp.{p}_proj.weight" for p in ("gate", "up")}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_LAYER_MAP: dict[str, tuple[str, str | None]] = {
+    "input_layernorm.weight": ("input_norm.weight", None),
+    "post_attention_layernorm.weight": ("post_attention_norm.weight", None),
+    "self_attn.o_proj.weight": ("attn.o_proj.weight", None),
+    "mlp.down_proj.weight": ("mlp.down_proj.weight", None),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", "gate"),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", "up"),
+    **{f"self_attn.{p}_proj.{kind}": (f"attn.qkv_proj.{kind}", p) for p in "qkv"
+       for kind in ("weight", "bias")},
+}
+_TOP_MAP = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def _map_hf_name(hf_name: str) -> tuple[str, str | None] | None:
+    """HF tensor name -> (our parameter name, fused part or None); None for tensors we do
+    not use (e.g. precomputed rotary tables)."""
+    if hf_name in _TOP_MAP:
+        return _TOP_MAP[hf_name], None
+    match = _LAYER_NAME.fullmatch(hf_name)
+    if not match or match.group(2) not in _LAYER_MAP:
+        return None
+    name, part = _LAYER_MAP[match.group(2)]
+    return f"layers.{match.group(1)}.{name}", part

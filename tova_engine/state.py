@@ -1,0 +1,79 @@
+"""The bounded multi-state: per-layer key/value buffers, one row (slot) per running sequence.
+
+Layout per layer: K and V `[max_num_seqs, num_kv_heads, state_size + 1, head_dim]`. A row holds
+`num_entries[slot]` valid entries at indices `[0, num_entries)`; index `num_entries` is where
+the incoming token is written before the policy decides which entry it replaces, hence the
+extra entry. Keys are stored already rotated at their absolute position (`positions`), so
+entries are order-free and an evicted one is overwritten in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tova_engine.model.config import ModelConfig
+
+
+class KVState:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        max_num_seqs: int,
+        state_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        track_stats: bool,
+    ) -> None:
+        c = model_config
+        self.num_layers = c.num_layers
+        self.state_size = state_size
+        self.dtype = dtype
+        shape = (max_num_seqs, c.num_kv_heads, state_size + 1, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
+        entries = (c.num_layers, max_num_seqs, state_size + 1)
+        # Absolute position of the token held by each entry, per layer (layers evict apart).
+        self.positions = torch.zeros(entries, dtype=torch.int64, device=device)
+        # Accumulated attention per entry, for policies that keep a running statistic (H2O).
+        self.stats = torch.zeros(entries, dtype=torch.float32, device=device) if track_stats else None
+        self.num_entries = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self.num_seen = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self.capacity = torch.full((max_num_seqs,), state_size, dtype=torch.int64, device=device)
+
+    @staticmethod
+    def bytes_per_sequence(model_config: ModelConfig, state_size: int, dtype: torch.dtype) -> int:
+        """K and V of every layer for one sequence: constant whatever its length."""
+        c = model_config
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * state_size * element
+
+    def total_bytes(self) -> int:
+        tensors = [*self.k, *self.v, self.positions, self.num_entries, self.num_seen, self.capacity]
+        if self.stats is not None:
+            tensors.append(self.stats)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def reset_slot(self, slot: int, capacity: int) -> None:
+        """Make a slot empty for a new sequence; stale K/V beyond num_entries is never read."""
+        self.num_entries[slot] = 0
+        self.num_seen[slot] = 0
+        self.capacity[slot] = capacity
+        if self.stats is not None:
+            self.stats[:, slot] = 0
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Fork a sequence (n > 1 choices share one prefill)."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst] = k[src]
+            v[dst] = v[src]
+        self.positions[:, dst] = self.positions[:, src]
+        if self.stats is not None:
+            self.stats[:, dst] = self.stats[:, src]
+        for counter in (self.num_entries, self.num_seen, self.capacity):
+            counter[dst] = counter[src]
+
+    def retained_positions(self, slot: int) -> list[list[int]]:
+        """Per layer, the sorted absolute positions the slot's state holds."""
+        count = int(self.num_entries[slot])
+        held = self.positions[:, slot, :count].sort(dim=-1).values
+        return held.tolist()
