@@ -1,0 +1,13 @@
+"""Model sources: the embedded default GGUF, HF folders, hub ids, GGUF files, dummy weights."""
+
+from __future__ import annotations
+
+from tova_engine.loader.source import (
+    LOAD_FORMATS,
+    LazyWeights,
+    ModelSource,
+    default_model_path,
+    load_source,
+)
+
+__all__ = ["LOAD_FORMATS", "LazyWeights", "ModelSource", "default_model_path", "load_source"]

