@@ -212,7 +212,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids, params.skip_special_tokens,
-                params.spaces_between_special_tokens, params.stop,
+                params.spaces_between_special_tokens, params.stop, params.min_tokens,
             )
         seq = Sequence(request, index, generator, detokenizer)
         if params.logprobs is not None:

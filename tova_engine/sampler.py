@@ -1,0 +1,243 @@
+"""Batched sampling with vLLM semantics, free of host syncs.
+
+Order, as vLLM: logits processors -> blocked ids -> repetition penalty -> frequency/presence
+penalties -> (greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p -> sample.
+Sampling is an exponential race, argmax(probs / q) with q ~ Exp(1): it draws exactly from
+`probs`, needs no host sync, and lets a seeded row draw its noise from its own generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from tova_engine.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+class SampleRow(NamedTuple):
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    # The request's own generator when it has a seed, else None (the sampler's is used).
+    generator: torch.Generator | None
+    # Ids that must not be sampled now (eos/stop ids while min_tokens is not reached).
+    block_token_ids: tuple[int, ...] = ()
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: torch.Tensor  # [B] int64
+    # [B] float32 (float64 for float64 logits): log-prob of the sampled token under the raw
+    # model distribution, before penalties and temperature (vLLM's default).
+    logprobs: torch.Tensor
+    ranks: torch.Tensor  # [B] int64, 1 = most likely under the raw distribution
+    top_token_ids: torch.Tensor | None  # [B, K], K = max requested logprobs; None if none asked
+    top_logprobs: torch.Tensor | None  # [B, K], dtype of `logprobs`
+    # [B] bool: False where the row's logits had a NaN/+inf or nothing samplable; its token is
+    # arbitrary and the caller fails that request alone.
+    finite: torch.Tensor
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def make_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
+    """The generator of choice `index` of a seeded request.
+
+    Mixing (seed, index) through splitmix64 keeps choices of one request apart and avoids the
+    collisions of `seed + index` (seed 1 choice 1 == seed 2 choice 0).
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ index))
+    return generator
+
+
+def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Pinned + non_blocking: the host queues the copy without waiting for the GPU to drain.
+    if device.type == "cuda":
+        return torch.tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
+def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float32 occurrence counts; padding goes to an extra column that is dropped."""
+    width = max(1, max(len(ids) for ids in id_lists))
+    padded = [ids + [vocab] * (width - len(ids)) for ids in id_lists]
+    index = _to_device(padded, torch.int64, device)
+    counts = torch.zeros(len(id_lists), vocab + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
+    return counts[:, :vocab]
+
+
+def _apply_logits_processors(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    for i, row in enumerate(rows):
+        if not row.params.logits_processors:
+            continue
+        output_ids = list(row.output_token_ids)
+        logits = x[i]
+        for processor in row.params.logits_processors:
+            logits = processor(output_ids, logits)
+        x[i] = logits
+
+
+def _apply_block(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    vocab = x.shape[1]
+    # Ids past the vocabulary (a user's stop_token_ids) would be a device-side assert on CUDA.
+    flat = [i * vocab + t for i, row in enumerate(rows) for t in row.block_token_ids
+            if 0 <= t < vocab]
+    if flat:
+        # index_fill_ takes the value as a scalar; `x[i, j] = v` copies v to the device (a sync).
+        x.view(-1).index_fill_(0, _to_device(flat, torch.int64, x.device), float("-inf"))
+
+
+def _apply_repetition_penalty(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    if all(row.params.repetition_penalty == 1.0 for row in rows):
+        return
+    ids = [[*row.prompt_token_ids, *row.output_token_ids] for row in rows]
+    seen = _token_counts(ids, x.shape[1], x.device) > 0
+    penalty = _to_device([row.params.repetition_penalty for row in rows], torch.float32,
+                         x.device)[:, None]
+    # Rows with penalty 1 are unchanged exactly: x / 1 and x * 1 are exact in IEEE arithmetic.
+    penalized = torch.where(x > 0, x / penalty, x * penalty)
+    x.copy_(torch.where(seen, penalized, x))
+
+
+def _apply_frequency_presence(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    if all(r.params.frequency_penalty == 0 and r.params.presence_penalty == 0 for r in rows):
+        return
+    counts = _token_counts([list(row.output_token_ids) for row in rows], x.shape[1], x.device)
+    penalties = _to_device(
+        [(r.params.frequency_penalty, r.params.presence_penalty) for r in rows],
+        torch.float32, x.device,
+    )
+    x.sub_(penalties[:, :1] * counts + penalties[:, 1:] * (counts > 0))
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Processors, blocked ids and penalties; returns a float32 copy of `logits` [B, V]."""
+    # Row-major: blocked ids index the flattened tensor.
+    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    _apply_logits_processors(x, rows)
+    _apply_block(x, rows)
+    _apply_repetition_penalty(x, rows)
+    _apply_frequency_presence(x, rows)
+    return x
+
+
+def _apply_temperature(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    # Greedy rows divide by 1: their argmax is taken before, and 0 would make NaNs.
+    temps = [1.0 if r.params.greedy else r.params.temperature for r in rows]
+    if any(t != 1.0 for t in temps):
+        x.div_(_to_device(temps, torch.float32, x.device)[:, None])
+
+
+def _apply_top_k_top_p(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    vocab = x.shape[1]
+    top_k = [min(r.params.top_k, vocab) or vocab for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        return
+    params = _to_device(list(zip(top_k, top_p, strict=True)), torch.float32, x.device)
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    position = torch.arange(vocab, device=x.device, dtype=torch.float32)
+    # Top-k by position in sorted order: exactly k survive even when logits tie.
+    sorted_x.masked_fill_(position >= params[:, :1], float("-inf"))
+    probs = sorted_x.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # The smallest prefix with mass >= p: a token stays while the mass before it is < p, so
+    # the most likely one always stays. p == 1 keeps all (cumsum rounding could drop some).
+    p = params[:, 1:]
+    sorted_x.masked_fill_((mass_before >= p) & (p < 1.0), float("-inf"))
+    x.scatter_(1, order, sorted_x)
+
+
+def _apply_min_p(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    if all(r.params.min_p == 0 for r in rows):
+        return
+    min_p = _to_device([r.params.min_p for r in rows], torch.float32, x.device)[:, None]
+    # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); min_p = 0 gives -inf, keeps all.
+    threshold = x.amax(dim=-1, keepdim=True) + min_p.log()
+    x.masked_fill_(x < threshold, float("-inf"))
+
+
+def _apply_filters(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    _apply_temperature(x, rows)
+    _apply_top_k_top_p(x, rows)
+    _apply_min_p(x, rows)
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """The logits a sampled row draws from (float32 [B, V]; filtered-out tokens are -inf).
+
+    Greedy rows take the argmax of `apply_penalties` instead; the filters keep that token.
+    """
+    x = apply_penalties(logits, rows)
+    _apply_filters(x, rows)
+    return x
+
+
+def _row_ok(x: torch.Tensor) -> torch.Tensor:
+    """[B] bool: no NaN or +inf, and at least one token with non-zero probability."""
+    bad = torch.isnan(x) | torch.isposinf(x)
+    return ~bad.any(dim=-1) & (x > float("-inf")).any(dim=-1)
+
+
+class Sampler:
+    """Samples one token per row of a [B, V] logits batch; see `SampleRow` for per-row inputs."""
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        # Unseeded rows draw from this generator, in one batched call.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}"
+            )
+        # At least float32 (bf16 log-probs are too coarse); float64 logits keep their precision.
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=dtype)
+        x = apply_penalties(logits, rows)
+        finite = _row_ok(logits) & _row_ok(x)
+        # A broken row samples uniformly instead of spreading NaNs; the caller fails it.
+        x = torch.where(finite[:, None], x, 0.0)
+        token_ids = self._sample(x, rows)
+        return _with_logprobs(raw_logprobs, token_ids, finite, rows)
+
+    def _sample(self, x: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        greedy = [row.params.greedy for row in rows]
+        # Before the filters, so top_k=1 picks the same token as temperature 0, ties included.
+        argmax = x.argmax(dim=-1)
+        if all(greedy):
+            return argmax
+        _apply_filters(x, rows)
+        probs = x.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, row in enumerate(rows):
+            if row.generator is not None and not greedy[i]:
+                # Drawn from the request's generator only: independent of the batch around it.
+                noise[i].exponential_(generator=row.generator)
+        # exponential_ may return exactly 0; 0/0 would be a NaN that argmax picks.
+        noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        sampled = probs.div_(noise).argmax(dim=-1)
+        return torch.where(_to_device(greedy, torch.bool, x.device), argmax, sampled)
+
+
+def _with_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, finite: torch.Tensor,
+                   rows: Sequence[SampleRow]) -> SamplerOutput:
+    logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    ranks = (raw_logprobs > logprobs[:, None]).sum(dim=-1) + 1
+    k = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
+    top_logprobs = top_ids = None
+    if k is not None:
+        top_logprobs, top_ids = raw_logprobs.topk(k, dim=-1)
+    return SamplerOutput(token_ids, logprobs, ranks, top_ids, top_logprobs, finite)
