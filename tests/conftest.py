@@ -23,9 +23,17 @@ def pytest_collection_modifyitems(config, items):
 def save_tiny_model(folder: Path, model_type: str = "llama", **overrides) -> Path:
     """A 2-layer model with grouped-query attention (4 query heads, 2 KV heads)."""
     settings = dict(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     settings.update(overrides)
     config_class = {

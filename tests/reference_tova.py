@@ -51,7 +51,7 @@ class ReferenceDecoder:
         for i in range(half):
             # Angles in float32, as the Llama reference implementation computes them.
             exponent = torch.tensor(2 * i, dtype=torch.float32) / self.head_dim
-            freq = 1.0 / (self.rope_theta ** exponent)
+            freq = 1.0 / (self.rope_theta**exponent)
             angle = torch.tensor(float(position), dtype=torch.float32) * freq
             c, s = float(torch.cos(angle)), float(torch.sin(angle))
             out[:, i] = x[:, i] * c - x[:, i + half] * s

@@ -8,21 +8,34 @@ import pytest
 import torch
 
 from tests.test_correctness import PROMPT
-from tova_engine import AsyncEngine, EngineConfig, EngineDeadError, RequestFailedError, SamplingParams
+from tova_engine import (
+    AsyncEngine,
+    EngineConfig,
+    EngineDeadError,
+    RequestFailedError,
+    SamplingParams,
+)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    config = EngineConfig(model=str(tiny_llama), dtype="float64", device="cpu", state_size=8,
-                          max_num_seqs=4, prefill_chunk_size=4)
+    config = EngineConfig(
+        model=str(tiny_llama),
+        dtype="float64",
+        device="cpu",
+        state_size=8,
+        max_num_seqs=4,
+        prefill_chunk_size=4,
+    )
     async_engine = AsyncEngine(config)
     yield async_engine
     async_engine.shutdown()
 
 
 def greedy(max_tokens: int, kind: str = "delta", **extra) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                          output_kind=kind, **extra)
+    return SamplingParams(
+        temperature=0, max_tokens=max_tokens, ignore_eos=True, output_kind=kind, **extra
+    )
 
 
 async def collect(engine, prompt, params, request_id=None):

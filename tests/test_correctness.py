@@ -26,32 +26,60 @@ def engine_prompt_logprobs(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     out = llm.generate([token_ids], params, use_tqdm=False)[0]
     assert out.prompt_logprobs[0] is None
-    return torch.tensor([
-        pos[tok].logprob for pos, tok in zip(out.prompt_logprobs[1:], token_ids[1:], strict=True)
-    ], dtype=torch.float64)
+    return torch.tensor(
+        [pos[tok].logprob for pos, tok in zip(out.prompt_logprobs[1:], token_ids[1:], strict=True)],
+        dtype=torch.float64,
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_full_policy_matches_transformers_forward(tiny_llama, chunk):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    llm = LLM(str(tiny_llama), state_size=64, policy="full", dtype="float32", device="cpu",
-              prefill_chunk_size=chunk, max_num_seqs=4)
+    llm = LLM(
+        str(tiny_llama),
+        state_size=64,
+        policy="full",
+        dtype="float32",
+        device="cpu",
+        prefill_chunk_size=chunk,
+        max_num_seqs=4,
+    )
     ours = engine_prompt_logprobs(llm, PROMPT)
     torch.testing.assert_close(ours, hf_logprobs(hf, PROMPT), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("model_type,extra", [
-    ("qwen2", {}),
-    ("mistral", {}),
-    ("llama", {"tie_word_embeddings": True}),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
-])
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("qwen2", {}),
+        ("mistral", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+        ),
+    ],
+)
 def test_architectures_match_transformers(tmp_path, model_type, extra):
     folder = save_tiny_model(tmp_path / model_type, model_type, **extra)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    llm = LLM(str(folder), state_size=64, policy="full", dtype="float32", device="cpu",
-              prefill_chunk_size=7, max_num_seqs=2)
+    llm = LLM(
+        str(folder),
+        state_size=64,
+        policy="full",
+        dtype="float32",
+        device="cpu",
+        prefill_chunk_size=7,
+        max_num_seqs=2,
+    )
     torch.testing.assert_close(
         engine_prompt_logprobs(llm, PROMPT), hf_logprobs(hf, PROMPT), atol=1e-4, rtol=0
     )
@@ -64,8 +92,10 @@ def test_decode_logprobs_match_transformers(tiny_llama, hf_tiny_llama):
     out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
     tokens = PROMPT + out.token_ids
     expected = hf_logprobs(hf_tiny_llama, tokens)[len(PROMPT) - 1 :]
-    ours = torch.tensor([p[t].logprob for p, t in zip(out.logprobs, out.token_ids, strict=True)],
-                        dtype=torch.float64)
+    ours = torch.tensor(
+        [p[t].logprob for p, t in zip(out.logprobs, out.token_ids, strict=True)],
+        dtype=torch.float64,
+    )
     # transformers normalises in float32 even for a float64 model: 1e-6, not 1e-12.
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
     assert out.token_ids == hf_greedy(hf_tiny_llama, PROMPT, 12)
@@ -75,18 +105,23 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' own greedy generate, never stopping early."""
     hf_model.generation_config.eos_token_id = None
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def reference_decoder(hf_model, state_size: int, policy: str = "tova") -> ReferenceDecoder:
     c = hf_model.config
     return ReferenceDecoder(
         weights={k: v.double() for k, v in hf_model.state_dict().items()},
-        num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-        num_kv_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
-        rope_theta=c.rope_parameters["rope_theta"], eps=c.rms_norm_eps, state_size=state_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads,
+        head_dim=c.hidden_size // c.num_attention_heads,
+        rope_theta=c.rope_parameters["rope_theta"],
+        eps=c.rms_norm_eps,
+        state_size=state_size,
         policy=policy,
     )
 
@@ -98,10 +133,17 @@ def test_retained_positions_match_slow_reference(tiny_llama, hf_tiny_llama, poli
     generated, positions = reference_decoder(hf_tiny_llama, state_size, policy).generate(
         PROMPT, max_tokens, whole_prefill
     )
-    llm = LLM(str(tiny_llama), state_size=state_size, policy=policy, dtype="float64",
-              device="cpu", prefill_chunk_size=len(PROMPT) if whole_prefill else 1)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                            return_state=True)
+    llm = LLM(
+        str(tiny_llama),
+        state_size=state_size,
+        policy=policy,
+        dtype="float64",
+        device="cpu",
+        prefill_chunk_size=len(PROMPT) if whole_prefill else 1,
+    )
+    params = SamplingParams(
+        temperature=0, max_tokens=max_tokens, ignore_eos=True, return_state=True
+    )
     out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == generated
     assert out.state_positions == positions
@@ -122,7 +164,9 @@ def test_smollm2_greedy_matches_transformers_generate():
     tokenizer = llm.get_tokenizer()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Name three colours of the rainbow."}],
-        add_generation_prompt=True, tokenize=True, return_dict=False,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
     )
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ours = llm.generate([list(prompt)], params, use_tqdm=False)[0].outputs[0].token_ids

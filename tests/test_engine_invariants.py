@@ -10,8 +10,14 @@ from tova_engine import LLM, EngineConfig, LLMEngine, SamplingParams
 
 
 def make_engine(model_dir, **options) -> LLMEngine:
-    settings = dict(model=str(model_dir), dtype="float64", device="cpu", state_size=8,
-                    max_num_seqs=6, prefill_chunk_size=4)
+    settings = dict(
+        model=str(model_dir),
+        dtype="float64",
+        device="cpu",
+        state_size=8,
+        max_num_seqs=6,
+        prefill_chunk_size=4,
+    )
     settings.update(options)
     return LLMEngine(EngineConfig(**settings))
 
@@ -83,14 +89,26 @@ def test_batching_invariance_with_requests_joining_and_leaving(tiny_llama):
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])
 def test_window_and_sink_keep_the_right_positions(tiny_llama, chunk):
-    llm = LLM(str(tiny_llama), state_size=8, policy="window", dtype="float64", device="cpu",
-              prefill_chunk_size=chunk)
+    llm = LLM(
+        str(tiny_llama),
+        state_size=8,
+        policy="window",
+        dtype="float64",
+        device="cpu",
+        prefill_chunk_size=chunk,
+    )
     out = llm.generate([PROMPT], greedy(5, return_state=True), use_tqdm=False)[0].outputs[0]
     seen = len(PROMPT) + 5 - 1  # the last sampled token is never fed back
     assert out.state_positions == [list(range(seen - 8, seen))] * 2
 
-    llm = LLM(str(tiny_llama), state_size=8, policy="sink", dtype="float64", device="cpu",
-              prefill_chunk_size=chunk)
+    llm = LLM(
+        str(tiny_llama),
+        state_size=8,
+        policy="sink",
+        dtype="float64",
+        device="cpu",
+        prefill_chunk_size=chunk,
+    )
     out = llm.generate([PROMPT], greedy(5, return_state=True), use_tqdm=False)[0].outputs[0]
     assert out.state_positions == [[0, 1, 2, 3, *range(seen - 4, seen)]] * 2
 
@@ -98,8 +116,14 @@ def test_window_and_sink_keep_the_right_positions(tiny_llama, chunk):
 def test_h2o_keeps_recent_half_and_tova_differs_from_window(tiny_llama):
     results = {}
     for policy in ("h2o", "tova", "window"):
-        llm = LLM(str(tiny_llama), state_size=8, policy=policy, dtype="float64", device="cpu",
-                  prefill_chunk_size=1)
+        llm = LLM(
+            str(tiny_llama),
+            state_size=8,
+            policy=policy,
+            dtype="float64",
+            device="cpu",
+            prefill_chunk_size=1,
+        )
         out = llm.generate([PROMPT], greedy(6, return_state=True), use_tqdm=False)[0]
         results[policy] = out.outputs[0].state_positions
     seen = len(PROMPT) + 6 - 1
@@ -186,38 +210,45 @@ def test_stop_conditions(tiny_llama):
     first = base.index(stop_id)
     assert out.outputs[0].token_ids == base[: first + 1]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_id
-    out = llm.generate([PROMPT], greedy(10, stop_token_ids=[stop_id], min_tokens=first + 2),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        [PROMPT], greedy(10, stop_token_ids=[stop_id], min_tokens=first + 2), use_tqdm=False
+    )[0]
     assert stop_id not in out.outputs[0].token_ids[: first + 2]
     out = llm.generate([PROMPT], greedy(7), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 7
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"policy": "lru"}, "policy"),
-    ({"dtype": "int8"}, "dtype"),
-    ({"dtype": "float16"}, "dtype"),
-    ({"state_size": 0}, "state_size"),
-    ({"state_size": 5000}, "state_size"),
-    ({"max_num_seqs": 0}, "max_num_seqs"),
-    ({"prefill_chunk_size": -1}, "prefill_chunk_size"),
-    ({"device": "tpu"}, "device"),
-    ({"load_format": "pickle"}, "load_format"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"policy": "lru"}, "policy"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"state_size": 0}, "state_size"),
+        ({"state_size": 5000}, "state_size"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"prefill_chunk_size": -1}, "prefill_chunk_size"),
+        ({"device": "tpu"}, "device"),
+        ({"load_format": "pickle"}, "load_format"),
+    ],
+)
 def test_bad_engine_options(tiny_llama, options, match):
     with pytest.raises(ValueError, match=match):
         LLM(str(tiny_llama), device=options.pop("device", "cpu"), **options)
 
 
-@pytest.mark.parametrize("prompt,params,match", [
-    ([], SamplingParams(), "prompt"),
-    ("", SamplingParams(), "prompt"),
-    ([1, 2, 96], SamplingParams(), "token ids"),
-    ([1, -1], SamplingParams(), "token ids"),
-    ([1, 2], SamplingParams(state_size=9), "state_size"),
-    ([1, 2], SamplingParams(max_tokens=1023), "max_tokens"),
-    ([1, 2], SamplingParams(n=7), "n"),
-])
+@pytest.mark.parametrize(
+    "prompt,params,match",
+    [
+        ([], SamplingParams(), "prompt"),
+        ("", SamplingParams(), "prompt"),
+        ([1, 2, 96], SamplingParams(), "token ids"),
+        ([1, -1], SamplingParams(), "token ids"),
+        ([1, 2], SamplingParams(state_size=9), "state_size"),
+        ([1, 2], SamplingParams(max_tokens=1023), "max_tokens"),
+        ([1, 2], SamplingParams(n=7), "n"),
+    ],
+)
 def test_bad_requests(tiny_llama, prompt, params, match):
     engine = make_engine(tiny_llama)
     with pytest.raises(ValueError, match=match):

@@ -8,6 +8,7 @@ thread through a queue; outputs come back through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -154,10 +155,9 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
         if stream is None:  # the caller has gone; an abort is already queued
             return
-        try:
+        # RuntimeError: the caller's event loop is closed; nobody is listening.
+        with contextlib.suppress(RuntimeError):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed
-            pass
 
     def _fail_all(self, error: BaseException) -> None:
         with self._streams_lock:

@@ -75,7 +75,9 @@ class EngineConfig:
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}") from exc
+            raise ValueError(
+                f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}"
+            ) from exc
         if device.type not in DTYPES_BY_DEVICE:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():

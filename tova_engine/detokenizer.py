@@ -25,9 +25,15 @@ class IncrementalDetokenizer:
     before the first stop string once one appears.
     """
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int],
-                 skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True,
-                 stop: Sequence[str] = (), min_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        min_tokens: int = 0,
+    ) -> None:
         if isinstance(stop, str):
             stop = (stop,)
         if any(not s for s in stop):
@@ -75,7 +81,7 @@ class IncrementalDetokenizer:
         self._num_tokens += 1
         prefix_text = self._decode(self._ids[: self._read_offset])
         new_text = self._decode(self._ids)
-        delta = new_text[len(prefix_text):]
+        delta = new_text[len(prefix_text) :]
         if delta.endswith(_REPLACEMENT):
             self._pending = delta
         elif delta:
@@ -101,7 +107,7 @@ class IncrementalDetokenizer:
         stable_pending = self._pending.rstrip(_REPLACEMENT)
         if start <= len(self._committed):
             return self._committed[start:] + stable_pending
-        return stable_pending[start - len(self._committed):]
+        return stable_pending[start - len(self._committed) :]
 
     def _check_stop(self) -> str | None:
         # A new match ends in the new text, so it starts at most max_stop - 1 chars before it.

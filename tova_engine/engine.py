@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-import torch
-
 from tova_engine.config import EngineConfig
 from tova_engine.detokenizer import IncrementalDetokenizer
 from tova_engine.loader import load_source
@@ -57,12 +55,19 @@ class LLMEngine:
         self.model = self._build_model(source.weights)
         self.policy = make_policy(config.policy)
         self.state = KVState(
-            self.model_config, config.max_num_seqs, config.state_size, self.dtype, self.device,
+            self.model_config,
+            config.max_num_seqs,
+            config.state_size,
+            self.dtype,
+            self.device,
             track_stats=self.policy.uses_stats,
         )
         self.eos_token_ids = self._eos_token_ids()
         self.runner = ModelRunner(
-            self.model, self.state, self.policy, Sampler(config.seed, self.device),
+            self.model,
+            self.state,
+            self.policy,
+            Sampler(config.seed, self.device),
             self.eos_token_ids,
         )
         self.scheduler = Scheduler(
@@ -80,7 +85,8 @@ class LLMEngine:
         if wanted > limit:
             logger.warning(
                 "max_model_len %d exceeds the model's %d positions; quality past them is untested",
-                wanted, limit,
+                wanted,
+                limit,
             )
         if self.config.state_size > wanted:
             raise ValueError(
@@ -112,9 +118,14 @@ class LLMEngine:
         logger.info(
             "model %s on %s (%s); policy %s, state_size %d: state memory %.2f MiB per request, "
             "%.2f MiB for %d slots",
-            self.model_name, self.device, str(self.dtype).removeprefix("torch."),
-            self.config.policy, self.config.state_size, per_seq / 2**20,
-            self.state.total_bytes() / 2**20, self.config.max_num_seqs,
+            self.model_name,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.config.policy,
+            self.config.state_size,
+            per_seq / 2**20,
+            self.state.total_bytes() / 2**20,
+            self.config.max_num_seqs,
         )
 
     # ----- requests -----------------------------------------------------------------------
@@ -125,7 +136,10 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams,
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
         arrival_time: float | None = None,
     ) -> Request:
         request = self.build_request(request_id, prompt, params, arrival_time)
@@ -133,7 +147,10 @@ class LLMEngine:
         return request
 
     def build_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams,
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
         arrival_time: float | None = None,
     ) -> Request:
         """Validate and tokenize without touching the scheduler (safe from another thread)."""
@@ -143,7 +160,13 @@ class LLMEngine:
         capacity = self._capacity(params)
         max_tokens = self._max_tokens(params, len(token_ids), capacity)
         request = Request(
-            request_id, text, token_ids, params, capacity, max_tokens, [],
+            request_id,
+            text,
+            token_ids,
+            params,
+            capacity,
+            max_tokens,
+            [],
             RequestMetrics(arrival_time or time.time()),
         )
         if params.prompt_logprobs is not None:
@@ -168,7 +191,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         for token in ids:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {token!r}")
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {vocab}); got {token!r}"
+                )
         return None, ids
 
     def _capacity(self, params: SamplingParams) -> int:
@@ -183,7 +208,9 @@ class LLMEngine:
 
     def _max_tokens(self, params: SamplingParams, prompt_len: int, capacity: int) -> int:
         if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n ({params.n}) must not exceed max_num_seqs ({self.config.max_num_seqs})")
+            raise ValueError(
+                f"n ({params.n}) must not exceed max_num_seqs ({self.config.max_num_seqs})"
+            )
         if prompt_len >= self.max_model_len and params.max_tokens != 0:
             raise ValueError(
                 f"prompt is {prompt_len} tokens; the length limit is {self.max_model_len} "
@@ -211,8 +238,12 @@ class LLMEngine:
         detokenizer = None
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(
-                self.tokenizer, request.prompt_token_ids, params.skip_special_tokens,
-                params.spaces_between_special_tokens, params.stop, params.min_tokens,
+                self.tokenizer,
+                request.prompt_token_ids,
+                params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+                params.stop,
+                params.min_tokens,
             )
         seq = Sequence(request, index, generator, detokenizer)
         if params.logprobs is not None:
@@ -294,11 +325,15 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         if seq.logprobs is not None:
             top = seq.request.params.logprobs
-            seq.logprobs.append(self._position(
-                token, sampled.logprobs[row], sampled.ranks[row],
-                sampled.top_ids[row][:top] if top else [],
-                sampled.top_logprobs[row][:top] if top else [],
-            ))
+            seq.logprobs.append(
+                self._position(
+                    token,
+                    sampled.logprobs[row],
+                    sampled.ranks[row],
+                    sampled.top_ids[row][:top] if top else [],
+                    sampled.top_logprobs[row][:top] if top else [],
+                )
+            )
             seq.cumulative_logprob += sampled.logprobs[row]
         stop_string = seq.detokenizer.append(token) if seq.detokenizer else None
         self._check_stop(seq, token, stop_string)
@@ -348,13 +383,19 @@ class LLMEngine:
         first, values = computed
         targets = request.prompt_token_ids[first : first + len(values.logprobs)]
         return [
-            self._position(token, values.logprobs[i], values.ranks[i], values.top_ids[i],
-                           values.top_logprobs[i])
+            self._position(
+                token,
+                values.logprobs[i],
+                values.ranks[i],
+                values.top_ids[i],
+                values.top_logprobs[i],
+            )
             for i, token in enumerate(targets)
         ]
 
-    def _position(self, token: int, logprob: float, rank: int, top_ids: list[int],
-                  top_logprobs: list[float]) -> PositionLogprobs:
+    def _position(
+        self, token: int, logprob: float, rank: int, top_ids: list[int], top_logprobs: list[float]
+    ) -> PositionLogprobs:
         """{token id: Logprob}: the chosen token first, then the top alternatives."""
         entry: PositionLogprobs = {token: Logprob(logprob, rank, self._decode_one(token))}
         for alt_rank, (tid, lp) in enumerate(zip(top_ids, top_logprobs, strict=True), start=1):
@@ -385,15 +426,17 @@ class LLMEngine:
     def _report(self, scheduled, result, outputs: list[RequestOutput], started: float) -> None:
         if self.stats_callback is None:
             return
-        self.stats_callback(StepStats(
-            phase="prefill" if scheduled.prefills else "decode",
-            duration_s=time.perf_counter() - started,
-            batch_size=len(scheduled.decodes) + len(scheduled.prefills),
-            prompt_tokens=sum(c.length for c in scheduled.prefills),
-            generation_tokens=len(result.sampled.sequences),
-            evicted_ages=result.evicted_ages,
-            finished=[o for o in outputs if o.finished],
-        ))
+        self.stats_callback(
+            StepStats(
+                phase="prefill" if scheduled.prefills else "decode",
+                duration_s=time.perf_counter() - started,
+                batch_size=len(scheduled.decodes) + len(scheduled.prefills),
+                prompt_tokens=sum(c.length for c in scheduled.prefills),
+                generation_tokens=len(result.sampled.sequences),
+                evicted_ages=result.evicted_ages,
+                finished=[o for o in outputs if o.finished],
+            )
+        )
 
     # ----- introspection for servers and metrics ------------------------------------------
 

@@ -39,9 +39,16 @@ class LLM:
         **engine_options: object,
     ) -> None:
         config = EngineConfig(
-            model=model, state_size=state_size, policy=policy, dtype=dtype, device=device,
-            max_num_seqs=max_num_seqs, prefill_chunk_size=prefill_chunk_size,
-            load_format=load_format, seed=seed, **engine_options,
+            model=model,
+            state_size=state_size,
+            policy=policy,
+            dtype=dtype,
+            device=device,
+            max_num_seqs=max_num_seqs,
+            prefill_chunk_size=prefill_chunk_size,
+            load_format=load_format,
+            seed=seed,
+            **engine_options,
         )
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
@@ -82,8 +89,11 @@ class LLM:
             raise ValueError("messages need a tokenizer with a chat template; this model has none")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                               return_dict=False))
+            list(
+                tokenizer.apply_chat_template(
+                    c, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
             for c in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)

@@ -90,8 +90,9 @@ def _apply_logits_processors(x: torch.Tensor, rows: Sequence[SampleRow]) -> None
 def _apply_block(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     vocab = x.shape[1]
     # Ids past the vocabulary (a user's stop_token_ids) would be a device-side assert on CUDA.
-    flat = [i * vocab + t for i, row in enumerate(rows) for t in row.block_token_ids
-            if 0 <= t < vocab]
+    flat = [
+        i * vocab + t for i, row in enumerate(rows) for t in row.block_token_ids if 0 <= t < vocab
+    ]
     if flat:
         # index_fill_ takes the value as a scalar; `x[i, j] = v` copies v to the device (a sync).
         x.view(-1).index_fill_(0, _to_device(flat, torch.int64, x.device), float("-inf"))
@@ -102,8 +103,9 @@ def _apply_repetition_penalty(x: torch.Tensor, rows: Sequence[SampleRow]) -> Non
         return
     ids = [[*row.prompt_token_ids, *row.output_token_ids] for row in rows]
     seen = _token_counts(ids, x.shape[1], x.device) > 0
-    penalty = _to_device([row.params.repetition_penalty for row in rows], torch.float32,
-                         x.device)[:, None]
+    penalty = _to_device([row.params.repetition_penalty for row in rows], torch.float32, x.device)[
+        :, None
+    ]
     # Rows with penalty 1 are unchanged exactly: x / 1 and x * 1 are exact in IEEE arithmetic.
     penalized = torch.where(x > 0, x / penalty, x * penalty)
     x.copy_(torch.where(seen, penalized, x))
@@ -115,7 +117,8 @@ def _apply_frequency_presence(x: torch.Tensor, rows: Sequence[SampleRow]) -> Non
     counts = _token_counts([list(row.output_token_ids) for row in rows], x.shape[1], x.device)
     penalties = _to_device(
         [(r.params.frequency_penalty, r.params.presence_penalty) for r in rows],
-        torch.float32, x.device,
+        torch.float32,
+        x.device,
     )
     x.sub_(penalties[:, :1] * counts + penalties[:, 1:] * (counts > 0))
 
@@ -232,8 +235,12 @@ class Sampler:
         return torch.where(_to_device(greedy, torch.bool, x.device), argmax, sampled)
 
 
-def _with_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, finite: torch.Tensor,
-                   rows: Sequence[SampleRow]) -> SamplerOutput:
+def _with_logprobs(
+    raw_logprobs: torch.Tensor,
+    token_ids: torch.Tensor,
+    finite: torch.Tensor,
+    rows: Sequence[SampleRow],
+) -> SamplerOutput:
     logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
     ranks = (raw_logprobs > logprobs[:, None]).sum(dim=-1) + 1
     k = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)

@@ -141,8 +141,12 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     def _validate_flags(self) -> None:
-        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-                     "return_state"):
+        for name in (
+            "ignore_eos",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+            "return_state",
+        ):
             _check_bool(name, getattr(self, name))
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(

@@ -66,7 +66,9 @@ class Scheduler:
             if not request.prefilling
             for seq in request.live_sequences()
         ]
-        return SchedulerOutput(admitted, decodes, self._prefill_chunks(self.token_budget - len(decodes)))
+        return SchedulerOutput(
+            admitted, decodes, self._prefill_chunks(self.token_budget - len(decodes))
+        )
 
     def _admit(self) -> list[Request]:
         admitted = []
@@ -85,7 +87,9 @@ class Scheduler:
             if budget <= 0:
                 break
             if request.prefilling:
-                length = min(self.prefill_chunk_size, request.prompt_len - request.num_computed, budget)
+                length = min(
+                    self.prefill_chunk_size, request.prompt_len - request.num_computed, budget
+                )
                 chunks.append(PrefillChunk(request, request.num_computed, length))
                 budget -= length
         return chunks

@@ -35,7 +35,10 @@ class KVState:
         # Absolute position of the token held by each entry, per layer (layers evict apart).
         self.positions = torch.zeros(entries, dtype=torch.int64, device=device)
         # Accumulated attention per entry, for policies that keep a running statistic (H2O).
-        self.stats = torch.zeros(entries, dtype=torch.float32, device=device) if track_stats else None
+        stats_dtype = torch.promote_types(dtype, torch.float32)
+        self.stats = (
+            torch.zeros(entries, dtype=stats_dtype, device=device) if track_stats else None
+        )
         self.num_entries = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
         self.num_seen = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
         self.capacity = torch.full((max_num_seqs,), state_size, dtype=torch.int64, device=device)

@@ -16,6 +16,11 @@ from tova_engine.policies import Policy
 from tova_engine.state import KVState
 
 
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 for softmax and scores (float64 stays float64 for exact tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class DecodeAttention:
     """One new token for each of B rows (decodes, and prefill chunks of a single token).
 
@@ -53,11 +58,11 @@ class DecodeAttention:
         return out
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
-        batch, kv_heads, entries, head_dim = keys.shape
+        batch, kv_heads, _, head_dim = keys.shape
         heads = q.shape[1]
         q = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # [B, Hkv, G, D]
         logits = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(head_dim)  # [B, Hkv, G, E]
-        logits = logits.float().masked_fill(~self.valid[:, None, None, :], float("-inf"))
+        logits = _widen(logits).masked_fill(~self.valid[:, None, None, :], float("-inf"))
         probs = logits.softmax(dim=-1)
         out = torch.matmul(probs.to(values.dtype), values)  # [B, Hkv, G, D]
         return out.reshape(batch, heads, head_dim), probs.mean(dim=(1, 2))
@@ -138,7 +143,7 @@ class ChunkAttention:
     def _probs(self, queries, keys_q, mask) -> torch.Tensor:
         """Head-averaged attention probabilities of the given queries: [C', n+C]."""
         logits = torch.matmul(queries, keys_q.transpose(-1, -2)) / math.sqrt(queries.shape[-1])
-        logits = logits.float().masked_fill(~mask, float("-inf"))
+        logits = _widen(logits).masked_fill(~mask, float("-inf"))
         return logits.softmax(dim=-1).mean(dim=0)
 
     def _keep(self, layer, queries, keys_q, keys, values, mask) -> None:
@@ -149,7 +154,7 @@ class ChunkAttention:
         if state.stats is not None:
             # Accumulated attention needs every chunk query, not just the last one.
             received = self._probs(queries, keys_q, mask).sum(dim=0)  # [n+C]
-            fresh = torch.zeros(self.length, device=received.device)
+            fresh = received.new_zeros(self.length)
             stats = torch.cat((state.stats[layer, slot, : self.entries], fresh)) + received
         if total <= self.capacity:
             keep = torch.arange(total, device=keys.device)
@@ -157,8 +162,11 @@ class ChunkAttention:
             last = self._probs(queries[:, -1:], keys_q, mask[-1:]).squeeze(0)
             newest = self.chunk_positions[-1:]
             score = self.policy.score(
-                last[None], positions[None], None if stats is None else stats[None],
-                newest, torch.tensor([self.capacity], device=keys.device),
+                last[None],
+                positions[None],
+                None if stats is None else stats[None],
+                newest,
+                torch.tensor([self.capacity], device=keys.device),
             )[0]
             keep = score.topk(self.capacity).indices.sort().values
             dropped = torch.ones(total, dtype=torch.bool, device=keys.device)

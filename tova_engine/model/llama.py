@@ -184,8 +184,11 @@ _LAYER_MAP: dict[str, tuple[str, str | None]] = {
     "mlp.down_proj.weight": ("mlp.down_proj.weight", None),
     "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", "gate"),
     "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", "up"),
-    **{f"self_attn.{p}_proj.{kind}": (f"attn.qkv_proj.{kind}", p) for p in "qkv"
-       for kind in ("weight", "bias")},
+    **{
+        f"self_attn.{p}_proj.{kind}": (f"attn.qkv_proj.{kind}", p)
+        for p in "qkv"
+        for kind in ("weight", "bias")
+    },
 }
 _TOP_MAP = {
     "model.embed_tokens.weight": "embed_tokens.weight",
