@@ -41,6 +41,17 @@ def check_slots_and_rows(engine: LLMEngine) -> None:
     assert all(s >= 0 for s in slots)
     assert not set(slots) & set(engine.scheduler.free_slots)
     state = engine.state
+    for request in engine.scheduler.running:
+        for seq in request.live_sequences():
+            # The host-side counters the runner sizes attention with match the device's.
+            fed = (
+                request.num_computed
+                if request.prefilling
+                else (request.prompt_len + len(seq.output_token_ids) - 1)
+            )
+            if seq is request.leader or not request.prefilling:
+                assert int(state.num_seen[seq.slot]) == fed
+                assert int(state.num_entries[seq.slot]) == min(fed, request.capacity)
     assert bool((state.num_entries <= state.capacity).all())
     assert bool((state.capacity <= state.state_size).all())
 

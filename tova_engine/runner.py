@@ -81,8 +81,14 @@ class ModelRunner:
         token_ids = [seq.output_token_ids[-1] for seq in decodes]
         token_ids += [c.request.prompt_token_ids[c.start] for c in chunks]
         slots = [seq.slot for seq in decodes] + [c.request.leader.slot for c in chunks]
-        slots_t = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        attend = DecodeAttention(self.state, self.policy, slots_t)
+        # Tokens already in each row (the newest sampled token is not fed yet), from the
+        # host-side counters: attention then spans only the entries in use.
+        seen = [seq.request.prompt_len + len(seq.output_token_ids) - 1 for seq in decodes]
+        seen += [c.start for c in chunks]
+        capacities = [seq.request.capacity for seq in decodes]
+        capacities += [c.request.capacity for c in chunks]
+        width = max(min(n, cap) for n, cap in zip(seen, capacities, strict=True)) + 1
+        attend = DecodeAttention(self.state, self.policy, slots, width)
         hidden = self.model(self._ids(token_ids), attend.positions, attend)
         attend.finish()
         evicted.extend(attend.evicted_ages)

@@ -30,16 +30,26 @@ class DecodeAttention:
     Static shapes throughout, no host synchronisation.
     """
 
-    def __init__(self, state: KVState, policy: Policy, slots: torch.Tensor) -> None:
+    def __init__(
+        self, state: KVState, policy: Policy, slots: list[int], width: int | None = None
+    ) -> None:
+        """slots: the rows' slots. width: entries to look at, at least every row's valid
+        entries + 1 (the runner knows it from its counters; default the whole buffer)."""
         self.state = state
         self.policy = policy
-        self.slots = slots  # [B]
-        self.entries = state.num_entries[slots]  # [B] valid entries before this token
-        self.newest = state.num_seen[slots]  # [B] position of this token
-        self.capacity = state.capacity[slots]
-        self.rows = torch.arange(slots.shape[0], device=slots.device)
-        entry_index = torch.arange(state.state_size + 1, device=slots.device)
-        self.valid = entry_index.unsqueeze(0) <= self.entries.unsqueeze(1)  # [B, S+1]
+        device = state.num_seen.device
+        self.slots = torch.tensor(slots, dtype=torch.int64, device=device)  # [B]
+        # Slots in one run are read through a view instead of a gathered copy.
+        first = slots[0]
+        contiguous = slots == list(range(first, first + len(slots)))
+        self.rows_of_state = slice(first, first + len(slots)) if contiguous else self.slots
+        self.width = min(width or state.state_size + 1, state.state_size + 1)
+        self.entries = state.num_entries[self.slots]  # [B] valid entries before this token
+        self.newest = state.num_seen[self.slots]  # [B] position of this token
+        self.capacity = state.capacity[self.slots]
+        self.rows = torch.arange(len(slots), device=device)
+        entry_index = torch.arange(self.width, device=device)
+        self.valid = entry_index.unsqueeze(0) <= self.entries.unsqueeze(1)  # [B, W]
         self.full = self.entries >= self.capacity
         # Per layer: tokens back from the newest that each row's evicted entry was; -1 = none.
         self.evicted_ages: list[torch.Tensor] = []
@@ -53,7 +63,8 @@ class DecodeAttention:
         k_buf[self.slots, :, self.entries] = k
         v_buf[self.slots, :, self.entries] = v
         self.state.positions[layer, self.slots, self.entries] = self.newest
-        out, attn = self._attend(q, k_buf[self.slots], v_buf[self.slots])
+        rows, width = self.rows_of_state, self.width
+        out, attn = self._attend(q, k_buf[rows, :, :width], v_buf[rows, :, :width])
         self._evict(layer, attn, k, v)
         return out
 
@@ -69,10 +80,10 @@ class DecodeAttention:
 
     def _evict(self, layer: int, attn: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         state = self.state
-        positions = state.positions[layer, self.slots]  # [B, S+1]
+        positions = state.positions[layer, self.rows_of_state, : self.width]  # [B, W]
         stats = None
         if state.stats is not None:
-            stats = state.stats[layer, self.slots]
+            stats = state.stats[layer, self.rows_of_state, : self.width].clone()
             stats[self.rows, self.entries] = 0.0  # the spare entry's leftover from a past token
             stats = stats + attn
         score = self.policy.score(attn, positions, stats, self.newest, self.capacity)
@@ -85,7 +96,7 @@ class DecodeAttention:
         state.positions[layer, self.slots, target] = self.newest
         if stats is not None:
             stats[self.rows, target] = stats[self.rows, self.entries]
-            state.stats[layer, self.slots] = stats
+            state.stats[layer, self.rows_of_state, : self.width] = stats
 
     def finish(self) -> None:
         """Advance the counters once all layers have run."""
