@@ -16,12 +16,18 @@ class TokenLogprobs(NamedTuple):
     top_logprobs: list[list[float]]
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> TokenLogprobs:
-    """logits [N, V], targets [N] -> each target's log-probability and rank (1 = best), and
-    the top_k alternatives per row."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def chosen_logprobs(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp [N, V] log-probabilities, targets [N] -> each target's log-probability and its
+    rank (1 = the most likely token), as tensors."""
     chosen = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
-    ranks = (logp > chosen.unsqueeze(1)).sum(dim=1) + 1
+    return chosen, (logp > chosen.unsqueeze(1)).sum(dim=1) + 1
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> TokenLogprobs:
+    """logits [N, V], targets [N] -> each target's log-probability and rank, and the top_k
+    alternatives per row, as host lists."""
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    chosen, ranks = chosen_logprobs(logp, targets)
     top = logp.topk(top_k, dim=-1) if top_k > 0 else None
     return TokenLogprobs(
         chosen.tolist(),

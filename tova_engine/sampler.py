@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from tova_engine.logprobs import chosen_logprobs
 from tova_engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -241,8 +242,7 @@ def _with_logprobs(
     finite: torch.Tensor,
     rows: Sequence[SampleRow],
 ) -> SamplerOutput:
-    logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
-    ranks = (raw_logprobs > logprobs[:, None]).sum(dim=-1) + 1
+    logprobs, ranks = chosen_logprobs(raw_logprobs, token_ids)
     k = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
     top_logprobs = top_ids = None
     if k is not None:
