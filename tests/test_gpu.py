@@ -1,5 +1,6 @@
-"""CUDA checks (skipped without a GPU): the same engine on the GPU agrees with the CPU path,
-and the state's memory stays constant however long the generation."""
+"""CUDA checks (skipped without a GPU): the same engine on the GPU (CUDA graphs, the fused
+kernels eagerly, or the PyTorch path) agrees with the CPU path, and the state's memory stays
+constant however long the generation."""
 
 from __future__ import annotations
 
@@ -19,9 +20,15 @@ def greedy(max_tokens: int, **extra) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **extra)
 
 
+# CUDA modes: graphs over the fused Triton kernels (the default), the same kernels eagerly,
+# and the PyTorch path.
+CUDA_MODES = {"graphs": {}, "eager": {"enforce_eager": True}, "torch": {"kernels": "torch"}}
+
+
 @pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
 @pytest.mark.parametrize("chunk", [1, 7])
-def test_cuda_float32_matches_cpu(tiny_llama, policy, chunk):
+@pytest.mark.parametrize("mode", list(CUDA_MODES))
+def test_cuda_float32_matches_cpu(tiny_llama, policy, chunk, mode):
     params = greedy(16, return_state=True)
     outs = {}
     for device in ("cpu", "cuda"):
@@ -32,6 +39,7 @@ def test_cuda_float32_matches_cpu(tiny_llama, policy, chunk):
             dtype="float32",
             device=device,
             prefill_chunk_size=chunk,
+            **(CUDA_MODES[mode] if device == "cuda" else {}),
         )
         outs[device] = llm.generate([PROMPT, PROMPT[::-1]], params, use_tqdm=False)
     for cpu, gpu in zip(outs["cpu"], outs["cuda"], strict=True):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tova_engine.kernels import triton_available
 from tova_engine.policies import POLICIES
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -21,6 +22,7 @@ DTYPES_BY_DEVICE = {
     "cpu": ("float32", "float64", "bfloat16"),
     "cuda": ("bfloat16", "float16", "float32"),
 }
+KERNELS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +43,35 @@ class EngineConfig:
     # Longest prompt + output a request may ask for; None = the model's position limit.
     max_model_len: int | None = None
     seed: int = 0
+    # "auto": on CUDA the fused Triton kernels (decode attention + eviction, RMSNorm, RoPE,
+    # SwiGLU) when Triton is installed, PyTorch otherwise; "torch": PyTorch everywhere.
+    kernels: str = "auto"
+    # CUDA: run every step eagerly instead of replaying captured decode graphs.
+    enforce_eager: bool = False
+    # CUDA: decode batch sizes to capture (None: 1, 2, 4, 8, then every 16 up to
+    # max_num_seqs); a batch is padded to the next size, larger ones run eagerly.
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _require_choice("policy", self.policy, tuple(POLICIES))
         _require_choice("load_format", self.load_format, LOAD_FORMATS)
         _require_choice("dtype", self.dtype, ("auto", *DTYPES))
+        _require_choice("kernels", self.kernels, KERNELS)
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool; got {self.enforce_eager!r}")
+        if self.cuda_graph_batch_sizes is not None:
+            sizes = self.cuda_graph_batch_sizes
+            if not isinstance(sizes, (tuple, list)) or not sizes:
+                raise ValueError(
+                    f"cuda_graph_batch_sizes must be a non-empty tuple of integers; got {sizes!r}"
+                )
+            for size in sizes:
+                _require_positive("cuda_graph_batch_sizes entries", size)
+                if size > self.max_num_seqs:
+                    raise ValueError(
+                        f"cuda_graph_batch_sizes entries must not exceed max_num_seqs "
+                        f"({self.max_num_seqs}); got {size}"
+                    )
         _require_positive("state_size", self.state_size)
         _require_positive("max_num_seqs", self.max_num_seqs)
         _require_positive("prefill_chunk_size", self.prefill_chunk_size)
@@ -67,6 +93,8 @@ class EngineConfig:
             raise ValueError(
                 f"dtype {self.dtype!r} is not supported on {device.type}; use one of {allowed}"
             )
+        if self.kernels == "triton" and not self.triton_kernels:
+            raise ValueError("kernels='triton' needs a CUDA device and the triton package")
 
     @property
     def torch_device(self) -> torch.device:
@@ -89,6 +117,23 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def triton_kernels(self) -> bool:
+        """Whether the fused Triton kernels run (CUDA with Triton, unless kernels='torch')."""
+        return self.kernels != "torch" and triton_available(self.torch_device)
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """Decode steps replay CUDA graphs: CUDA, the Triton kernels, not enforce_eager."""
+        return self.torch_device.type == "cuda" and self.triton_kernels and not self.enforce_eager
+
+    @property
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        if self.cuda_graph_batch_sizes is not None:
+            return tuple(sorted(set(self.cuda_graph_batch_sizes)))
+        sizes = {s for s in (1, 2, 4, 8) if s < self.max_num_seqs}
+        return tuple(sorted(sizes | set(range(16, self.max_num_seqs, 16)) | {self.max_num_seqs}))
 
     @property
     def batched_token_budget(self) -> int:

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from tova_engine.config import EngineConfig
+from tova_engine.cuda_graphs import DecodeGraphs
 from tova_engine.detokenizer import IncrementalDetokenizer
+from tova_engine.fused_attention import fused_policy_supported
 from tova_engine.loader import load_source
 from tova_engine.logprobs import TokenLogprobs
 from tova_engine.model.llama import LlamaModel
@@ -52,8 +54,11 @@ class LLMEngine:
         self.model_name = source.name
         self.tokenizer = source.tokenizer
         self.max_model_len = self._resolve_max_model_len()
-        self.model = self._build_model(source.weights)
         self.policy = make_policy(config.policy)
+        # The fused kernels implement the built-in policies; a custom one runs in PyTorch.
+        fused = config.triton_kernels and fused_policy_supported(self.policy)
+        self.model = self._build_model(source.weights, fused)
+        use_graphs = fused and config.use_cuda_graphs
         self.state = KVState(
             self.model_config,
             config.max_num_seqs,
@@ -61,14 +66,20 @@ class LLMEngine:
             self.dtype,
             self.device,
             track_stats=self.policy.uses_stats,
+            pad_slot=use_graphs,
         )
         self.eos_token_ids = self._eos_token_ids()
+        graphs = None
+        if use_graphs:
+            graphs = DecodeGraphs(self.model, self.state, self.policy, config.graph_batch_sizes)
         self.runner = ModelRunner(
             self.model,
             self.state,
             self.policy,
             Sampler(config.seed, self.device),
             self.eos_token_ids,
+            fused_attention=fused,
+            graphs=graphs,
         )
         self.scheduler = Scheduler(
             config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size
@@ -95,13 +106,16 @@ class LLMEngine:
             )
         return wanted
 
-    def _build_model(self, weights) -> LlamaModel:
-        model = LlamaModel(self.model_config)
+    def _build_model(self, weights, fused_kernels: bool) -> LlamaModel:
+        model = LlamaModel.empty(self.model_config, self.device, self.dtype)
         if weights is None:
             model.init_random_weights(self.config.seed)
         else:
             model.load_hf_weights(weights)
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        model.requires_grad_(False)
+        if fused_kernels:
+            model.use_triton_kernels()
+        return model.eval()
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set(self.model_config.eos_token_ids)

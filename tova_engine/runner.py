@@ -1,5 +1,11 @@
 """The one place that builds tensors for a step: runs the model over the scheduled tokens,
-computes prompt log-probabilities, forks n > 1 choices and samples."""
+computes prompt log-probabilities, forks n > 1 choices and samples.
+
+On CUDA the one-token rows of a step (decodes and one-token prefill chunks) replay a captured
+CUDA graph (`cuda_graphs.py`) or run the fused Triton attention eagerly; on CPU they run the
+PyTorch `DecodeAttention`. Whatever the host needs back from a step (sampled tokens, their
+log-probs, prompt log-probs, evicted ages) travels in one device-to-host copy at the end.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,17 @@ from typing import NamedTuple
 
 import torch
 
-from tova_engine.logprobs import TokenLogprobs, token_logprobs
+from tova_engine.cuda_graphs import DecodeGraphs
+from tova_engine.fused_attention import FusedDecodeAttention
+from tova_engine.logprobs import TokenLogprobs, TokenLogprobTensors, token_logprob_tensors
 from tova_engine.model.llama import LlamaModel
 from tova_engine.policies import Policy
 from tova_engine.request import Request, Sequence
-from tova_engine.sampler import Sampler, SampleRow
+from tova_engine.sampler import Sampler, SamplerOutput, SampleRow
 from tova_engine.scheduler import PrefillChunk, SchedulerOutput
 from tova_engine.state import KVState
 from tova_engine.state_attention import ChunkAttention, DecodeAttention
+from tova_engine.transfer import to_device, to_host
 
 
 class SampledTokens(NamedTuple):
@@ -43,6 +52,23 @@ class _Pending(NamedTuple):
     sequences: list[Sequence]
 
 
+class _PromptLogprobs(NamedTuple):
+    """A request's prompt log-probs computed this step, still on the device."""
+
+    request_id: str
+    first: int  # index of the first prompt token they are for
+    values: TokenLogprobTensors
+
+
+class _StepTensors(NamedTuple):
+    """What a step produced on the device, before the single read-back."""
+
+    pending: list[_Pending]
+    prompt: list[_PromptLogprobs]
+    # Evicted ages, any shape; negative entries mean "nothing evicted".
+    ages: list[torch.Tensor]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -51,36 +77,62 @@ class ModelRunner:
         policy: Policy,
         sampler: Sampler,
         eos_token_ids: frozenset[int],
+        fused_attention: bool = False,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
+        """fused_attention: decode rows through the Triton kernels (CUDA); graphs: replay
+        captured decode steps for batches up to their largest size."""
         self.model = model
         self.state = state
         self.policy = policy
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
+        self.fused_attention = fused_attention
+        self.graphs = graphs
         self.device = state.num_seen.device
 
     def execute(self, scheduled: SchedulerOutput) -> StepResult:
         for request in scheduled.admitted:
             for seq in request.sequences:
                 self.state.reset_slot(seq.slot, request.capacity)
-        pending: list[_Pending] = []
-        prompt_logprobs: dict[str, tuple[int, TokenLogprobs]] = {}
-        evicted: list[torch.Tensor] = []
+        step = _StepTensors([], [], [])
         single = [c for c in scheduled.prefills if c.length == 1]
         if scheduled.decodes or single:
-            self._run_single_tokens(scheduled.decodes, single, pending, prompt_logprobs, evicted)
-        for chunk in scheduled.prefills:
-            if chunk.length > 1:
-                self._run_chunk(chunk, pending, prompt_logprobs, evicted)
-        ages = torch.cat([a.flatten() for a in evicted]) if evicted else torch.empty(0)
-        return StepResult(self._sample(pending), prompt_logprobs, ages[ages >= 0].tolist())
+            self._run_single_tokens(scheduled.decodes, single, step)
+        longer = [c for c in scheduled.prefills if c.length > 1]
+        logits: dict[int, torch.Tensor] = {}
+        for group in _chunk_groups(longer):
+            for chunk, rows in zip(group, self._run_chunks(group, step), strict=True):
+                logits[id(chunk)] = rows
+        for chunk in longer:  # back in schedule order: the rows the sampler sees keep it
+            self._after_chunk(chunk, logits[id(chunk)], step)
+        return self._read_back(step)
 
-    def _run_single_tokens(self, decodes, chunks, pending, prompt_logprobs, evicted) -> None:
+    def _run_single_tokens(self, decodes, chunks, step: _StepTensors) -> None:
         """Decodes and one-token prefill chunks share one batched forward: for the state a
         prompt token fed alone is exactly a decode step."""
         token_ids = [seq.output_token_ids[-1] for seq in decodes]
         token_ids += [c.request.prompt_token_ids[c.start] for c in chunks]
         slots = [seq.slot for seq in decodes] + [c.request.leader.slot for c in chunks]
+        if self.graphs is not None and len(slots) <= self.graphs.max_batch_size:
+            logits, ages = self.graphs.run(token_ids, slots)
+        else:
+            attend = self._decode_attention(decodes, chunks, slots)
+            hidden = self.model(self._ids(token_ids), attend.positions, attend)
+            attend.finish()
+            logits = self.model.compute_logits(hidden)
+            ages = attend.evicted_ages
+            ages = ages if isinstance(ages, torch.Tensor) else torch.stack(ages)
+        step.ages.append(ages)
+        step.pending.extend(_Pending(logits[i], [seq]) for i, seq in enumerate(decodes))
+        for row, chunk in enumerate(chunks, start=len(decodes)):
+            self._after_chunk(chunk, logits[row : row + 1], step)
+
+    def _decode_attention(self, decodes, chunks, slots: list[int]):
+        if self.fused_attention:
+            return FusedDecodeAttention(
+                self.state, self.policy, to_device(slots, torch.int64, self.device)
+            )
         # Tokens already in each row (the newest sampled token is not fed yet), from the
         # host-side counters: attention then spans only the entries in use.
         seen = [seq.request.prompt_len + len(seq.output_token_ids) - 1 for seq in decodes]
@@ -88,31 +140,37 @@ class ModelRunner:
         capacities = [seq.request.capacity for seq in decodes]
         capacities += [c.request.capacity for c in chunks]
         width = max(min(n, cap) for n, cap in zip(seen, capacities, strict=True)) + 1
-        attend = DecodeAttention(self.state, self.policy, slots, width)
-        hidden = self.model(self._ids(token_ids), attend.positions, attend)
-        attend.finish()
-        evicted.extend(attend.evicted_ages)
-        logits = self.model.compute_logits(hidden)
-        pending.extend(_Pending(logits[i], [seq]) for i, seq in enumerate(decodes))
-        for row, chunk in enumerate(chunks, start=len(decodes)):
-            self._after_chunk(chunk, logits[row : row + 1], pending, prompt_logprobs)
+        return DecodeAttention(self.state, self.policy, slots, width)
 
-    def _run_chunk(self, chunk: PrefillChunk, pending, prompt_logprobs, evicted) -> None:
-        request = chunk.request
-        entries = min(chunk.start, request.capacity)
+    def _run_chunks(self, chunks: list[PrefillChunk], step: _StepTensors) -> list[torch.Tensor]:
+        """One forward for chunks at the same point of their prompts; returns each chunk's
+        logits: [C, V] for every position when it wants prompt log-probs, else [1, V]."""
+        first = chunks[0]
+        capacity = first.request.capacity
         attend = ChunkAttention(
-            self.state, self.policy, request.leader.slot, entries, chunk.start, chunk.length
+            self.state,
+            self.policy,
+            [c.request.leader.slot for c in chunks],
+            min(first.start, capacity),
+            first.start,
+            first.length,
+            capacity,
         )
-        token_ids = request.prompt_token_ids[chunk.start : chunk.start + chunk.length]
-        hidden = self.model(self._ids(token_ids), attend.positions, attend)
+        token_ids = [
+            token
+            for c in chunks
+            for token in c.request.prompt_token_ids[c.start : c.start + c.length]
+        ]
+        hidden = self.model(self._ids(token_ids), attend.positions, attend)  # [R*C, hidden]
         attend.finish()
-        evicted.extend(attend.evicted_ages)
-        # Logits only where they are used: every position for prompt logprobs, else the last.
-        wants_all = request.params.prompt_logprobs is not None
-        logits = self.model.compute_logits(hidden if wants_all else hidden[-1:])
-        self._after_chunk(chunk, logits, pending, prompt_logprobs)
+        step.ages.extend(attend.evicted_ages)
+        if first.request.params.prompt_logprobs is not None:  # such a chunk runs alone
+            return [self.model.compute_logits(hidden)]
+        # Logits only where they are used: the last position of each chunk.
+        logits = self.model.compute_logits(hidden.view(len(chunks), first.length, -1)[:, -1])
+        return [logits[i : i + 1] for i in range(len(chunks))]
 
-    def _after_chunk(self, chunk: PrefillChunk, logits, pending, prompt_logprobs) -> None:
+    def _after_chunk(self, chunk: PrefillChunk, logits, step: _StepTensors) -> None:
         """logits: [C, V] for every chunk position, or [1, V] for the last one only."""
         request = chunk.request
         k = request.params.prompt_logprobs
@@ -121,32 +179,39 @@ class ModelRunner:
             first = chunk.start + 1
             targets = request.prompt_token_ids[first : chunk.start + chunk.length + 1]
             if targets:
-                rows = logits[: len(targets)]
-                prompt_logprobs[request.request_id] = (
-                    first,
-                    token_logprobs(rows, self._ids(targets), k),
-                )
+                values = token_logprob_tensors(logits[: len(targets)], self._ids(targets), k)
+                step.prompt.append(_PromptLogprobs(request.request_id, first, values))
         if chunk.completes_prompt and request.max_tokens > 0:
             for seq in request.sequences[1:]:
                 self.state.copy_slot(request.leader.slot, seq.slot)
-            pending.append(_Pending(logits[-1], list(request.sequences)))
+            step.pending.append(_Pending(logits[-1], list(request.sequences)))
 
-    def _sample(self, pending: list[_Pending]) -> SampledTokens:
-        sequences = [seq for p in pending for seq in p.sequences]
+    def _read_back(self, step: _StepTensors) -> StepResult:
+        """Sample, then bring every result of the step to the host in one copy."""
+        sequences = [seq for p in step.pending for seq in p.sequences]
+        sampled = self._sample(step.pending, sequences)
+        tensors = [] if sampled is None else _sampler_tensors(sampled)
+        for prompt in step.prompt:
+            tensors += prompt.values.tensors()
+        ages = [a.reshape(-1) for a in step.ages]
+        if ages:
+            tensors.append(torch.cat(ages))
+        host = iter(to_host(tensors))
+        tokens = SampledTokens([], [], [], [], None, None, [])
+        if sampled is not None:
+            tokens = _sampled_tokens(sequences, sampled, host)
+        prompt_logprobs = {}
+        for prompt in step.prompt:
+            values = [next(host) for _ in prompt.values.tensors()]
+            prompt_logprobs[prompt.request_id] = (prompt.first, prompt.values.to_lists(values))
+        evicted = next(host) if ages else torch.empty(0, dtype=torch.int64)
+        return StepResult(tokens, prompt_logprobs, evicted[evicted >= 0].tolist())
+
+    def _sample(self, pending: list[_Pending], sequences: list[Sequence]) -> SamplerOutput | None:
         if not sequences:
-            return SampledTokens([], [], [], [], None, None, [])
+            return None
         logits = torch.stack([p.logits for p in pending for _ in p.sequences])
-        rows = [self._sample_row(seq) for seq in sequences]
-        out = self.sampler(logits, rows)
-        return SampledTokens(
-            sequences,
-            out.token_ids.tolist(),
-            out.logprobs.tolist(),
-            out.ranks.tolist(),
-            None if out.top_token_ids is None else out.top_token_ids.tolist(),
-            None if out.top_logprobs is None else out.top_logprobs.tolist(),
-            out.finite.tolist(),
-        )
+        return self.sampler(logits, [self._sample_row(seq) for seq in sequences])
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         request = seq.request
@@ -159,7 +224,35 @@ class ModelRunner:
         )
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return to_device(ids, torch.int64, self.device)
+
+
+def _chunk_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Chunks that can share one forward: same start, length and capacity. A chunk that
+    wants prompt log-probs (every position's logits) runs alone."""
+    groups: dict[tuple[int, ...], list[PrefillChunk]] = {}
+    for chunk in chunks:
+        request = chunk.request
+        key = (chunk.start, chunk.length, request.capacity)
+        if request.params.prompt_logprobs is not None:
+            key = (id(chunk),)
+        groups.setdefault(key, []).append(chunk)
+    return list(groups.values())
+
+
+def _sampler_tensors(out: SamplerOutput) -> list[torch.Tensor]:
+    tensors = [out.token_ids, out.logprobs, out.ranks, out.finite]
+    if out.top_token_ids is not None:
+        tensors += [out.top_token_ids, out.top_logprobs]
+    return tensors
+
+
+def _sampled_tokens(sequences: list[Sequence], out: SamplerOutput, host) -> SampledTokens:
+    token_ids, logprobs, ranks, finite = (next(host).tolist() for _ in range(4))
+    top_ids = top_logprobs = None
+    if out.top_token_ids is not None:
+        top_ids, top_logprobs = next(host).tolist(), next(host).tolist()
+    return SampledTokens(sequences, token_ids, logprobs, ranks, top_ids, top_logprobs, finite)
 
 
 def requests_of(scheduled: SchedulerOutput) -> list[Request]:

@@ -23,15 +23,20 @@ class KVState:
         dtype: torch.dtype,
         device: torch.device,
         track_stats: bool,
+        pad_slot: bool = False,
     ) -> None:
+        """pad_slot: one more row than max_num_seqs, never given to a sequence, where the
+        padding rows of a CUDA graph's batch write (see cuda_graphs.py)."""
         c = model_config
         self.num_layers = c.num_layers
         self.state_size = state_size
         self.dtype = dtype
-        shape = (max_num_seqs, c.num_kv_heads, state_size + 1, c.head_dim)
+        self.pad_slot = max_num_seqs if pad_slot else None
+        rows = max_num_seqs + 1 if pad_slot else max_num_seqs
+        shape = (rows, c.num_kv_heads, state_size + 1, c.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
-        entries = (c.num_layers, max_num_seqs, state_size + 1)
+        entries = (c.num_layers, rows, state_size + 1)
         # Absolute position of the token held by each entry, per layer (layers evict apart).
         self.positions = torch.zeros(entries, dtype=torch.int64, device=device)
         # Accumulated attention per entry, for policies that keep a running statistic (H2O).
@@ -39,9 +44,9 @@ class KVState:
         self.stats = (
             torch.zeros(entries, dtype=stats_dtype, device=device) if track_stats else None
         )
-        self.num_entries = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
-        self.num_seen = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
-        self.capacity = torch.full((max_num_seqs,), state_size, dtype=torch.int64, device=device)
+        self.num_entries = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.num_seen = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.capacity = torch.full((rows,), state_size, dtype=torch.int64, device=device)
 
     @staticmethod
     def bytes_per_sequence(model_config: ModelConfig, state_size: int, dtype: torch.dtype) -> int:

@@ -11,9 +11,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from tova_engine.policies import Policy
 from tova_engine.state import KVState
+from tova_engine.transfer import to_device
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,7 @@ class DecodeAttention:
         self.state = state
         self.policy = policy
         device = state.num_seen.device
-        self.slots = torch.tensor(slots, dtype=torch.int64, device=device)  # [B]
+        self.slots = to_device(slots, torch.int64, device)  # [B]
         # Slots in one run are read through a view instead of a gathered copy.
         first = slots[0]
         contiguous = slots == list(range(first, first + len(slots)))
@@ -106,44 +108,72 @@ class DecodeAttention:
 
 
 class ChunkAttention:
-    """A prefill chunk of C > 1 tokens of one sequence.
+    """Prefill chunks of C > 1 tokens for R sequences at the same point of their prompts
+    (same start, length and capacity), in one batched forward.
 
-    The chunk attends causally to itself and fully to the state; then, if more than the
-    row's capacity would remain, the entries with the highest policy score for the chunk's
-    last query are kept (C = whole prompt is the reference TOVA prefill).
+    Each row's chunk attends causally to itself and fully to the row's state; then, if more
+    than the capacity would remain, each row keeps the entries with the highest policy score
+    for its chunk's last query (C = whole prompt is the reference TOVA prefill).
     """
 
     def __init__(
-        self, state: KVState, policy: Policy, slot: int, entries: int, start: int, length: int
+        self,
+        state: KVState,
+        policy: Policy,
+        slots: list[int],
+        entries: int,
+        start: int,
+        length: int,
+        capacity: int,
     ) -> None:
+        """entries: valid entries every row holds before the chunk; capacity: the rows'
+        state size, as the host knows it (reading it back would be a host-device sync)."""
         self.state = state
         self.policy = policy
-        self.slot = slot
+        device = state.num_seen.device
+        self.num_rows = len(slots)
+        # One row reads its slot through a view; several are gathered.
+        self.rows = slots[0] if len(slots) == 1 else to_device(slots, torch.int64, device)
+        self.slots = to_device(slots, torch.int64, device)  # [R]
         self.entries = entries
         self.start = start
         self.length = length
-        self.capacity = int(state.capacity[slot])
-        device = state.num_seen.device
-        self.chunk_positions = torch.arange(start, start + length, device=device)
+        self.capacity = capacity
+        self.chunk_positions = torch.arange(start, start + length, device=device)  # [C]
+        # Per layer that evicted: [R, entries + C], tokens back from the chunk's last position
+        # of each dropped entry, -1 for kept ones (fixed size: no host sync to filter).
         self.evicted_ages: list[torch.Tensor] = []
 
     @property
     def positions(self) -> torch.Tensor:
-        return self.chunk_positions
+        return self.chunk_positions.repeat(self.num_rows)  # [R*C], row after row
+
+    def _past(self, buffer: torch.Tensor) -> torch.Tensor:
+        """buffer [slots, S+1, ...] -> the rows' valid entries [R, n, ...]."""
+        if isinstance(self.rows, int):
+            return buffer[self.rows, : self.entries].unsqueeze(0)
+        return buffer[self.rows, : self.entries]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        n, slot = self.entries, self.slot
+        rows, length = self.num_rows, self.length
         state = self.state
-        keys = torch.cat((state.k[layer][slot, :, :n], k.transpose(0, 1)), dim=1)  # [Hkv, n+C, D]
-        values = torch.cat((state.v[layer][slot, :, :n], v.transpose(0, 1)), dim=1)
-        group = q.shape[1] // keys.shape[0]
-        keys_q = keys.repeat_interleave(group, dim=0)  # [H, n+C, D]
-        values_q = values.repeat_interleave(group, dim=0)
-        queries = q.transpose(0, 1)  # [H, C, D]
+        q = q.view(rows, length, *q.shape[1:])  # [R, C, H, D]
+        k = k.view(rows, length, *k.shape[1:])  # [R, C, Hkv, D]
+        v = v.view(rows, length, *v.shape[1:])
+        past_k = self._past(state.k[layer].transpose(1, 2)).transpose(1, 2)  # [R, Hkv, n, D]
+        past_v = self._past(state.v[layer].transpose(1, 2)).transpose(1, 2)
+        keys = torch.cat((past_k, k.transpose(1, 2)), dim=2)  # [R, Hkv, n+C, D]
+        values = torch.cat((past_v, v.transpose(1, 2)), dim=2)
+        group = q.shape[2] // keys.shape[1]
+        keys_q = keys.repeat_interleave(group, dim=1)  # [R, H, n+C, D]
+        values_q = values.repeat_interleave(group, dim=1)
+        queries = q.transpose(1, 2)  # [R, H, C, D]
         mask = self._mask(queries.device)
-        out = F.scaled_dot_product_attention(queries, keys_q, values_q, attn_mask=mask)
+        # On CUDA the same mask as a lower-right causal bias: SDPA can take its flash kernel.
+        bias = causal_lower_right(length, self.entries + length) if queries.is_cuda else mask
+        out = F.scaled_dot_product_attention(queries, keys_q, values_q, attn_mask=bias)
         self._keep(layer, queries, keys_q, keys, values, mask)
-        return out.transpose(0, 1)
+        return out.transpose(1, 2).reshape(rows * length, out.shape[1], out.shape[-1])
 
     def _mask(self, device: torch.device) -> torch.Tensor:
         """[C, n+C] bool: every state entry, and the chunk causally."""
@@ -152,45 +182,50 @@ class ChunkAttention:
         return torch.cat((past, chunk), dim=1)
 
     def _probs(self, queries, keys_q, mask) -> torch.Tensor:
-        """Head-averaged attention probabilities of the given queries: [C', n+C]."""
+        """Head-averaged attention probabilities of the given queries: [R, C', n+C]."""
         logits = torch.matmul(queries, keys_q.transpose(-1, -2)) / math.sqrt(queries.shape[-1])
         logits = _widen(logits).masked_fill(~mask, float("-inf"))
-        return logits.softmax(dim=-1).mean(dim=0)
+        return logits.softmax(dim=-1).mean(dim=1)
 
     def _keep(self, layer, queries, keys_q, keys, values, mask) -> None:
-        state, slot = self.state, self.slot
+        state, rows = self.state, self.num_rows
         total = self.entries + self.length
-        positions = torch.cat((state.positions[layer, slot, : self.entries], self.chunk_positions))
+        chunk_positions = self.chunk_positions.expand(rows, self.length)
+        positions = torch.cat((self._past(state.positions[layer]), chunk_positions), dim=1)
         stats = None
         if state.stats is not None:
             # Accumulated attention needs every chunk query, not just the last one.
-            received = self._probs(queries, keys_q, mask).sum(dim=0)  # [n+C]
-            fresh = received.new_zeros(self.length)
-            stats = torch.cat((state.stats[layer, slot, : self.entries], fresh)) + received
+            received = self._probs(queries, keys_q, mask).sum(dim=1)  # [R, n+C]
+            fresh = received.new_zeros(rows, self.length)
+            stats = torch.cat((self._past(state.stats[layer]), fresh), dim=1) + received
         if total <= self.capacity:
-            keep = torch.arange(total, device=keys.device)
+            keep = torch.arange(total, device=keys.device).expand(rows, total)
         else:
-            last = self._probs(queries[:, -1:], keys_q, mask[-1:]).squeeze(0)
-            newest = self.chunk_positions[-1:]
-            score = self.policy.score(
-                last[None],
-                positions[None],
-                None if stats is None else stats[None],
-                newest,
-                torch.tensor([self.capacity], device=keys.device),
-            )[0]
-            keep = score.topk(self.capacity).indices.sort().values
-            dropped = torch.ones(total, dtype=torch.bool, device=keys.device)
-            dropped[keep] = False
-            self.evicted_ages.append(self.chunk_positions[-1] - positions[dropped])
-        count = keep.shape[0]
-        state.k[layer][slot, :, :count] = keys[:, keep]
-        state.v[layer][slot, :, :count] = values[:, keep]
-        state.positions[layer, slot, :count] = positions[keep]
+            last = self._probs(queries[:, :, -1:], keys_q, mask[-1:]).squeeze(1)  # [R, n+C]
+            newest = self.chunk_positions[-1:].expand(rows)
+            capacity = torch.full((rows,), self.capacity, dtype=torch.int64, device=keys.device)
+            score = self.policy.score(last, positions, stats, newest, capacity)
+            keep = score.topk(self.capacity, dim=-1).indices.sort(dim=-1).values  # [R, S]
+            dropped = torch.ones(rows, total, dtype=torch.bool, device=keys.device)
+            dropped.scatter_(1, keep, False)
+            self.evicted_ages.append(torch.where(dropped, newest[:, None] - positions, -1))
+        count = keep.shape[1]
+        entry_index = keep[:, None, :, None].expand(rows, keys.shape[1], count, keys.shape[-1])
+        self._write(state.k[layer], keys.gather(2, entry_index), count)
+        self._write(state.v[layer], values.gather(2, entry_index), count)
+        self._write(state.positions[layer], positions.gather(1, keep), count)
         if stats is not None:
-            state.stats[layer, slot, :count] = stats[keep]
+            self._write(state.stats[layer], stats.gather(1, keep), count)
+
+    def _write(self, buffer: torch.Tensor, kept: torch.Tensor, count: int) -> None:
+        """buffer [slots, ..., S+1, ...] (entries on dim 2 for K/V, 1 for positions/stats)
+        <- kept [R, ..., count, ...] at entries [0, count)."""
+        if buffer.dim() == 4:
+            buffer[self.slots, :, :count] = kept
+        else:
+            buffer[self.slots, :count] = kept
 
     def finish(self) -> None:
-        state, slot = self.state, self.slot
-        state.num_entries[slot] = min(self.entries + self.length, self.capacity)
-        state.num_seen[slot] = self.start + self.length
+        state = self.state
+        state.num_entries.index_fill_(0, self.slots, min(self.entries + self.length, self.capacity))
+        state.num_seen.index_fill_(0, self.slots, self.start + self.length)

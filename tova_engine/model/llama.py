@@ -27,12 +27,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.kernel: Callable | None = None  # fused Triton version (kernels/elementwise.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
         # Normalise in at least float32 (half precision loses the mean), then cast back.
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * wide.to(x.dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): the residual add and the next norm, fused."""
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps, residual)
+        summed = residual + x
+        return self(summed), summed
 
 
 class Attention(nn.Module):
@@ -48,14 +60,19 @@ class Attention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.rope_kernel: Callable | None = None  # fused Triton RoPE of q and k
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, attend: Attend
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.rope_kernel is not None:
+            q, k = self.rope_kernel(qkv, cos, sin, self.num_heads, self.num_kv_heads)
+        else:
+            q = apply_rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = attend(layer, q, k, v)
         return self.o_proj(out.reshape(tokens, self.q_size))
@@ -67,9 +84,13 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_kernel: Callable | None = None  # fused Triton silu(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act_kernel is not None:
+            return self.down_proj(self.act_kernel(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -82,9 +103,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, self.index, attend)
-        return x + self.mlp(self.post_attention_norm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, attend: Attend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings at layer 0); residual: the
+        running sum it is added to (None at layer 0). Returns (MLP output, residual): each
+        residual add happens inside the next norm, fused on CUDA."""
+        if residual is None:
+            h, residual = self.input_norm(x), x
+        else:
+            h, residual = self.input_norm.add_forward(x, residual)
+        x = self.attn(h, cos, sin, self.index, attend)
+        h, residual = self.post_attention_norm.add_forward(x, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -95,9 +126,24 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self._tie_weights()
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+
+    @classmethod
+    def empty(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+        """Uninitialised `dtype` weights on `device`, built on the meta device so that no
+        float32 copy exists on the way (an 8B model would need 32 GB of it); fill them with
+        `load_hf_weights` or `init_random_weights`."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model._tie_weights()  # to_empty gives every parameter its own storage
+        model.reset_buffers()
+        return model
+
+    def _tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @torch.inference_mode()
     def forward(
@@ -106,9 +152,10 @@ class LlamaModel(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attend)
+        return self.norm.add_forward(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -116,15 +163,35 @@ class LlamaModel(nn.Module):
         logits = self.lm_head(hidden)
         return logits if logits.dtype == torch.float64 else logits.float()
 
+    def use_triton_kernels(self) -> None:
+        """Fused RMSNorm (+ residual), RoPE and SwiGLU kernels instead of PyTorch ops (CUDA)."""
+        from tova_engine.kernels import elementwise
+
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = elementwise.rms_norm
+            elif isinstance(module, Attention):
+                module.rope_kernel = elementwise.rope
+            elif isinstance(module, MLP):
+                module.act_kernel = elementwise.silu_mul
+
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE frequencies in float32 on the model's device: `.to(dtype)` casts
+        buffers too, and bf16 frequencies put positions in the thousands radians off."""
+        self.inv_freq = inverse_frequencies(self.config).to(self.embed_tokens.weight.device)
+
     def init_random_weights(self, seed: int) -> None:
-        """Random weights with a trained model's scale, for `load_format="dummy"`."""
-        generator = torch.Generator().manual_seed(seed)
+        """Random weights with a trained model's scale, for `load_format="dummy"`; drawn on
+        the parameters' device (an 8B model's worth of CPU draws would take minutes)."""
+        device = self.embed_tokens.weight.device
+        generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith("norm.weight"):
                     param.fill_(1.0)
                 else:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                    noise = torch.randn(param.shape, generator=generator, device=device)
+                    param.copy_(noise * 0.02)
 
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up."""

@@ -1,0 +1,94 @@
+"""The decode step captured in CUDA graphs, one per batch-size bucket, replayed every step.
+
+The state buffers never move, so one forward over B one-token rows (embedding, every layer
+with the fused attention + eviction kernels, the counters' update, the LM head) is captured
+once per bucket and replayed with new inputs. A batch is padded to its bucket with rows
+that point at the state's spare slot (`KVState.pad_slot`): they compute garbage there and
+never touch a live slot. Static buffers: token ids and slots in, logits and evicted ages out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from tova_engine.fused_attention import FusedDecodeAttention
+from tova_engine.model.llama import LlamaModel
+from tova_engine.policies import Policy
+from tova_engine.state import KVState
+
+logger = logging.getLogger("tova_engine")
+
+
+class DecodeGraphs:
+    def __init__(
+        self, model: LlamaModel, state: KVState, policy: Policy, batch_sizes: tuple[int, ...]
+    ) -> None:
+        if state.pad_slot is None:
+            raise ValueError("CUDA graphs need a KVState with a spare slot for padding rows")
+        self.model = model
+        self.state = state
+        self.policy = policy
+        self.batch_sizes = sorted(set(batch_sizes))
+        largest = self.batch_sizes[-1]
+        device = state.num_seen.device
+        # Inputs: bucket b reads token ids from [0, b) and slots from [b, 2b).
+        self.inputs = torch.zeros(2 * largest, dtype=torch.int64, device=device)
+        self.logits = torch.zeros(largest, model.config.vocab_size, device=device)  # float32
+        self.ages = torch.zeros(state.num_layers, largest, dtype=torch.int64, device=device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        started = time.perf_counter()
+        # Largest first: the smaller graphs reuse its memory pool.
+        for size in reversed(self.batch_sizes):
+            self.graphs[size] = self._capture(size)
+        logger.info(
+            "captured %d CUDA graphs for decode batch sizes %s in %.1f s",
+            len(self.graphs),
+            self.batch_sizes,
+            time.perf_counter() - started,
+        )
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
+    def _bucket(self, batch: int) -> int:
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, batch)]
+
+    @torch.inference_mode()
+    def _forward(self, size: int) -> None:
+        slots = self.inputs[size : 2 * size]
+        attend = FusedDecodeAttention(self.state, self.policy, slots, self.ages[:, :size])
+        hidden = self.model(self.inputs[:size], attend.positions, attend)
+        attend.finish()
+        self.logits[:size].copy_(self.model.lm_head(hidden))
+
+    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
+        self.inputs[:size].zero_()
+        self.inputs[size : 2 * size].fill_(self.state.pad_slot)
+        # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels); it only
+        # writes to the spare slot.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(size)
+        return graph
+
+    def run(self, token_ids: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for len(token_ids) <= max_batch_size rows; returns views of the
+        static outputs, valid until the next replay: logits [B, V] float32, ages [L, B]."""
+        batch = len(token_ids)
+        size = self._bucket(batch)
+        pad = size - batch
+        host = torch.tensor([*token_ids, *[0] * pad, *slots, *[self.state.pad_slot] * pad])
+        self.inputs[: 2 * size].copy_(host.pin_memory(), non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits[:batch], self.ages[:, :batch]

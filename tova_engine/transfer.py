@@ -1,0 +1,41 @@
+"""Host <-> device transfers without stalls: inputs go through pinned memory asynchronously,
+and everything a step reads back travels in one copy (the step's only synchronisation)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor; on CUDA through pinned memory, without waiting."""
+    if device.type == "cuda":
+        return torch.tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
+def _as_int64_bits(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    if t.dtype.is_floating_point:
+        # Through float64, whose bits an int64 carries exactly (float32 round-trips too).
+        return flat.to(torch.float64).view(torch.int64)
+    return flat.to(torch.int64)
+
+
+def _restore(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.dtype.is_floating_point:
+        return bits.view(torch.float64).to(like.dtype).reshape(like.shape)
+    return bits.to(like.dtype).reshape(like.shape)
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies of `tensors` (same dtypes and shapes) through a single device-to-host copy."""
+    if not tensors:
+        return []
+    if all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    packed = torch.cat([_as_int64_bits(t) for t in tensors]).cpu()
+    out, start = [], 0
+    for t in tensors:
+        out.append(_restore(packed[start : start + t.numel()], t))
+        start += t.numel()
+    return out
