@@ -272,4 +272,8 @@ def test_full_policy_refuses_overflow(tiny_llama):
     with pytest.raises(ValueError, match="state_size"):
         engine.add_request("x", PROMPT, SamplingParams(max_tokens=1))
     engine.add_request("ok", PROMPT[:10], greedy(6))
-    assert len(run_to_completion(engine)["ok"].outputs[0].token_ids) == 6
+    # No max_tokens: as many as the state holds, not a refusal.
+    engine.add_request("fill", PROMPT[:10], greedy(None))
+    finished = run_to_completion(engine)
+    assert len(finished["ok"].outputs[0].token_ids) == 6
+    assert len(finished["fill"].outputs[0].token_ids) == 16 - 10

@@ -76,6 +76,18 @@ def test_stream_with_usage_matches_full_response(client):
     assert last.usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def test_stream_of_a_batch_interleaves_choices(client):
+    prompts = [PROMPT, "Once upon a time"]
+    chunks = list(greedy(client, prompt=prompts, n=2, max_tokens=3, stream=True,
+                         extra_body={"ignore_eos": True}))
+    texts = {i: "".join(c.choices[0].text for c in chunks if c.choices[0].index == i)
+             for i in range(4)}
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    assert len(chunks) == 12 and finishes == ["length"] * 4
+    full = greedy(client, prompt=prompts, n=2, max_tokens=3, extra_body={"ignore_eos": True})
+    assert [texts[c.index] for c in full.choices] == [c.text for c in full.choices]
+
+
 def test_stream_without_usage_has_no_usage_chunk(client):
     chunks = list(greedy(client, max_tokens=3, stream=True, extra_body={"ignore_eos": True}))
     assert len(chunks) == 3 and all(c.choices for c in chunks)
@@ -173,10 +185,15 @@ def test_top_k_one_is_greedy_and_penalties_are_accepted(client):
     assert penalised.usage.completion_tokens <= 6
 
 
-def test_min_tokens_holds_off_eos(client):
+def test_min_tokens_holds_off_eos_and_stop_strings(client):
     out = client.completions.create(model=SMOL_NAMES[0], prompt="Hi", max_tokens=40,
                                     temperature=0, extra_body={"min_tokens": 40})
     assert out.usage.completion_tokens == 40
+    text = greedy(client, max_tokens=8, extra_body={"ignore_eos": True}).choices[0].text
+    stop = text[3:6]
+    early = greedy(client, max_tokens=8, stop=[stop]).usage.completion_tokens
+    held = greedy(client, max_tokens=8, stop=[stop], extra_body={"min_tokens": 6})
+    assert early < 6 <= held.usage.completion_tokens
 
 
 def test_logit_bias_forces_a_token(client, smol_server):

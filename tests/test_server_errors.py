@@ -19,6 +19,7 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 # (endpoint, request fields, the param the error must name)
 BAD_REQUESTS = [
     ("completions", {"temperature": -1}, "temperature"),
+    ("completions", {"temperature": -1, "stream": True}, "temperature"),  # 400, not a stream
     ("completions", {"top_p": 1.5}, "top_p"),
     ("completions", {"n": 0}, "n"),
     ("completions", {"n": 9}, "n"),  # more choices than the server has slots

@@ -232,6 +232,9 @@ class LLMEngine:
             )
         room = self.max_model_len - prompt_len
         max_tokens = room if params.max_tokens is None else params.max_tokens
+        if params.max_tokens is None and not self.policy.evicts:
+            # Without eviction the state is the context: "as many as fit" means up to S.
+            max_tokens = min(room, max(capacity - prompt_len, 1))
         if max_tokens > room:
             raise ValueError(
                 f"max_tokens ({max_tokens}) + prompt ({prompt_len} tokens) exceeds the length "

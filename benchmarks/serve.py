@@ -1,0 +1,380 @@
+"""Serving benchmark against a running tova-server (or one it launches), in the manner of
+vLLM's `vllm bench serve`.
+
+N streaming requests at a request rate (Poisson arrivals) or a fixed concurrency; prompts of
+exactly --input-len tokens (random words, or windows of a text file), --output-len tokens
+out with ignore_eos. Prints throughput, TTFT, TPOT, ITL and end-to-end latency (mean,
+median, p99) and what the HTTP layer adds per token, and saves it all as JSON.
+
+Prompts are sent as token ids, built with the server's own /tokenize, so lengths are exact
+and this script needs no tokenizer (nor torch).
+
+    python benchmarks/serve.py --base-url http://127.0.0.1:8000 --num-prompts 256 \\
+        --max-concurrency 64 --input-len 128 --output-len 64 --result-file out.json
+    python benchmarks/serve.py --launch "--max-num-seqs 64 --state-size 256" ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shlex
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(slots=True)
+class RequestResult:
+    ok: bool
+    prompt_tokens: int
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    latency_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+# ----- prompts ----------------------------------------------------------------------------
+
+
+def random_text(num_words: int, rng: random.Random) -> str:
+    return " ".join(
+        "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9)))
+        for _ in range(num_words)
+    )
+
+
+def token_stream(client: httpx.Client, args: argparse.Namespace, rng: random.Random) -> list[int]:
+    """Token ids to cut prompts from: the text file, or random words."""
+    needed = args.input_len * 4
+    if args.dataset_path:
+        text = Path(args.dataset_path).read_text(encoding="utf-8", errors="replace")
+    else:
+        text = random_text(needed, rng)
+    response = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+    response.raise_for_status()
+    tokens = response.json()["tokens"]
+    if len(tokens) <= args.input_len:
+        sys.exit(f"the prompt source has {len(tokens)} tokens; --input-len needs more")
+    return tokens
+
+
+def make_prompts(tokens: list[int], args: argparse.Namespace,
+                 rng: random.Random) -> list[list[int]]:
+    starts = [rng.randrange(len(tokens) - args.input_len) for _ in range(args.num_prompts)]
+    return [tokens[s : s + args.input_len] for s in starts]
+
+
+# ----- requests ---------------------------------------------------------------------------
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int],
+                      args: argparse.Namespace) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos,
+            "temperature": args.temperature}
+    result = RequestResult(ok=False, prompt_tokens=len(prompt))
+    started = time.perf_counter()
+    last = started
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.perf_counter()
+                event = json.loads(line[6:])
+                if "error" in event:
+                    result.error = event["error"]["message"]
+                    return result
+                if event["choices"]:
+                    if result.ttft_s == 0.0:
+                        result.ttft_s = now - started
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+                elif event.get("usage"):
+                    result.output_tokens = event["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        result.error = repr(exc)
+        return result
+    result.latency_s = time.perf_counter() - started
+    result.ok = True
+    return result
+
+
+def arrival_gaps(args: argparse.Namespace, rng: random.Random) -> Iterator[float]:
+    """Seconds before each request: 0 at an infinite rate, else gamma-distributed gaps with
+    mean 1/rate (burstiness 1 = Poisson arrivals, as in vLLM)."""
+    for _ in range(args.num_prompts):
+        if args.request_rate == float("inf"):
+            yield 0.0
+        else:
+            theta = 1.0 / (args.request_rate * args.burstiness)
+            yield rng.gammavariate(args.burstiness, theta)
+
+
+async def run_requests(base_url: str, headers: dict[str, str], model: str,
+                       prompts: list[list[int]], args: argparse.Namespace,
+                       rng: random.Random) -> tuple[list[RequestResult], float]:
+    limit = args.max_concurrency or len(prompts)
+    semaphore = asyncio.Semaphore(limit)
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(None)) as client:
+
+        async def limited(prompt: list[int]) -> RequestResult:
+            async with semaphore:
+                return await one_request(client, model, prompt, args)
+
+        started = time.perf_counter()
+        tasks = []
+        for prompt, gap in zip(prompts, arrival_gaps(args, rng), strict=True):
+            if gap:
+                await asyncio.sleep(gap)
+            tasks.append(asyncio.create_task(limited(prompt)))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - started
+
+
+# ----- server metrics ---------------------------------------------------------------------
+
+
+def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    text = client.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+def _total(samples: dict, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, lbl), v in samples.items() if n == name and wanted <= set(lbl))
+
+
+def mean_delta(before: dict, after: dict, name: str, **labels: str) -> float | None:
+    """Mean of a histogram over the run: delta sum / delta count."""
+    count = _total(after, f"{name}_count", **labels) - _total(before, f"{name}_count", **labels)
+    total = _total(after, f"{name}_sum", **labels) - _total(before, f"{name}_sum", **labels)
+    return total / count if count else None
+
+
+def server_view(before: dict, after: dict) -> dict[str, float | None]:
+    return {
+        "decode_step_s": mean_delta(before, after, "tova_step_duration_seconds",
+                                    phase="decode"),
+        "prefill_step_s": mean_delta(before, after, "tova_step_duration_seconds",
+                                     phase="prefill"),
+        "server_itl_s": mean_delta(before, after, "tova_inter_token_latency_seconds"),
+        "batch_size": mean_delta(before, after, "tova_batch_size"),
+    }
+
+
+# ----- report -----------------------------------------------------------------------------
+
+
+def stats_ms(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "median": float("nan"), "p99": float("nan")}
+    array = np.asarray(values) * 1000
+    return {"mean": float(array.mean()), "median": float(np.median(array)),
+            "p99": float(np.percentile(array, 99))}
+
+
+def summarize(results: list[RequestResult], duration: float, server: dict,
+              args: argparse.Namespace) -> dict:
+    ok = [r for r in results if r.ok]
+    output = sum(r.output_tokens for r in ok)
+    prompt = sum(r.prompt_tokens for r in ok)
+    tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = stats_ms([gap for r in ok for gap in r.itl_s])
+    summary = {
+        "config": {k: v for k, v in vars(args).items() if k != "api_key"},
+        "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration, "total_input_tokens": prompt, "total_output_tokens": output,
+        "request_throughput": len(ok) / duration, "output_throughput": output / duration,
+        "total_token_throughput": (prompt + output) / duration,
+        "ttft_ms": stats_ms([r.ttft_s for r in ok]), "tpot_ms": stats_ms(tpot), "itl_ms": itl,
+        "e2el_ms": stats_ms([r.latency_s for r in ok]),
+        "server": server,
+    }
+    summary["http_overhead"] = overhead(itl["mean"] / 1000, server)
+    return summary
+
+
+def overhead(client_itl_s: float, server: dict) -> dict[str, float | None]:
+    """What serving adds per token on top of the engine's step time.
+
+    The gate: (client ITL - decode step) / decode step. It over-states the overhead a little:
+    prefill steps that run between decodes lengthen client ITL too. The server's own ITL
+    (measured on the event loop as the engine hands each token over) isolates HTTP proper:
+    serialisation, SSE framing, the socket and the client's parsing."""
+    decode, server_itl = server["decode_step_s"], server["server_itl_s"]
+    if not decode or server_itl is None:
+        return {}
+    return {
+        "added_vs_decode_step_ms": (client_itl_s - decode) * 1000,
+        "added_vs_decode_step_ratio": (client_itl_s - decode) / decode,
+        "http_only_ms": (client_itl_s - server_itl) * 1000,
+        "http_only_ratio": (client_itl_s - server_itl) / decode,
+    }
+
+
+SECTION = object()  # a row that starts a section: (SECTION, title)
+
+
+def print_table(s: dict) -> None:
+    rows: list[tuple] = [
+        ("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
+        ("Benchmark duration (s)", s["duration_s"]),
+        ("Total input tokens", s["total_input_tokens"]),
+        ("Total generated tokens", s["total_output_tokens"]),
+        ("Request throughput (req/s)", s["request_throughput"]),
+        ("Output token throughput (tok/s)", s["output_throughput"]),
+        ("Total token throughput (tok/s)", s["total_token_throughput"]),
+    ]
+    for title, key, short in (("Time to First Token", "ttft_ms", "TTFT"),
+                              ("Time per Output Token (excl. 1st token)", "tpot_ms", "TPOT"),
+                              ("Inter-token Latency", "itl_ms", "ITL"),
+                              ("End-to-end Latency", "e2el_ms", "E2EL")):
+        rows.append((SECTION, title))
+        rows += [(f"{name} {short} (ms)", s[key][stat])
+                 for name, stat in (("Mean", "mean"), ("Median", "median"), ("P99", "p99"))]
+    server, extra = s["server"], s["http_overhead"]
+    rows.append((SECTION, "Engine steps (/metrics) and serving overhead"))
+    for label, value, scale in (
+        ("Mean decode step (ms)", server["decode_step_s"], 1000),
+        ("Mean prefill step (ms)", server["prefill_step_s"], 1000),
+        ("Mean batch size", server["batch_size"], 1),
+        ("Mean server-side ITL (ms)", server["server_itl_s"], 1000),
+        ("Mean ITL - mean decode step (ms)", extra.get("added_vs_decode_step_ms"), 1),
+        ("  as share of decode step (%)", extra.get("added_vs_decode_step_ratio"), 100),
+        ("HTTP only: ITL - server-side ITL (ms)", extra.get("http_only_ms"), 1),
+        ("  as share of decode step (%)", extra.get("http_only_ratio"), 100),
+    ):
+        rows.append((label, None if value is None else value * scale))
+    print(f"{' Serving Benchmark Result ':=^60}")
+    for label, value in rows:
+        if label is SECTION:
+            print(f"{' ' + value + ' ':-^60}")
+        elif isinstance(value, float):
+            print(f"{label:<44}{value:>16.2f}")
+        else:
+            print(f"{label:<44}{'n/a' if value is None else value:>16}")
+    print("=" * 60)
+
+
+# ----- main -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def launched(args: argparse.Namespace) -> Iterator[None]:
+    """Optionally start `python -m server` with --launch's flags and stop it afterwards."""
+    if args.launch is None:
+        yield
+        return
+    port = args.base_url.rsplit(":", 1)[-1].split("/")[0]
+    command = [sys.executable, "-m", "server", "--port", port, "--disable-access-log",
+               *shlex.split(args.launch)]
+    process = subprocess.Popen(command, cwd=REPO)
+    try:
+        wait_healthy(args.base_url, process)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_healthy(base_url: str, process: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"the launched server exited with {process.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    sys.exit("the launched server did not become healthy")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="default: the server's first model")
+    p.add_argument("--api-key", default=os.environ.get("TOVA_API_KEY"))
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second (Poisson); inf sends all at once")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of arrival gaps; 1 = Poisson, lower = burstier")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--dataset-path", default=None,
+                   help="text file to cut prompts from (default: random words)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-warmups", type=int, default=0,
+                   help="requests run (at --max-concurrency) and discarded before measuring")
+    p.add_argument("--result-file", default=None, help="write the results as JSON here")
+    p.add_argument("--launch", default=None, metavar="SERVER_FLAGS",
+                   help="start `python -m server SERVER_FLAGS` on --base-url's port first")
+    args = p.parse_args(argv)
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+        p.error("--num-prompts, --input-len and --output-len must be >= 1")
+    if args.num_warmups < 0:
+        p.error("--num-warmups must be >= 0")
+    if args.request_rate <= 0 or args.burstiness <= 0:
+        p.error("--request-rate and --burstiness must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.base_url = args.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    rng = random.Random(args.seed)
+    with launched(args), httpx.Client(base_url=args.base_url, headers=headers,
+                                      timeout=120) as client:
+        model = args.model or client.get("/v1/models").json()["data"][0]["id"]
+        tokens = token_stream(client, args, rng)
+        prompts = make_prompts(tokens, args, rng)
+        if args.num_warmups:
+            # First steps at each batch shape are slow (allocator growth, kernel selection).
+            warmup = argparse.Namespace(**{**vars(args), "num_prompts": args.num_warmups,
+                                           "request_rate": float("inf")})
+            asyncio.run(run_requests(args.base_url, headers, model,
+                                     make_prompts(tokens, warmup, rng), warmup, rng))
+        before = scrape(client)
+        results, duration = asyncio.run(
+            run_requests(args.base_url, headers, model, prompts, args, rng))
+        summary = summarize(results, duration, server_view(before, scrape(client)), args)
+    print_table(summary)
+    if args.result_file:
+        Path(args.result_file).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The app factory: one FastAPI app around one running AsyncEngine."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from server.admission import Admission
+from server.auth import APIKeyMiddleware
+from server.context import ServerContext
+from server.errors import install_error_handlers
+from server.http_metrics import HTTPMetricsMiddleware
+from server.metrics import ServerMetrics
+from server.routes import chat, completions, models, system, tokenize
+from server.settings import ServerSettings
+from tova_engine import AsyncEngine, __version__
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+    """The caller owns the engine (and shuts it down after the server stops)."""
+    settings = settings or ServerSettings()
+    llm = engine.engine
+    names = settings.served_model_names or (llm.model_name,)
+    metrics = _metrics(engine, names[0])
+    admission = Admission(lambda: llm.num_running, settings.max_queue_len,
+                          settings.retry_after_s)
+    metrics.bind_gauges(
+        running=lambda: llm.num_running, waiting=admission.waiting,
+        slots_used=lambda: llm.slots_used, slots_total=llm.config.max_num_seqs,
+        memory_bytes=llm.state.total_bytes(),
+    )
+    app = FastAPI(title="tova-server", version=__version__)
+    app.state.context = ServerContext(engine, settings, metrics, admission, names)
+    install_error_handlers(app)
+    routers = [module.router for module in (completions, chat, models, tokenize, system)]
+    for router in routers:
+        app.include_router(router)
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    # Added last, so outermost: it also counts the 401s the key check sends.
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics,
+                       routes=[route for router in routers for route in router.routes])
+    return app
+
+
+def _metrics(engine: AsyncEngine, model_name: str) -> ServerMetrics:
+    llm = engine.engine
+    config = llm.config
+    metrics = ServerMetrics(model_name, llm.max_model_len, config.max_num_seqs)
+    metrics.set_engine_info(
+        policy=config.policy, state_size=config.state_size, max_num_seqs=config.max_num_seqs,
+        dtype=str(llm.dtype).removeprefix("torch."), device=str(llm.device),
+    )
+    # The engine was built before the served name (a label value) was known, so the
+    # callback is attached now; the engine thread reads the attribute at every step.
+    llm.stats_callback = metrics.observe_step
+    return metrics

@@ -1,0 +1,141 @@
+"""`tova-serve`: load the engine, then serve the OpenAI-compatible API with uvicorn.
+
+Engine flags take their defaults from `EngineConfig`, so the CLI and the library agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+import uvicorn
+
+from server.app import create_app
+from server.settings import ServerSettings
+from tova_engine import AsyncEngine, EngineConfig, __version__
+from tova_engine.config import DTYPES, KERNELS, LOAD_FORMATS
+from tova_engine.policies import POLICIES
+
+logger = logging.getLogger("server")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine (defaults from tova_engine.EngineConfig)")
+    group.add_argument("--model", default=DEFAULTS["model"],
+                       help="Hugging Face folder, hub id, .gguf file or config .json (dummy); "
+                            "default: the embedded SmolLM2-135M-Instruct")
+    group.add_argument("--load-format", default=DEFAULTS["load_format"], choices=LOAD_FORMATS)
+    group.add_argument("--dtype", default=DEFAULTS["dtype"], choices=("auto", *DTYPES))
+    group.add_argument("--device", default=DEFAULTS["device"], help="auto, cpu, cuda, cuda:N")
+    group.add_argument("--state-size", type=int, default=DEFAULTS["state_size"],
+                       help="key/value entries per layer per sequence (%(default)s)")
+    group.add_argument("--policy", default=DEFAULTS["policy"], choices=tuple(POLICIES))
+    group.add_argument("--max-num-seqs", type=int, default=DEFAULTS["max_num_seqs"],
+                       help="state slots: choices that run at once (%(default)s)")
+    group.add_argument("--prefill-chunk-size", type=int, default=DEFAULTS["prefill_chunk_size"])
+    group.add_argument("--max-num-batched-tokens", type=int,
+                       default=DEFAULTS["max_num_batched_tokens"])
+    group.add_argument("--max-model-len", type=int, default=DEFAULTS["max_model_len"])
+    group.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    group.add_argument("--kernels", default=DEFAULTS["kernels"], choices=KERNELS,
+                       help="auto: fused Triton kernels on CUDA when available; torch: PyTorch")
+    group.add_argument("--enforce-eager", action="store_true", default=DEFAULTS["enforce_eager"],
+                       help="CUDA: run every step eagerly, no captured decode graphs")
+    group.add_argument("--cuda-graph-batch-sizes", type=int, nargs="+",
+                       default=DEFAULTS["cuda_graph_batch_sizes"],
+                       help="CUDA: decode batch sizes to capture (default: the engine's)")
+
+
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names clients may use in `model` (default: the model's name)")
+    group.add_argument("--api-key", default=os.environ.get("TOVA_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* (env TOVA_API_KEY)")
+    group.add_argument("--max-queue-len", type=int, default=None,
+                       help="requests allowed to wait for a slot before 429 (default: no limit)")
+    group.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    group.add_argument("--disable-access-log", action="store_true",
+                       help="no per-request uvicorn access log lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tova-serve",
+        description="OpenAI-compatible server with a fixed-size TOVA key/value state.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _engine_arguments(parser)
+    _server_arguments(parser)
+    return parser
+
+
+def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
+    """Raises ValueError (naming the setting) for invalid values."""
+    fields = {name: getattr(args, name) for name in DEFAULTS if hasattr(args, name)}
+    if fields.get("cuda_graph_batch_sizes") is not None:
+        fields["cuda_graph_batch_sizes"] = tuple(fields["cuda_graph_batch_sizes"])
+    engine = EngineConfig(**fields)
+    server = ServerSettings(
+        served_model_names=tuple(args.served_model_name or ()), api_key=args.api_key,
+        max_queue_len=args.max_queue_len,
+    )
+    return engine, server
+
+
+def log_resolved(engine: AsyncEngine, config: EngineConfig, settings: ServerSettings,
+                 args: argparse.Namespace) -> None:
+    llm = engine.engine
+    per_request = llm.state_bytes_per_sequence
+    total = llm.state.total_bytes()
+    resolved = {
+        **dataclasses.asdict(config),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "device": str(llm.device),
+        "max_model_len": llm.max_model_len,
+        "max_num_batched_tokens": config.batched_token_budget,
+        "served_model_names": list(settings.served_model_names or (llm.model_name,)),
+        "host": args.host, "port": args.port,
+        "api_key": "set" if settings.api_key else None,
+        "max_queue_len": settings.max_queue_len,
+    }
+    logger.info("resolved config: %s", json.dumps(resolved))
+    logger.info("state memory: %.2f MiB per request, %.2f MiB in total for %d slots",
+                per_request / 2**20, total / 2**20, config.max_num_seqs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, settings = configs(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        engine = AsyncEngine(config)
+    except (ValueError, OSError) as exc:  # a model that cannot be found or read
+        sys.exit(f"tova-serve: error: {exc}")
+    log_resolved(engine, config, settings, args)
+    try:
+        uvicorn.run(
+            create_app(engine, settings), host=args.host, port=args.port,
+            log_level=args.log_level, access_log=not args.disable_access_log,
+            # Open streams get this long to finish once shutdown starts; then they are cut.
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

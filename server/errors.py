@@ -1,0 +1,120 @@
+"""Every error leaves the server in OpenAI's shape: {"error": {message, type, param, code}}.
+
+FastAPI's own 422 validation responses and Starlette's plain-text 404/405 are replaced, and
+an unexpected exception becomes a 500 whose body carries no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.protocol.common import ErrorInfo, ErrorResponse
+from tova_engine import EngineDeadError, RequestFailedError
+
+logger = logging.getLogger("server")
+
+# OpenAI's error types by status; clients branch on the status, the type is for people.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+_LEADING_NAME = re.compile(r"^([a-z_]+)\b")
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> ErrorResponse:
+        kind = _TYPES.get(self.status, HTTPStatus(self.status).phrase.lower().replace(" ", "_"))
+        return ErrorResponse(error=ErrorInfo(
+            message=self.message, type=kind, param=self.param, code=self.code,
+        ))
+
+    def response(self) -> Response:
+        return Response(
+            self.body().to_json(), status_code=self.status, media_type="application/json",
+            headers=self.headers,
+        )
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+def from_value_error(exc: ValueError, params: dict[str, str]) -> APIError:
+    """The engine's and SamplingParams' messages start with the field they reject
+    ("temperature must be >= 0"); `params` maps such a name to the request's field."""
+    message = str(exc)
+    match = _LEADING_NAME.match(message)
+    name = match.group(1) if match else None
+    param = params.get(name) if name else None
+    if param is not None and param != name:
+        # Speak the client's language: "top_logprobs must be <= 20", not "logprobs ...".
+        rest = message[len(name):]
+        message = f"{param}: {message}" if name == "prompt" else param + rest
+    return bad_request(message, param)
+
+
+def from_engine_error(exc: Exception) -> APIError:
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, "the engine is not running; the server cannot serve requests",
+                        code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, f"the request failed in the engine: {exc}", code="engine_error")
+    logger.exception("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, "internal server error", code="internal_error")
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return bad_request("the request body is not valid JSON")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param)
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is not None and not message.startswith(loc[-1]):
+        message = f"{param}: {message}"
+    return bad_request(message, param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return _validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, str(exc.detail), code=code,
+                        headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        return from_engine_error(exc).response()

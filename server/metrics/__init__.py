@@ -1,0 +1,193 @@
+"""Prometheus metrics: names, types and where each is observed.
+
+Three sources feed them: the engine's per-step `StepStats` (on the engine thread: token
+counters, step times, batch sizes, evictions), the server's view of each request as its
+outputs arrive (latencies, per-request token counts, how it finished) and, at scrape time,
+the engine's counters (running, waiting, slots). Every series carries `model_name`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from server.metrics import buckets
+from server.metrics.bulk_histogram import BulkHistogram
+from tova_engine import StepStats
+
+logger = logging.getLogger("server")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class ServerMetrics:
+    """One registry per app, so several apps (tests) can live in one process."""
+
+    def __init__(self, model_name: str, max_model_len: int, max_num_seqs: int) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self._step_error_logged = False
+        self._model = {"model_name": model_name}
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        self._define_gauges()
+        self._define_counters()
+        self._define_request_histograms(max_model_len)
+        self._define_step_histograms(max_num_seqs, max_model_len)
+        self._define_http()
+
+    # ----- definitions --------------------------------------------------------------------
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, ["model_name"], registry=self.registry)
+
+    def _define_gauges(self) -> None:
+        self.requests_running = self._gauge(
+            "tova_requests_running", "Requests holding slots (prefilling or decoding).")
+        self.requests_waiting = self._gauge(
+            "tova_requests_waiting", "Requests submitted and waiting for a slot.")
+        self.slots_used = self._gauge(
+            "tova_state_slots_used", "State slots in use (one per running choice).")
+        self.slots_total = self._gauge(
+            "tova_state_slots_total", "State slots allocated at start-up (max_num_seqs).")
+        self.memory_bytes = self._gauge(
+            "tova_state_memory_bytes", "Bytes of the state buffers, allocated once at start-up.")
+        self.engine_info = Gauge(
+            "tova_engine_info", "Constant 1; the labels describe the engine's configuration.",
+            ["model_name", "policy", "state_size", "max_num_seqs", "dtype", "device"],
+            registry=self.registry)
+
+    def _define_counters(self) -> None:
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, ["model_name", *labels], registry=self.registry)
+
+        self.prompt_tokens = counter(
+            "tova_prompt_tokens", "Prompt tokens run through the model (prefill)."
+        ).labels(self.model_name)
+        self.generation_tokens = counter(
+            "tova_generation_tokens", "Tokens sampled (every choice counts)."
+        ).labels(self.model_name)
+        self.requests = counter(
+            "tova_requests",
+            "Finished choices by finish reason (a request with n choices counts n).",
+            ("finished_reason",))
+        self.evicted_tokens = counter(
+            "tova_evicted_tokens", "State entries evicted (one per layer per token dropped)."
+        ).labels(self.model_name)
+        for reason in FINISH_REASONS:  # so every series exists from the start
+            self.requests.labels(self.model_name, reason)
+
+    def _histogram(self, name: str, doc: str, bucket_list, labels: tuple[str, ...] = ()):
+        return Histogram(name, doc, ["model_name", *labels], buckets=bucket_list,
+                         registry=self.registry)
+
+    def _define_request_histograms(self, max_model_len: int) -> None:
+        tokens = buckets.one_two_five(max_model_len)
+        self.ttft = self._histogram(
+            "tova_time_to_first_token_seconds", "Arrival to first sampled token.",
+            buckets.TIME_TO_FIRST_TOKEN).labels(self.model_name)
+        self.itl = self._histogram(
+            "tova_inter_token_latency_seconds",
+            "Time between consecutive tokens of a choice, as the server receives them.",
+            buckets.INTER_TOKEN).labels(self.model_name)
+        self.e2e = self._histogram(
+            "tova_e2e_request_latency_seconds", "Arrival to the last token of the request.",
+            buckets.REQUEST_LATENCY).labels(self.model_name)
+        self.queue_time = self._histogram(
+            "tova_request_queue_time_seconds", "Arrival to taking a slot.",
+            buckets.REQUEST_LATENCY).labels(self.model_name)
+        self.request_prompt_tokens = self._histogram(
+            "tova_request_prompt_tokens", "Prompt length of each finished request.",
+            tokens).labels(self.model_name)
+        self.request_generation_tokens = self._histogram(
+            "tova_request_generation_tokens",
+            "Tokens generated by each finished request (all choices).",
+            tokens).labels(self.model_name)
+
+    def _define_step_histograms(self, max_num_seqs: int, max_model_len: int) -> None:
+        self.step_duration = self._histogram(
+            "tova_step_duration_seconds",
+            "Engine step time; phase is prefill if the step ran any prompt tokens.",
+            buckets.STEP_DURATION, ("phase",))
+        self._step_by_phase = {
+            phase: self.step_duration.labels(self.model_name, phase)
+            for phase in ("prefill", "decode")
+        }
+        self.batch_size = self._histogram(
+            "tova_batch_size", "Sequences run per engine step.",
+            buckets.powers_of_two(max_num_seqs)).labels(self.model_name)
+        self.evicted_age = BulkHistogram(
+            "tova_evicted_token_age_tokens",
+            "How many tokens back each evicted state entry was: what the bounded state forgets.",
+            buckets.one_two_five(max_model_len), self._model, self.registry)
+
+    def _define_http(self) -> None:
+        self.http_requests = Counter(
+            "tova_http_requests", "HTTP requests by route and status.",
+            ["model_name", "method", "route", "status"], registry=self.registry)
+        self.http_latency = Histogram(
+            "tova_http_request_duration_seconds",
+            "HTTP request time, to the last byte of the response (streams included).",
+            ["model_name", "method", "route"], buckets=buckets.HTTP_LATENCY,
+            registry=self.registry)
+
+    # ----- sources ------------------------------------------------------------------------
+
+    def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float],
+                    slots_used: Callable[[], float], slots_total: int, memory_bytes: int) -> None:
+        """Live values are read when Prometheus scrapes, not pushed on every step."""
+        self.requests_running.labels(self.model_name).set_function(running)
+        self.requests_waiting.labels(self.model_name).set_function(waiting)
+        self.slots_used.labels(self.model_name).set_function(slots_used)
+        self.slots_total.labels(self.model_name).set(slots_total)
+        self.memory_bytes.labels(self.model_name).set(memory_bytes)
+
+    def set_engine_info(self, **labels: object) -> None:
+        values = {k: str(v) for k, v in labels.items()}
+        self.engine_info.labels(model_name=self.model_name, **values).set(1)
+
+    def observe_step(self, stats: StepStats) -> None:
+        """The engine's stats callback: runs on the engine thread after every step, so it
+        must stay cheap (prometheus_client is thread-safe) and must never raise: an
+        exception here would stop the engine loop."""
+        try:
+            self._observe_step(stats)
+        except Exception:
+            if not self._step_error_logged:
+                self._step_error_logged = True
+                logger.exception("metrics: could not record an engine step (logged once)")
+
+    def _observe_step(self, stats: StepStats) -> None:
+        step = self._step_by_phase.get(stats.phase)
+        if step is None:
+            step = self.step_duration.labels(self.model_name, stats.phase)
+        step.observe(stats.duration_s)
+        self.batch_size.observe(stats.batch_size)
+        if stats.prompt_tokens:
+            self.prompt_tokens.inc(stats.prompt_tokens)
+        if stats.generation_tokens:
+            self.generation_tokens.inc(stats.generation_tokens)
+        if stats.evicted_ages:
+            self.evicted_tokens.inc(len(stats.evicted_ages))
+            self.evicted_age.observe_many(stats.evicted_ages)
+
+    def count_finished(self, reason: str, choices: int = 1) -> None:
+        self.requests.labels(self.model_name, reason).inc(choices)
+
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(self.model_name, method, route, str(status)).inc()
+        self.http_latency.labels(self.model_name, method, route).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

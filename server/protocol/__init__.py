@@ -1,0 +1,1 @@
+"""The OpenAI-compatible wire format: pydantic models for requests and responses."""

@@ -1,0 +1,140 @@
+"""POST /v1/chat/completions: request and response shapes (OpenAI + vLLM's extras)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from server.protocol.common import ResponseModel, SamplingFields, StrictModel, Usage
+
+
+def _content_text(value: Any) -> str | None:
+    """A message's content as one string: text parts are joined with newlines (as vLLM)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError("content must be a string or a list of content parts")
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(
+                f"only text content parts are supported (type 'text' with a 'text' string); "
+                f"got {kind!r}"
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class ChatMessage(StrictModel):
+    # "developer" is OpenAI's newer name for "system"; tool messages need tool support.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> str | None:
+        return _content_text(value)
+
+    def for_template(self) -> dict[str, str]:
+        message = {"role": "system" if self.role == "developer" else self.role,
+                   "content": self.content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ResponseFormat(StrictModel):
+    type: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    # vLLM's chat extras.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Declared so that they are refused by name unless neutral (see `server.sampling`).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    # Only meaningful with tools; accepted so that clients that always send it work.
+    parallel_tool_calls: bool | None = None
+
+
+class ChatLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatLogprob):
+    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(ResponseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatMessageOut(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatChoice(ResponseModel):
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"state_positions"})
+
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    state_positions: list[list[int]] | None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(ResponseModel):
+    # The first chunk of a choice carries the role, later ones only content.
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(ResponseModel):
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"stop_reason", "state_positions"})
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    state_positions: list[list[int]] | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"usage"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None

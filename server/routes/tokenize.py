@@ -1,0 +1,54 @@
+"""POST /tokenize and /detokenize (vLLM's): the server's tokenizer and chat template."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from server.context import ServerContext, get_context
+from server.errors import bad_request
+from server.protocol.fields import is_token_id
+from server.protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.serving.prompts import chat_prompt_ids
+from server.serving.respond import json_response
+
+router = APIRouter()
+
+
+def _tokenizer(ctx: ServerContext, param: str):
+    if ctx.tokenizer is None:
+        raise bad_request("this model was loaded without a tokenizer", param)
+    return ctx.tokenizer
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+    ctx = get_context(request)
+    ctx.resolve_model(body.model)
+    if body.messages is not None:
+        tokens = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt,
+                                 body.continue_final_message, body.chat_template_kwargs)
+    else:
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        tokens = _tokenizer(ctx, "prompt").encode(body.prompt, add_special_tokens=add_special)
+    response = TokenizeResponse(count=len(tokens), max_model_len=ctx.max_model_len,
+                                tokens=tokens)
+    if body.return_token_strs:
+        response.token_strs = ctx.tokenizer.convert_ids_to_tokens(tokens)
+    return json_response(response)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+    ctx = get_context(request)
+    ctx.resolve_model(body.model)
+    tokenizer = _tokenizer(ctx, "tokens")
+    vocab = ctx.vocab_size
+    if not all(is_token_id(t) and t < vocab for t in body.tokens):
+        raise bad_request(f"tokens must be token ids in [0, {vocab})", "tokens")
+    return json_response(DetokenizeResponse(prompt=tokenizer.decode(body.tokens)))

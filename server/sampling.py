@@ -1,0 +1,104 @@
+"""Request fields -> `SamplingParams`, refusing what this server cannot honour."""
+
+from __future__ import annotations
+
+from server.errors import bad_request, from_value_error
+from server.logit_bias import LogitBias
+from server.protocol.chat import ChatCompletionRequest
+from server.protocol.common import SamplingFields
+from server.protocol.completion import CompletionRequest
+from tova_engine import SamplingParams
+
+# Fields copied as they are when the client set them (None keeps the engine's default).
+_DIRECT = (
+    "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+    "repetition_penalty", "ignore_eos", "min_tokens", "stop", "stop_token_ids",
+    "skip_special_tokens", "spaces_between_special_tokens", "state_size", "return_state",
+)
+# Errors from SamplingParams and the engine start with their own field name; these are the
+# ones whose request field is named differently or that concern the prompt.
+COMPLETION_NAMES = {"prompt_logprobs": "logprobs"}
+CHAT_NAMES = {"logprobs": "top_logprobs", "prompt": "messages"}
+
+
+def check_completion(body: CompletionRequest) -> None:
+    if body.suffix is not None:
+        raise bad_request("suffix is not supported by this server", "suffix")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise bad_request(
+            f"best_of must equal n ({body.n or 1}): choosing the best of several samples "
+            "is not supported", "best_of")
+    _check_stream_options(body)
+
+
+def check_chat(body: ChatCompletionRequest) -> None:
+    if body.tools:
+        raise bad_request("tools are not supported by this server", "tools")
+    if body.functions:
+        raise bad_request("functions are not supported by this server", "functions")
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name) not in (None, "none"):
+            raise bad_request(f"{name} is not supported by this server", name)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise bad_request(
+            f"response_format type {body.response_format.type!r} is not supported; only "
+            "'text'", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    _check_stream_options(body)
+
+
+def _check_stream_options(body: SamplingFields) -> None:
+    if body.stream_options is not None and not body.streaming:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+
+def completion_params(body: CompletionRequest, vocab_size: int) -> SamplingParams:
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    return _build(body, vocab_size, COMPLETION_NAMES, max_tokens=body.max_tokens,
+                  logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def chat_names(body: ChatCompletionRequest) -> dict[str, str]:
+    names = dict(CHAT_NAMES)
+    if body.max_completion_tokens is not None:
+        names["max_tokens"] = "max_completion_tokens"
+    return names
+
+
+def chat_params(body: ChatCompletionRequest, vocab_size: int) -> SamplingParams:
+    # max_completion_tokens replaced max_tokens in OpenAI's API; either may come.
+    max_tokens = body.max_tokens
+    if body.max_completion_tokens is not None:
+        max_tokens = body.max_completion_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _build(body, vocab_size, chat_names(body), max_tokens=max_tokens, logprobs=logprobs)
+
+
+def _build(body: SamplingFields, vocab_size: int, names: dict[str, str],
+           **fields: object) -> SamplingParams:
+    """`names` maps SamplingParams fields to this request's, for errors."""
+    kwargs = {name: getattr(body, name) for name in _DIRECT if getattr(body, name) is not None}
+    kwargs.update(fields, n=body.n if body.n is not None else 1, output_kind="delta")
+    if body.logit_bias:
+        kwargs["logits_processors"] = [LogitBias(_checked_bias(body.logit_bias, vocab_size))]
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise from_value_error(exc, error_names(names)) from None
+
+
+def error_names(overrides: dict[str, str]) -> dict[str, str]:
+    """Engine/SamplingParams field name -> request field name, for an error's `param`."""
+    names = {name: name for name in (*_DIRECT, "n", "max_tokens", "logprobs", "prompt")}
+    names.update(overrides)
+    return names
+
+
+def _checked_bias(bias: dict[int, float], vocab_size: int) -> dict[int, float]:
+    for token in bias:
+        if token >= vocab_size:
+            raise bad_request(
+                f"logit_bias token ids must be below the vocabulary size ({vocab_size}); "
+                f"got {token}", "logit_bias")
+    return bias

@@ -1,0 +1,1 @@
+"""Turning requests into engine work and engine outputs into OpenAI responses."""

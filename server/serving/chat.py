@@ -1,0 +1,127 @@
+"""/v1/chat/completions: engine delta outputs -> stream chunks or one response.
+
+A stream sends, per choice, a first chunk with the role, then content deltas, then a chunk
+with an empty delta and the finish reason (as OpenAI's API does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from server.generation import GenerationRun
+from server.logprobs import TokenNames, chat_logprobs
+from server.protocol.chat import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    ChatStreamChoice,
+)
+from server.protocol.common import Usage
+from server.streaming import sse
+from tova_engine import CompletionOutput
+
+
+class ChatChoiceState:
+    def __init__(self, index: int, top_logprobs: int | None,
+                 names: TokenNames) -> None:
+        self.index = index
+        self._top = top_logprobs  # None: no logprobs asked for
+        self._names = names
+        self._parts: list[str] = []
+        self._logprobs: list = []
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.state_positions: list[list[int]] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def update(self, out: CompletionOutput) -> list[ChatStreamChoice]:
+        """The chunks' choices for this delta: content (if any), then the finish (if now)."""
+        if self.done:
+            return []
+        logprobs = None
+        if self._top is not None and out.token_ids:
+            entries = chat_logprobs(out.token_ids, out.logprobs or [], self._top, self._names)
+            self._logprobs.extend(entries)
+            logprobs = ChatChoiceLogprobs(content=entries)
+        self._parts.append(out.text)
+        self.num_tokens += len(out.token_ids)
+        choices = []
+        if out.text or out.token_ids:
+            choices.append(ChatStreamChoice(index=self.index, delta=ChatDelta(content=out.text),
+                                            logprobs=logprobs))
+        if out.finish_reason is not None:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            self.state_positions = out.state_positions
+            choices.append(self._finish_choice())
+        return choices
+
+    def _finish_choice(self) -> ChatStreamChoice:
+        choice = ChatStreamChoice(index=self.index, delta=ChatDelta(),
+                                  finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        if self.state_positions is not None:
+            choice.state_positions = self.state_positions
+        return choice
+
+    def result(self) -> ChatChoice:
+        logprobs = ChatChoiceLogprobs(content=self._logprobs) if self._top is not None else None
+        choice = ChatChoice(
+            index=self.index, message=ChatMessageOut(content="".join(self._parts)),
+            logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+        )
+        if self.state_positions is not None:
+            choice.state_positions = self.state_positions
+        return choice
+
+
+class ChatSession:
+    def __init__(self, request_id: str, model: str, body: ChatCompletionRequest,
+                 prompt_tokens: int, names: TokenNames) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = body.include_usage
+        self.prompt_tokens = prompt_tokens
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        self.choices = [ChatChoiceState(i, top, names) for i in range(body.n or 1)]
+
+    def _usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices))
+
+    async def collect(self, run: GenerationRun) -> ChatCompletionResponse:
+        async for _, output in run:
+            for out in output.outputs:
+                self.choices[out.index].update(out)
+        return ChatCompletionResponse(
+            id=self.request_id, created=self.created, model=self.model,
+            choices=[c.result() for c in self.choices], usage=self._usage(),
+        )
+
+    async def stream(self, run: GenerationRun) -> AsyncIterator[str]:
+        # The role goes out at once: the client sees the stream open before the first token.
+        for choice in self.choices:
+            yield sse(self._chunk([ChatStreamChoice(
+                index=choice.index, delta=ChatDelta(role="assistant", content=""))]))
+        async for _, output in run:
+            for out in output.outputs:
+                for choice in self.choices[out.index].update(out):
+                    yield sse(self._chunk([choice]))
+        if self.include_usage:
+            final = self._chunk([])
+            final.usage = self._usage()
+            yield sse(final)
+
+    def _chunk(self, choices: list[ChatStreamChoice]) -> ChatCompletionChunk:
+        chunk = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
+                                    choices=choices)
+        if self.include_usage:
+            chunk.usage = None  # present as null on every chunk but the last (OpenAI)
+        return chunk

@@ -1,0 +1,42 @@
+"""One way out for generation endpoints: an event stream, or a JSON body once done."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.cancellation import unless_disconnected
+from server.errors import APIError, bad_request, from_engine_error
+from server.generation import GenerationRun
+from server.protocol.common import ResponseModel
+from server.streaming import EventStreamResponse
+
+
+class Session(Protocol):
+    def collect(self, run: GenerationRun) -> Awaitable[ResponseModel]: ...
+
+    def stream(self, run: GenerationRun) -> AsyncIterator[str]: ...
+
+
+def json_response(body: ResponseModel, status: int = 200) -> Response:
+    return Response(body.to_json(), status_code=status, media_type="application/json")
+
+
+async def respond(request: Request, streaming: bool, session: Session,
+                  run: GenerationRun) -> Response:
+    if streaming:
+        return EventStreamResponse(session.stream(run), on_close=run.close)
+    try:
+        result = await unless_disconnected(request, session.collect(run))
+    except APIError:
+        raise
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    except Exception as exc:
+        raise from_engine_error(exc) from None
+    finally:
+        await run.close()
+    return result if isinstance(result, Response) else json_response(result)

@@ -1,0 +1,58 @@
+"""benchmarks/serve.py against the live server: exact token counts, a complete summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.server_utils import API_KEY, REPO
+
+pytest_plugins = ("tests.server_fixtures",)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "benchmarks" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_benchmark_at_fixed_concurrency(bench, smol_server, tmp_path, capsys):
+    result_file = tmp_path / "result.json"
+    summary = bench.main([
+        "--base-url", smol_server.url, "--api-key", API_KEY, "--num-prompts", "6",
+        "--max-concurrency", "3", "--input-len", "16", "--output-len", "4",
+        "--result-file", str(result_file),
+    ])
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert summary["total_input_tokens"] == 6 * 16
+    assert summary["total_output_tokens"] == 6 * 4
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        assert set(summary[key]) == {"mean", "median", "p99"}
+        assert 0 < summary[key]["mean"] <= summary["e2el_ms"]["p99"]
+    assert summary["server"]["decode_step_s"] > 0
+    assert set(summary["http_overhead"]) == {
+        "added_vs_decode_step_ms", "added_vs_decode_step_ratio", "http_only_ms",
+        "http_only_ratio"}
+    assert json.loads(result_file.read_text())["completed"] == 6
+    table = capsys.readouterr().out
+    assert "Mean TTFT (ms)" in table and "P99 ITL (ms)" in table
+
+
+def test_benchmark_with_text_prompts_and_request_rate(bench, smol_server, tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession "
+                    "of a good fortune, must be in want of a wife. " * 4)
+    summary = bench.main([
+        "--base-url", smol_server.url, "--api-key", API_KEY, "--num-prompts", "4",
+        "--request-rate", "20", "--input-len", "24", "--output-len", "3",
+        "--dataset-path", str(text), "--seed", "1",
+    ])
+    assert summary["completed"] == 4
+    assert summary["total_input_tokens"] == 4 * 24 and summary["total_output_tokens"] == 12

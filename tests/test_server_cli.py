@@ -1,0 +1,75 @@
+"""`tova-serve`'s flags: defaults from EngineConfig, validation, environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from server.cli import build_parser, configs, main
+from tests.server_utils import REPO
+from tova_engine import EngineConfig
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def test_engine_defaults_come_from_engine_config():
+    """Every EngineConfig field has a flag (a new field fails here until it gets one)."""
+    args = parse()
+    for field in dataclasses.fields(EngineConfig):
+        assert getattr(args, field.name) == field.default, field.name
+    engine, server = configs(args)
+    assert engine == EngineConfig()
+    assert args.host == "127.0.0.1" and args.port == 8000
+    assert server.max_queue_len is None and server.served_model_names == ()
+
+
+def test_flags_reach_both_configs():
+    engine, server = configs(parse(
+        "--model", "m.gguf", "--state-size", "64", "--policy", "h2o", "--max-num-seqs", "3",
+        "--prefill-chunk-size", "32", "--dtype", "float32", "--device", "cpu",
+        "--load-format", "gguf", "--max-model-len", "1024", "--max-queue-len", "5",
+        "--served-model-name", "a", "b", "--api-key", "k", "--kernels", "torch",
+        "--enforce-eager", "--cuda-graph-batch-sizes", "1", "2",
+    ))
+    assert (engine.model, engine.state_size, engine.policy, engine.max_num_seqs) == (
+        "m.gguf", 64, "h2o", 3)
+    assert (engine.prefill_chunk_size, engine.dtype, engine.load_format) == (32, "float32", "gguf")
+    assert engine.max_model_len == 1024
+    assert (engine.kernels, engine.enforce_eager, engine.cuda_graph_batch_sizes) == (
+        "torch", True, (1, 2))
+    assert server.served_model_names == ("a", "b") and server.api_key == "k"
+    assert server.max_queue_len == 5
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("TOVA_API_KEY", "from-env")
+    assert configs(parse())[1].api_key == "from-env"
+    assert configs(parse("--api-key", "flag"))[1].api_key == "flag"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--state-size", "0"], "state_size"),
+    (["--max-queue-len", "0"], "max_queue_len"),
+    (["--policy", "lru"], "--policy"),
+    (["--dtype", "int8"], "--dtype"),
+])
+def test_invalid_flags_exit_with_the_setting_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unloadable_model_exits_cleanly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--model", str(tmp_path / "missing.gguf"),
+         "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "tova-serve: error:" in result.stderr and "Traceback" not in result.stderr
