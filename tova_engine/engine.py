@@ -15,11 +15,11 @@ from tova_engine.cuda_graphs import DecodeGraphs
 from tova_engine.detokenizer import IncrementalDetokenizer
 from tova_engine.fused_attention import fused_policy_supported
 from tova_engine.loader import load_source
-from tova_engine.logprobs import TokenLogprobs
+from tova_engine.logprobs import LogprobBuilder
 from tova_engine.model.llama import LlamaModel
-from tova_engine.outputs import Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from tova_engine.outputs import RequestMetrics, RequestOutput
 from tova_engine.policies import make_policy
-from tova_engine.request import Request, Sequence
+from tova_engine.request import Request, Sequence, request_output
 from tova_engine.runner import ModelRunner, SampledTokens, requests_of
 from tova_engine.sampler import Sampler, make_generator
 from tova_engine.sampling_params import SamplingParams
@@ -53,6 +53,7 @@ class LLMEngine:
         self.model_config = source.config
         self.model_name = source.name
         self.tokenizer = source.tokenizer
+        self.logprob_builder = LogprobBuilder(self.tokenizer)
         self.max_model_len = self._resolve_max_model_len()
         self.policy = make_policy(config.policy)
         # The fused kernels implement the built-in policies; a custom one runs in PyTorch.
@@ -275,7 +276,7 @@ class LLMEngine:
         for seq in request.live_sequences():
             seq.finish_reason = "abort"
         self._release_finished(request)
-        return self._output(request)
+        return request_output(request)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -297,7 +298,7 @@ class LLMEngine:
             return self._fail_step(scheduled, exc)
         touched = self._apply_prompt_progress(scheduled, result.prompt_logprobs)
         touched += [r for r in self._apply_samples(result.sampled) if r not in touched]
-        outputs = [self._output(r) for r in touched if self._should_emit(r)]
+        outputs = [request_output(r) for r in touched if self._should_emit(r)]
         self._report(scheduled, result, outputs, started)
         return outputs
 
@@ -308,7 +309,9 @@ class LLMEngine:
             request.num_computed += chunk.length
             if request.request_id in prompt_logprobs:
                 request.prompt_logprobs.extend(
-                    self._prompt_positions(prompt_logprobs[request.request_id], request)
+                    self.logprob_builder.prompt_positions(
+                        request.prompt_token_ids, *prompt_logprobs[request.request_id]
+                    )
                 )
             if not request.prefilling and request.max_tokens == 0:
                 for seq in request.sequences:
@@ -343,7 +346,7 @@ class LLMEngine:
         if seq.logprobs is not None:
             top = seq.request.params.logprobs
             seq.logprobs.append(
-                self._position(
+                self.logprob_builder.position(
                     token,
                     sampled.logprobs[row],
                     sampled.ranks[row],
@@ -391,54 +394,13 @@ class LLMEngine:
             for seq in request.live_sequences():
                 seq.finish_reason = "error"
             self._release_finished(request)
-            outputs.append(self._output(request))
+            outputs.append(request_output(request))
         return outputs
 
     # ----- outputs ------------------------------------------------------------------------
 
-    def _prompt_positions(self, computed: tuple[int, TokenLogprobs], request: Request):
-        first, values = computed
-        targets = request.prompt_token_ids[first : first + len(values.logprobs)]
-        return [
-            self._position(
-                token,
-                values.logprobs[i],
-                values.ranks[i],
-                values.top_ids[i],
-                values.top_logprobs[i],
-            )
-            for i, token in enumerate(targets)
-        ]
-
-    def _position(
-        self, token: int, logprob: float, rank: int, top_ids: list[int], top_logprobs: list[float]
-    ) -> PositionLogprobs:
-        """{token id: Logprob}: the chosen token first, then the top alternatives."""
-        entry: PositionLogprobs = {token: Logprob(logprob, rank, self._decode_one(token))}
-        for alt_rank, (tid, lp) in enumerate(zip(top_ids, top_logprobs, strict=True), start=1):
-            if tid not in entry:
-                entry[tid] = Logprob(lp, alt_rank, self._decode_one(tid))
-        return entry
-
-    def _decode_one(self, token_id: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
-
     def _should_emit(self, request: Request) -> bool:
         return request.params.output_kind != "final" or request.finished
-
-    def _output(self, request: Request) -> RequestOutput:
-        delta = request.params.output_kind == "delta"
-        finished = request.finished
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=request.prompt_logprobs,
-            outputs=[seq.to_output(delta, seq.finished) for seq in request.sequences],
-            finished=finished,
-            metrics=request.metrics,
-            error=request.error,
-        )
 
     def _report(self, scheduled, result, outputs: list[RequestOutput], started: float) -> None:
         if self.stats_callback is None:

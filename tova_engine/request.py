@@ -10,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tova_engine.outputs import CompletionOutput, PositionLogprobs, RequestMetrics
+from tova_engine.outputs import (
+    CompletionOutput,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from tova_engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -98,3 +103,18 @@ class Request:
 
     def live_sequences(self) -> list[Sequence]:
         return [seq for seq in self.sequences if not seq.finished]
+
+
+def request_output(request: Request) -> RequestOutput:
+    """What the caller receives for a request now (cumulative or delta, as it asked)."""
+    delta = request.params.output_kind == "delta"
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt=request.prompt,
+        prompt_token_ids=request.prompt_token_ids,
+        prompt_logprobs=request.prompt_logprobs,
+        outputs=[seq.to_output(delta, seq.finished) for seq in request.sequences],
+        finished=request.finished,
+        metrics=request.metrics,
+        error=request.error,
+    )
