@@ -684,6 +684,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _name_kept_tokens(report, tokenizer)
     seconds = time.perf_counter() - started
     report["settings"] = _settings(args, argv, source.name, window, len(ids), parts, seconds)
+    # Reused jobs keep their own timings: this is the compute behind the numbers.
+    report["settings"]["jobs_s"] = sum(r["load_s"] + r["run_s"] for r in results.values())
     write_outputs(report, args.out_dir, plots=not args.no_plots)
     return report
 

@@ -41,7 +41,8 @@ def _settings_md(report: dict[str, Any]) -> str:
         f"`{s['command']}`\n\n"
         f"Model {s['model']}, {s['dtype']}, on {', '.join(s['devices'])}, torch {s['torch']}; "
         f"text {Path(s['text']).name} ({s['text_tokens']} tokens), {s['windows']} window(s) of "
-        f"{s['window']} tokens; took {s['wall_s'] / 60:.1f} min."
+        f"{s['window']} tokens. Jobs took {s['jobs_s'] / 60:.1f} min (model loads included); "
+        f"this invocation {s['wall_s'] / 60:.1f} min."
     )
 
 
