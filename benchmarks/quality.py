@@ -1,7 +1,7 @@
 """Quality against state size: perplexity, the chunked-prefill trade-off and passkey retrieval
 for every eviction policy, measured through the engine itself (prompt_logprobs, generate).
 
-    python -m benchmarks.quality --device cuda --dtype float32          # GPU: 8192-token windows
+    python -m benchmarks.quality --device cuda cuda cuda cuda cuda      # GPU: 8192-token windows
     python -m benchmarks.quality --window 1024 --state-sizes 64 128 256 512 \\
         --chunk-state-sizes 64 128 --passkey-lengths 1024 --passkey-trials 2     # CPU
 
@@ -629,6 +629,8 @@ def _validate(args: argparse.Namespace, window: int, positions: int) -> None:
         for value in values:
             if not 1 <= value <= positions:
                 raise ValueError(f"{flag} {value}: must be in [1, {positions}] (model positions)")
+    if any(c != "window" and c < 1 for c in args.chunk_sizes):
+        raise ValueError("--chunk-sizes must be >= 1 (or 'window')")
     if args.windows < 1 or args.passkey_trials < 1 or args.passkey_max_tokens < 1:
         raise ValueError("--windows, --passkey-trials and --passkey-max-tokens must be >= 1")
     if not all(0 <= d <= 1 for d in args.passkey_depths):
