@@ -79,14 +79,14 @@ def test_concurrent_streams_complete_and_metrics_count_exactly(smol_server):
     assert moved("tova_batch_size_count") == moved("tova_step_duration_seconds_count")
     assert after.value("tova_batch_size_bucket", le="8.0") == after.value(
         "tova_batch_size_count")
-    assert after.value("tova_state_slots_total") == 8
+    assert after.value("tova_state_slots_capacity") == 8
 
 
 def test_metrics_families_and_labels(smol_server):
     metrics = scrape(smol_server.url)
     expected = {
         "tova_requests_running": "gauge", "tova_requests_waiting": "gauge",
-        "tova_state_slots_used": "gauge", "tova_state_slots_total": "gauge",
+        "tova_state_slots_used": "gauge", "tova_state_slots_capacity": "gauge",
         "tova_state_memory_bytes": "gauge", "tova_engine_info": "gauge",
         "tova_prompt_tokens": "counter", "tova_generation_tokens": "counter",
         "tova_requests": "counter", "tova_evicted_tokens": "counter",

@@ -60,7 +60,7 @@ class ServerMetrics:
         self.slots_used = self._gauge(
             "tova_state_slots_used", "State slots in use (one per running choice).")
         self.slots_total = self._gauge(
-            "tova_state_slots_total", "State slots allocated at start-up (max_num_seqs).")
+            "tova_state_slots_capacity", "State slots allocated at start-up (max_num_seqs).")
         self.memory_bytes = self._gauge(
             "tova_state_memory_bytes", "Bytes of the state buffers, allocated once at start-up.")
         self.engine_info = Gauge(
