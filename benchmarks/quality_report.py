@@ -213,7 +213,7 @@ def _passkey_md(report: dict[str, Any]) -> str:
         f"each; greedy, {s['max_tokens']} tokens."
     )
     text = head + "\n\n" + table(["policy", *[f"S={size}" for size in sizes]], body)
-    return text + _full_passkey_md(summary)
+    return text + _full_passkey_md(summary) + _retained_passkey_md(summary, sizes)
 
 
 def _full_passkey_md(summary: dict[str, Any]) -> str:
@@ -225,6 +225,20 @@ def _full_passkey_md(summary: dict[str, Any]) -> str:
     body = [[length, *[_pct(cells.get((length, d))) for d in depths]] for length in lengths]
     headers = ["full context: length", *[f"depth {d:.0%}" for d in depths]]
     return "\n\n" + table(headers, body)
+
+
+def _retained_passkey_md(summary: dict[str, Any], sizes: list[int]) -> str:
+    retained = {(r["policy"], r["state_size"]): r for r in summary.get("retained", [])}
+    if not retained:
+        return ""
+    found = next(iter(retained.values()))["n"]
+    body = [
+        [policy, *[_pct(retained.get((policy, s))) for s in sizes]]
+        for policy in EVICTING
+        if any(p == policy for p, _s in retained)
+    ]
+    head = f"Of the {found} keys the full context finds, the share each state still finds:"
+    return "\n\n" + head + "\n\n" + table(["policy", *[f"S={s}" for s in sizes]], body)
 
 
 def _pct(row: dict[str, Any] | None) -> str:

@@ -229,3 +229,27 @@ def test_rejects_bad_arguments(tiny_llama, tmp_path):
         quality.main(
             ["--model", str(tiny_llama), "--token-ids", str(ids_file), "--state-sizes", "4096"]
         )
+
+
+def test_passkey_retained_counts_only_keys_the_full_context_finds():
+    from types import SimpleNamespace
+
+    from benchmarks.quality import passkey_summary
+
+    def item(policy: str, size: int, trial: int, correct: bool):
+        task = SimpleNamespace(
+            policy=policy, state_size=size, label={"length": 100, "depth": 0.5, "trial": trial}
+        )
+        return task, {"correct": correct}
+
+    items = [
+        item("full", 100, 0, True), item("full", 100, 1, False), item("full", 100, 2, True),
+        # tova finds one of the two keys the full context finds, plus one it misses
+        item("tova", 8, 0, True), item("tova", 8, 1, True), item("tova", 8, 2, False),
+    ]
+    summary = passkey_summary(items)
+    assert summary["retained"] == [
+        {"policy": "tova", "state_size": 8, "accuracy": 0.5, "n": 2}
+    ]
+    tova = [r for r in summary["accuracy"] if r["policy"] == "tova"]
+    assert tova == [{"policy": "tova", "state_size": 8, "accuracy": 2 / 3, "n": 3}]
