@@ -12,16 +12,16 @@ from typing import NamedTuple
 
 from tova_engine.config import EngineConfig
 from tova_engine.cuda_graphs import DecodeGraphs
-from tova_engine.detokenizer import IncrementalDetokenizer
 from tova_engine.fused_attention import fused_policy_supported
 from tova_engine.loader import load_source
 from tova_engine.logprobs import LogprobBuilder
 from tova_engine.model.llama import LlamaModel
-from tova_engine.outputs import RequestMetrics, RequestOutput
+from tova_engine.outputs import RequestOutput
 from tova_engine.policies import make_policy
 from tova_engine.request import Request, Sequence, request_output
+from tova_engine.request_builder import RequestBuilder
 from tova_engine.runner import ModelRunner, SampledTokens, requests_of
-from tova_engine.sampler import Sampler, make_generator
+from tova_engine.sampler import Sampler
 from tova_engine.sampling_params import SamplingParams
 from tova_engine.scheduler import Scheduler, SchedulerOutput
 from tova_engine.state import KVState
@@ -85,6 +85,15 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size
         )
+        self.request_builder = RequestBuilder(
+            self.tokenizer,
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len,
+            state_size=config.state_size,
+            max_num_seqs=config.max_num_seqs,
+            policy_evicts=self.policy.evicts,
+            device=self.device,
+        )
         self.stats_callback = stats_callback
         self._requests: dict[str, Request] = {}
         self._log_startup()
@@ -146,9 +155,7 @@ class LLMEngine:
     # ----- requests -----------------------------------------------------------------------
 
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("prompt must be token ids: this model was loaded without a tokenizer")
-        return self.tokenizer.encode(prompt)
+        return self.request_builder.tokenize(prompt)
 
     def add_request(
         self,
@@ -169,104 +176,13 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> Request:
         """Validate and tokenize without touching the scheduler (safe from another thread)."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        text, token_ids = self._prompt_ids(prompt)
-        capacity = self._capacity(params)
-        max_tokens = self._max_tokens(params, len(token_ids), capacity)
-        request = Request(
-            request_id,
-            text,
-            token_ids,
-            params,
-            capacity,
-            max_tokens,
-            [],
-            RequestMetrics(arrival_time or time.time()),
-        )
-        if params.prompt_logprobs is not None:
-            request.prompt_logprobs = [None]  # the first token has nothing before it
-        request.sequences = [self._new_sequence(request, i) for i in range(params.n)]
-        return request
+        return self.request_builder.build(request_id, prompt, params, arrival_time)
 
     def enqueue(self, request: Request) -> None:
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self._requests[request.request_id] = request
         self.scheduler.add(request)
-
-    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            return prompt, self.tokenize(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        for token in ids:
-            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
-                raise ValueError(
-                    f"prompt token ids must be integers in [0, {vocab}); got {token!r}"
-                )
-        return None, ids
-
-    def _capacity(self, params: SamplingParams) -> int:
-        if params.state_size is None:
-            return self.config.state_size
-        if params.state_size > self.config.state_size:
-            raise ValueError(
-                f"state_size ({params.state_size}) must not exceed the engine's "
-                f"({self.config.state_size})"
-            )
-        return params.state_size
-
-    def _max_tokens(self, params: SamplingParams, prompt_len: int, capacity: int) -> int:
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(
-                f"n ({params.n}) must not exceed max_num_seqs ({self.config.max_num_seqs})"
-            )
-        if prompt_len >= self.max_model_len and params.max_tokens != 0:
-            raise ValueError(
-                f"prompt is {prompt_len} tokens; the length limit is {self.max_model_len} "
-                "(prompt + max_tokens)"
-            )
-        room = self.max_model_len - prompt_len
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        if params.max_tokens is None and not self.policy.evicts:
-            # Without eviction the state is the context: "as many as fit" means up to S.
-            max_tokens = min(room, max(capacity - prompt_len, 1))
-        if max_tokens > room:
-            raise ValueError(
-                f"max_tokens ({max_tokens}) + prompt ({prompt_len} tokens) exceeds the length "
-                f"limit of {self.max_model_len}"
-            )
-        if not self.policy.evicts and prompt_len + max_tokens > capacity:
-            raise ValueError(
-                f"policy 'full' never evicts: prompt ({prompt_len} tokens) + max_tokens "
-                f"({max_tokens}) exceeds state_size ({capacity})"
-            )
-        return max_tokens
-
-    def _new_sequence(self, request: Request, index: int) -> Sequence:
-        params = request.params
-        generator = None
-        if params.seed is not None:
-            generator = make_generator(params.seed, index, self.device)
-        detokenizer = None
-        if self.tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(
-                self.tokenizer,
-                request.prompt_token_ids,
-                params.skip_special_tokens,
-                params.spaces_between_special_tokens,
-                params.stop,
-                params.min_tokens,
-            )
-        seq = Sequence(request, index, generator, detokenizer)
-        if params.logprobs is not None:
-            seq.logprobs = []
-        return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its slots are free for the next step."""
