@@ -6,10 +6,14 @@ from fastapi import FastAPI
 
 from server.admission import Admission
 from server.auth import APIKeyMiddleware
+from server.body_limit import BodyLimitMiddleware
 from server.context import ServerContext
+from server.drain import Drain, DrainMiddleware
 from server.errors import install_error_handlers
 from server.http_metrics import HTTPMetricsMiddleware
 from server.metrics import ServerMetrics
+from server.openapi import install_openapi
+from server.request_log import RequestLogMiddleware
 from server.routes import chat, completions, models, system, tokenize
 from server.settings import ServerSettings
 from tova_engine import AsyncEngine, __version__
@@ -29,17 +33,33 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         memory_bytes=llm.state.total_bytes(),
     )
     app = FastAPI(title="tova-server", version=__version__)
-    app.state.context = ServerContext(engine, settings, metrics, admission, names)
+    app.state.context = ServerContext(engine, settings, metrics, admission, names, Drain())
     install_error_handlers(app)
+    install_openapi(app, names, {
+        "n": llm.config.max_num_seqs, "state_size": llm.config.state_size,
+        # A prompt has at least one token.
+        "max_tokens": llm.max_model_len - 1, "max_completion_tokens": llm.max_model_len - 1,
+    }, llm.model_config.vocab_size)
     routers = [module.router for module in (completions, chat, models, tokenize, system)]
     for router in routers:
         app.include_router(router)
-    if settings.api_key is not None:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    # Added last, so outermost: it also counts the 401s the key check sends.
-    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics,
-                       routes=[route for router in routers for route in router.routes])
+    _add_middleware(app, settings, metrics, [route for r in routers for route in r.routes])
     return app
+
+
+def _add_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetrics,
+                    routes: list) -> None:
+    """Each one added wraps the ones before it, so they run in the reverse order: metrics,
+    log line, drain (503), key (401), body size (413), then the route. An unauthorised
+    client is refused before its body is read."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key,
+                           protect_metrics=settings.protect_metrics)
+    app.add_middleware(DrainMiddleware, drain=app.state.context.drain)
+    app.add_middleware(RequestLogMiddleware, enabled=settings.access_log)
+    # Outermost: it also counts the 401s, 413s and 503s sent before any route.
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, routes=routes)
 
 
 def _metrics(engine: AsyncEngine, model_name: str) -> ServerMetrics:

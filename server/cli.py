@@ -15,7 +15,12 @@ import sys
 import uvicorn
 
 from server.app import create_app
-from server.settings import ServerSettings
+from server.graceful import FLUSH_TIMEOUT_S, GracefulServer
+from server.settings import (
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    ServerSettings,
+)
 from tova_engine import AsyncEngine, EngineConfig, __version__
 from tova_engine.config import DTYPES, KERNELS, LOAD_FORMATS
 from tova_engine.policies import POLICIES
@@ -60,11 +65,24 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
                        help="names clients may use in `model` (default: the model's name)")
     group.add_argument("--api-key", default=os.environ.get("TOVA_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (env TOVA_API_KEY)")
+    group.add_argument("--protect-metrics", action="store_true",
+                       help="also require the API key on /metrics")
     group.add_argument("--max-queue-len", type=int, default=None,
                        help="requests allowed to wait for a slot before 429 (default: no limit)")
+    group.add_argument("--max-request-body-bytes", type=int,
+                       default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                       help="larger request bodies get 413 before they are parsed (%(default)s)")
+    group.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                       help="seconds in-flight requests may run after SIGTERM/SIGINT while new "
+                            "ones get 503 (%(default)s)")
     group.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     group.add_argument("--disable-access-log", action="store_true",
-                       help="no per-request uvicorn access log lines")
+                       help="no log line per request (id, status, timings)")
+    group.add_argument("--log-requests", action="store_true",
+                       help="also log each generation request's body: prompts and parameters")
+    group.add_argument("--enable-fault-injection", action="store_true",
+                       help="testing only: honour the X-Tova-Fault request header "
+                            "(docs/reliability.md); never in production")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +104,10 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
     engine = EngineConfig(**fields)
     server = ServerSettings(
         served_model_names=tuple(args.served_model_name or ()), api_key=args.api_key,
-        max_queue_len=args.max_queue_len,
+        protect_metrics=args.protect_metrics, max_queue_len=args.max_queue_len,
+        max_request_body_bytes=args.max_request_body_bytes,
+        shutdown_timeout_s=args.shutdown_timeout, access_log=not args.disable_access_log,
+        log_requests=args.log_requests, enable_fault_injection=args.enable_fault_injection,
     )
     return engine, server
 
@@ -105,11 +126,35 @@ def log_resolved(engine: AsyncEngine, config: EngineConfig, settings: ServerSett
         "served_model_names": list(settings.served_model_names or (llm.model_name,)),
         "host": args.host, "port": args.port,
         "api_key": "set" if settings.api_key else None,
+        "protect_metrics": settings.protect_metrics,
         "max_queue_len": settings.max_queue_len,
+        "max_request_body_bytes": settings.max_request_body_bytes,
+        "shutdown_timeout_s": settings.shutdown_timeout_s,
+        "access_log": settings.access_log,
+        "log_requests": settings.log_requests,
+        "enable_fault_injection": settings.enable_fault_injection,
     }
     logger.info("resolved config: %s", json.dumps(resolved))
     logger.info("state memory: %.2f MiB per request, %.2f MiB in total for %d slots",
                 per_request / 2**20, total / 2**20, config.max_num_seqs)
+    if settings.enable_fault_injection:
+        logger.warning("fault injection is on: X-Tova-Fault headers can break requests and "
+                       "kill the engine; this is for tests only")
+
+
+def serve(engine: AsyncEngine, settings: ServerSettings, args: argparse.Namespace) -> None:
+    app = create_app(engine, settings)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        # The app writes its own line per request (server.request_log), with ids and timings.
+        access_log=False,
+        # The drain (server.graceful) has already waited for in-flight requests.
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
+    )
+    server = GracefulServer(config, app.state.context.drain, settings.shutdown_timeout_s)
+    server.run()
+    if not server.started:  # the port could not be bound; uvicorn has logged why
+        sys.exit(3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,12 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"tova-serve: error: {exc}")
     log_resolved(engine, config, settings, args)
     try:
-        uvicorn.run(
-            create_app(engine, settings), host=args.host, port=args.port,
-            log_level=args.log_level, access_log=not args.disable_access_log,
-            # Open streams get this long to finish once shutdown starts; then they are cut.
-            timeout_graceful_shutdown=10,
-        )
+        serve(engine, settings, args)
     finally:
         engine.shutdown()
 

@@ -1,4 +1,4 @@
-"""What every route needs: the engine, the settings, metrics and the queue limit."""
+"""What every route needs: the engine, the settings, metrics, the queue limit and the drain."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from server.admission import Admission
+from server.drain import Drain
 from server.errors import APIError
 from server.metrics import ServerMetrics
 from server.settings import ServerSettings
@@ -21,6 +22,7 @@ class ServerContext:
     metrics: ServerMetrics
     admission: Admission
     served_model_names: tuple[str, ...]
+    drain: Drain
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

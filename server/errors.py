@@ -26,11 +26,14 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
 }
 _LEADING_NAME = re.compile(r"^([a-z_]+)\b")
+# pydantic's error types for a body that is not an object (or is missing).
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type", "missing"})
 
 
 class APIError(Exception):
@@ -48,7 +51,8 @@ class APIError(Exception):
     def body(self) -> ErrorResponse:
         kind = _TYPES.get(self.status, HTTPStatus(self.status).phrase.lower().replace(" ", "_"))
         return ErrorResponse(error=ErrorInfo(
-            message=self.message, type=kind, param=self.param, code=self.code,
+            message=printable(self.message), type=kind,
+            param=None if self.param is None else printable(self.param), code=self.code,
         ))
 
     def response(self) -> Response:
@@ -56,6 +60,12 @@ class APIError(Exception):
             self.body().to_json(), status_code=self.status, media_type="application/json",
             headers=self.headers,
         )
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8: a lone surrogate from a JSON escape ("\\ud800") that an error
+    repeats back would make the error itself fail to serialise."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -91,11 +101,16 @@ def _validation_error(errors: list[dict]) -> APIError:
     if first.get("type") == "json_invalid":
         return bad_request("the request body is not valid JSON")
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    if not loc and first.get("type") in _NOT_AN_OBJECT:
+        # Also what a body sent with another Content-Type than JSON comes to.
+        return bad_request("the request body must be a JSON object, sent with "
+                           "Content-Type: application/json")
+    # A whole-body check (see `protocol.common.RequestModel`) names its own param.
+    param = ".".join(loc) or (first.get("ctx") or {}).get("param")
     if first.get("type") == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if param is not None and not message.startswith(loc[-1]):
+    if loc and not message.startswith(loc[-1]):
         message = f"{param}: {message}"
     return bad_request(message, param)
 

@@ -15,6 +15,7 @@ from contextlib import aclosing
 from server.context import ServerContext
 from server.errors import from_value_error
 from server.metrics.request_tracker import RequestTracker
+from server.request_log import GenerationRecord
 from tova_engine import RequestOutput, SamplingParams
 
 _DONE = object()
@@ -42,6 +43,7 @@ class GenerationRun:
         self._params = params
         self._ticket = ctx.admission.admit(len(prompts))
         self._stream = self._outputs()
+        self.record = GenerationRecord(request_id, sum(len(prompt) for prompt in prompts))
 
     def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         return self._stream
@@ -98,6 +100,7 @@ class GenerationRun:
             )) as stream:
                 async for output in stream:
                     tracker.observe(output)
+                    self.record.observe(output)
                     yield output
         except ValueError:
             counted = False  # refused before it started: not a request that ran

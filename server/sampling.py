@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from server.errors import bad_request, from_value_error
 from server.logit_bias import LogitBias
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.common import SamplingFields
 from server.protocol.completion import CompletionRequest
 from tova_engine import SamplingParams
+from tova_engine.sampling_params import LogitsProcessor
 
 # Fields copied as they are when the client set them (None keeps the engine's default).
 _DIRECT = (
@@ -15,6 +18,10 @@ _DIRECT = (
     "repetition_penalty", "ignore_eos", "min_tokens", "stop", "stop_token_ids",
     "skip_special_tokens", "spaces_between_special_tokens", "state_size", "return_state",
 )
+# The sampler divides positive logits by the repetition penalty in float32; a tiny penalty
+# overflows them to +inf and the request would fail in the engine (500) instead of being
+# refused. 0.01 is far below any useful penalty and far above the overflow.
+MIN_REPETITION_PENALTY = 0.01
 # Errors from SamplingParams and the engine start with their own field name; these are the
 # ones whose request field is named differently or that concern the prompt.
 COMPLETION_NAMES = {"prompt_logprobs": "logprobs"}
@@ -28,7 +35,7 @@ def check_completion(body: CompletionRequest) -> None:
         raise bad_request(
             f"best_of must equal n ({body.n or 1}): choosing the best of several samples "
             "is not supported", "best_of")
-    _check_stream_options(body)
+    _check_common(body)
 
 
 def check_chat(body: ChatCompletionRequest) -> None:
@@ -45,17 +52,22 @@ def check_chat(body: ChatCompletionRequest) -> None:
             "'text'", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-    _check_stream_options(body)
+    _check_common(body)
 
 
-def _check_stream_options(body: SamplingFields) -> None:
+def _check_common(body: SamplingFields) -> None:
     if body.stream_options is not None and not body.streaming:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    penalty = body.repetition_penalty
+    if penalty is not None and 0 < penalty < MIN_REPETITION_PENALTY:
+        raise bad_request(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} (smaller "
+                          f"values overflow the logits); got {penalty}", "repetition_penalty")
 
 
-def completion_params(body: CompletionRequest, vocab_size: int) -> SamplingParams:
+def completion_params(body: CompletionRequest, vocab_size: int,
+                      processors: Sequence[LogitsProcessor] = ()) -> SamplingParams:
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    return _build(body, vocab_size, COMPLETION_NAMES, max_tokens=body.max_tokens,
+    return _build(body, vocab_size, COMPLETION_NAMES, processors, max_tokens=body.max_tokens,
                   logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)
 
 
@@ -66,22 +78,26 @@ def chat_names(body: ChatCompletionRequest) -> dict[str, str]:
     return names
 
 
-def chat_params(body: ChatCompletionRequest, vocab_size: int) -> SamplingParams:
+def chat_params(body: ChatCompletionRequest, vocab_size: int,
+                processors: Sequence[LogitsProcessor] = ()) -> SamplingParams:
     # max_completion_tokens replaced max_tokens in OpenAI's API; either may come.
     max_tokens = body.max_tokens
     if body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _build(body, vocab_size, chat_names(body), max_tokens=max_tokens, logprobs=logprobs)
+    return _build(body, vocab_size, chat_names(body), processors, max_tokens=max_tokens,
+                  logprobs=logprobs)
 
 
 def _build(body: SamplingFields, vocab_size: int, names: dict[str, str],
-           **fields: object) -> SamplingParams:
-    """`names` maps SamplingParams fields to this request's, for errors."""
+           processors: Sequence[LogitsProcessor], **fields: object) -> SamplingParams:
+    """`names` maps SamplingParams fields to this request's, for errors; `processors` come
+    after the request's own (fault injection's, in tests)."""
     kwargs = {name: getattr(body, name) for name in _DIRECT if getattr(body, name) is not None}
     kwargs.update(fields, n=body.n if body.n is not None else 1, output_kind="delta")
-    if body.logit_bias:
-        kwargs["logits_processors"] = [LogitBias(_checked_bias(body.logit_bias, vocab_size))]
+    own = [LogitBias(_checked_bias(body.logit_bias, vocab_size))] if body.logit_bias else []
+    if own or processors:
+        kwargs["logits_processors"] = [*own, *processors]
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:

@@ -14,10 +14,17 @@ from server.errors import APIError, from_engine_error
 from server.protocol.common import ResponseModel
 
 DONE = "data: [DONE]\n\n"
+# Characters JSON may carry raw that many line splitters (Python's str.splitlines, and so
+# httpx's iter_lines) take for line breaks: a token decoded to one would cut its event in
+# two for such a client. Escaped, the JSON means the same.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def sse(chunk: ResponseModel) -> str:
-    return f"data: {chunk.to_json()}\n\n"
+    data = chunk.to_json()
+    if not data.isascii():  # the common case is checked in C, fast
+        data = data.translate(_LINE_BREAKS)
+    return f"data: {data}\n\n"
 
 
 async def with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:

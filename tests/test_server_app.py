@@ -145,6 +145,11 @@ def test_unbounded_queue_never_refuses():
     ({"max_queue_len": 0}, "max_queue_len"),
     ({"api_key": ""}, "api_key"),
     ({"served_model_names": ("",)}, "served model names"),
+    ({"protect_metrics": True}, "protect_metrics"),
+    ({"max_request_body_bytes": 0}, "max_request_body_bytes"),
+    ({"max_request_body_bytes": True}, "max_request_body_bytes"),
+    ({"shutdown_timeout_s": -1.0}, "shutdown_timeout_s"),
+    ({"shutdown_timeout_s": float("inf")}, "shutdown_timeout_s"),
 ])
 def test_settings_are_validated(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from server import ServerSettings
 from server.cli import build_parser, configs, main
 from tests.server_utils import REPO
 from tova_engine import EngineConfig
@@ -26,6 +27,7 @@ def test_engine_defaults_come_from_engine_config():
     assert engine == EngineConfig()
     assert args.host == "127.0.0.1" and args.port == 8000
     assert server.max_queue_len is None and server.served_model_names == ()
+    assert server == ServerSettings()  # the server's defaults are the settings' own
 
 
 def test_flags_reach_both_configs():
@@ -34,7 +36,9 @@ def test_flags_reach_both_configs():
         "--prefill-chunk-size", "32", "--dtype", "float32", "--device", "cpu",
         "--load-format", "gguf", "--max-model-len", "1024", "--max-queue-len", "5",
         "--served-model-name", "a", "b", "--api-key", "k", "--kernels", "torch",
-        "--enforce-eager", "--cuda-graph-batch-sizes", "1", "2",
+        "--enforce-eager", "--cuda-graph-batch-sizes", "1", "2", "--protect-metrics",
+        "--max-request-body-bytes", "1000", "--shutdown-timeout", "2.5", "--disable-access-log",
+        "--log-requests", "--enable-fault-injection",
     ))
     assert (engine.model, engine.state_size, engine.policy, engine.max_num_seqs) == (
         "m.gguf", 64, "h2o", 3)
@@ -43,7 +47,9 @@ def test_flags_reach_both_configs():
     assert (engine.kernels, engine.enforce_eager, engine.cuda_graph_batch_sizes) == (
         "torch", True, (1, 2))
     assert server.served_model_names == ("a", "b") and server.api_key == "k"
-    assert server.max_queue_len == 5
+    assert server.max_queue_len == 5 and server.protect_metrics
+    assert (server.max_request_body_bytes, server.shutdown_timeout_s) == (1000, 2.5)
+    assert not server.access_log and server.log_requests and server.enable_fault_injection
 
 
 def test_api_key_from_environment(monkeypatch):
@@ -55,6 +61,9 @@ def test_api_key_from_environment(monkeypatch):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--state-size", "0"], "state_size"),
     (["--max-queue-len", "0"], "max_queue_len"),
+    (["--max-request-body-bytes", "0"], "max_request_body_bytes"),
+    (["--shutdown-timeout", "-1"], "shutdown_timeout_s"),
+    (["--shutdown-timeout", "nan"], "shutdown_timeout_s"),
     (["--policy", "lru"], "--policy"),
     (["--dtype", "int8"], "--dtype"),
 ])

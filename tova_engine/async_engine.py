@@ -55,7 +55,7 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self.dead_error is None
+        return self._thread.is_alive() and self.dead_error is None and not self._stopping
 
     @property
     def tokenizer(self):
@@ -79,6 +79,14 @@ class AsyncEngine:
             if request.request_id in self._streams:
                 raise ValueError(f"request_id {request.request_id!r} is already in use")
             self._streams[request.request_id] = stream
+        try:
+            # The loop may have died after the check above and failed every stream it knew
+            # of before this one was registered: without a second look it would wait forever.
+            self._check_alive()
+        except EngineDeadError:
+            with self._streams_lock:
+                self._streams.pop(request.request_id, None)
+            raise
         self._send("add", request)
         finished = False
         try:
@@ -129,6 +137,9 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self.dead_error = exc
             self._fail_all(EngineDeadError(f"the engine loop stopped: {exc!r}"))
+            return
+        # Shut down with requests still open: their callers must not wait for ever either.
+        self._fail_all(EngineDeadError("the engine was shut down"))
 
     def _drain_inbox(self) -> None:
         while True:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from server.protocol.common import ResponseModel, SamplingFields, StrictModel, Usage
+from server.protocol.schema import CONTENT, count
 
 
 def _content_text(value: Any) -> str | None:
@@ -30,7 +31,7 @@ def _content_text(value: Any) -> str | None:
 class ChatMessage(StrictModel):
     # "developer" is OpenAI's newer name for "system"; tool messages need tool support.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | None = None
+    content: Annotated[str | None, CONTENT] = None
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -52,10 +53,10 @@ class ResponseFormat(StrictModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Annotated[int | None, count()] = None
+    max_completion_tokens: Annotated[int | None, count()] = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int | None, count(0, 20)] = None
     # vLLM's chat extras.
     add_generation_prompt: bool = True
     continue_final_message: bool = False

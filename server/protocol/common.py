@@ -7,16 +7,38 @@ null included, as OpenAI's do, except the few listed in `_omit_unless_set` (extr
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from server.protocol.fields import normalize_logit_bias, normalize_stop, normalize_token_ids
+from server.protocol.schema import LOGIT_BIAS, STOP, TOKEN_IDS, count, number
+from server.protocol.unicode import lone_surrogate_path
 
 
 class StrictModel(BaseModel):
     # Unknown fields are refused (400 naming the field), never silently ignored.
     model_config = ConfigDict(extra="forbid")
+
+
+class RequestModel(StrictModel):
+    """A whole request body: its strings are checked for lone surrogates before anything
+    else reads them (see `server.protocol.unicode`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = lone_surrogate_path(data)
+        if path is not None:
+            # Escaped, so that the error itself is valid UTF-8.
+            param = ".".join(path).encode("utf-8", "backslashreplace").decode("utf-8")
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{where} must be valid Unicode text: it holds a lone UTF-16 surrogate",
+                {"where": param or "the request body", "param": param or None},
+            )
+        return data
 
 
 class ResponseModel(BaseModel):
@@ -34,35 +56,35 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingFields(StrictModel):
+class SamplingFields(RequestModel):
     """Fields every generation endpoint takes: OpenAI's, vLLM's extras and ours."""
 
     model: str | None = None
-    n: int | None = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] | None = None
+    n: Annotated[int | None, count(1)] = 1
+    temperature: Annotated[float | None, number(0)] = None
+    top_p: Annotated[float | None, number(maximum=1, above=0)] = None
+    stop: Annotated[list[str] | None, STOP] = None
     seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[int, float] | None = None
+    presence_penalty: Annotated[float | None, number(-2, 2)] = None
+    frequency_penalty: Annotated[float | None, number(-2, 2)] = None
+    logit_bias: Annotated[dict[int, float] | None, LOGIT_BIAS] = None
     # An end-user id for abuse tracing at OpenAI; accepted and not used.
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # vLLM's extras.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: Annotated[int | None, count(-1)] = None
+    min_p: Annotated[float | None, number(0, 1)] = None
+    repetition_penalty: Annotated[float | None, number(0.01)] = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Annotated[int, count(nullable=False)] = 0
+    stop_token_ids: Annotated[list[int] | None, TOKEN_IDS] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     # Logprobs name tokens "token_id:N" instead of by text (exact for scoring harnesses).
     return_tokens_as_token_ids: bool = False
     # Ours: a smaller state for this request (up to the server's) and the positions it kept.
-    state_size: int | None = None
+    state_size: Annotated[int | None, count(1)] = None
     return_state: bool = False
 
     @field_validator("stop", mode="before")

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from server.protocol.common import ResponseModel, SamplingFields, Usage
 from server.protocol.fields import normalize_prompt
+from server.protocol.schema import PROMPT, count
 
 
 class CompletionRequest(SamplingFields):
-    prompt: list[str | list[int]]
+    prompt: Annotated[list[str | list[int]], PROMPT]
     # OpenAI's default; null means "up to the model's length limit", as in vLLM.
-    max_tokens: int | None = 16
+    max_tokens: Annotated[int | None, count()] = 16
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Annotated[int | None, count(0, 20)] = None
     # Declared so that they are refused by name (see `server.sampling`), not as unknown.
     suffix: str | None = None
     best_of: int | None = None

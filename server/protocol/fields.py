@@ -14,12 +14,21 @@ MAX_LOGIT_BIAS = 100.0
 
 
 def is_token_id(value: Any) -> bool:
+    """An integer >= 0, or an integral number such as 2.0 (JSON Schema counts it as an
+    integer, and pydantic accepts it for every other integer field)."""
     # bool is an int subclass, but `true` in a token list is a client bug.
+    if isinstance(value, float):
+        return value.is_integer() and value >= 0
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(is_token_id(t) for t in value)
+
+
+def _token_ids(values: list[Any]) -> list[int]:
+    """Checked by `is_token_id`: 2.0 becomes 2."""
+    return [int(value) for value in values]
 
 
 def normalize_prompt(value: Any) -> list[str | list[int]]:
@@ -34,9 +43,9 @@ def normalize_prompt(value: Any) -> list[str | list[int]]:
     if all(isinstance(p, str) for p in value):
         return list(value)
     if _is_token_list(value):
-        return [list(value)]
+        return [_token_ids(value)]
     if all(_is_token_list(p) for p in value):
-        return [list(p) for p in value]
+        return [_token_ids(p) for p in value]
     raise ValueError(
         "prompt must be a string, a list of strings, a list of token ids (integers >= 0) or "
         "a list of non-empty token-id lists; mixed or nested shapes are not accepted"
@@ -57,7 +66,7 @@ def normalize_token_ids(name: str, value: Any) -> list[int] | None:
         return None
     if not isinstance(value, list) or not all(is_token_id(t) for t in value):
         raise ValueError(f"{name} must be a list of token ids (integers >= 0)")
-    return list(value)
+    return _token_ids(value)
 
 
 def normalize_logit_bias(value: Any) -> dict[int, float] | None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from server.protocol.chat import ChatMessage
-from server.protocol.common import ResponseModel, StrictModel
+from server.protocol.common import RequestModel, ResponseModel
+from server.protocol.schema import REQUIRED_TOKEN_IDS
 
 
-class TokenizeRequest(StrictModel):
+class TokenizeRequest(RequestModel):
     """Either `prompt` (text) or `messages` (through the chat template), not both."""
 
     model: str | None = None
@@ -38,9 +39,9 @@ class TokenizeResponse(ResponseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(StrictModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: Annotated[list[int], REQUIRED_TOKEN_IDS]
 
 
 class DetokenizeResponse(ResponseModel):

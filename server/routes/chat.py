@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from server.context import get_context
+from server.fault_injection import fault_processors
 from server.generation import prepare_run
-from server.protocol.chat import ChatCompletionRequest
+from server.openapi import generation_responses
+from server.protocol.chat import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+)
+from server.request_log import log_request_body, name_request, track_generation
 from server.sampling import chat_names, chat_params, check_chat, error_names
 from server.serving.chat import ChatSession
 from server.serving.prompts import chat_prompt_ids, token_names
@@ -18,16 +23,22 @@ from server.serving.respond import respond
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions",
+             responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = get_context(request)
+    request_id = name_request(request, "chatcmpl")
+    if ctx.settings.log_requests:
+        log_request_body(request_id, body)
     model = ctx.resolve_model(body.model)
     check_chat(body)
-    params = chat_params(body, ctx.vocab_size)
+    faults = fault_processors(request, ctx.settings.enable_fault_injection)
+    params = chat_params(body, ctx.vocab_size, faults)
     ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt,
                           body.continue_final_message, body.chat_template_kwargs)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    # Validated against the engine's limits (n among them) before anything is sized by them.
+    run = prepare_run(ctx, request_id, [ids], params, error_names(chat_names(body)))
+    track_generation(request, run.record)
     names = token_names(ctx, body.return_tokens_as_token_ids)
     session = ChatSession(request_id, model, body, len(ids), names)
-    run = prepare_run(ctx, request_id, [ids], params, error_names(chat_names(body)))
     return await respond(request, body.streaming, session, run)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from server.context import ServerContext, get_context
+from server.openapi import json_responses
 from server.protocol.tokenize import ModelCard, ModelList
 from server.serving.respond import json_response
 
@@ -17,13 +18,13 @@ def _card(ctx: ServerContext, name: str) -> ModelCard:
                      max_model_len=ctx.max_model_len)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=json_responses(ModelList, 401))
 async def list_models(request: Request) -> Response:
     ctx = get_context(request)
     return json_response(ModelList(data=[_card(ctx, n) for n in ctx.served_model_names]))
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", responses=json_responses(ModelCard, 401, 404))
 async def retrieve_model(model: str, request: Request) -> Response:
     ctx = get_context(request)
     return json_response(_card(ctx, ctx.resolve_model(model)))

@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from server.context import ServerContext, get_context
 from server.errors import bad_request
+from server.openapi import body_responses
 from server.protocol.fields import is_token_id
 from server.protocol.tokenize import (
     DetokenizeRequest,
@@ -26,7 +27,7 @@ def _tokenizer(ctx: ServerContext, param: str):
     return ctx.tokenizer
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=body_responses(TokenizeResponse, 404))
 async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     ctx = get_context(request)
     ctx.resolve_model(body.model)
@@ -43,7 +44,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     return json_response(response)
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=body_responses(DetokenizeResponse, 404))
 async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     ctx = get_context(request)
     ctx.resolve_model(body.model)
