@@ -63,7 +63,7 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=8000)
     group.add_argument("--served-model-name", nargs="+", default=None,
                        help="names clients may use in `model` (default: the model's name)")
-    group.add_argument("--api-key", default=os.environ.get("TOVA_API_KEY"),
+    group.add_argument("--api-key", default=os.environ.get("TOVA_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' on /v1/* (env TOVA_API_KEY)")
     group.add_argument("--protect-metrics", action="store_true",
                        help="also require the API key on /metrics")

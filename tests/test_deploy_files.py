@@ -228,6 +228,9 @@ def test_default_command_is_a_valid_tova_serve_invocation_of_the_embedded_model(
     assert engine.model == EMBEDDED_MODEL
     assert (engine.state_size, engine.policy, engine.max_num_seqs) == (512, "tova", 64)
     assert settings.api_key is None
+    # The drain must end before Docker's kill after stop_grace_period (30 s).
+    assert settings.shutdown_timeout_s < 30
+    assert gpu_project["services"]["server"]["stop_grace_period"] in ("30s", 30, 30.0)
     assert gpu_project["services"]["server"]["environment"]["TOVA_API_KEY"] is None
 
 

@@ -140,6 +140,14 @@ def test_top_p_keeps_smallest_nucleus():
     assert set(got) == {1, 3}
 
 
+def test_top_p_below_float32_range_keeps_the_most_likely_token():
+    # 1e-46 is a valid top_p but rounds to 0 in float32: the nucleus is still the argmax.
+    logits = logits_of([0.1, 0.5, 0.15, 0.25])
+    x = process_logits(logits, [row(SamplingParams(top_p=1e-46))])
+    assert finite_set(x[0]) == {1}
+    assert set(draws(logits, SamplingParams(top_p=1e-46), 50)) == {1}
+
+
 def test_top_k_then_top_p_renormalise():
     # top_k=2 leaves {1: 0.5, 3: 0.25} -> renormalised {2/3, 1/3}; top_p=0.6 keeps only 1.
     logits = logits_of([0.1, 0.5, 0.15, 0.25])

@@ -58,6 +58,12 @@ def test_api_key_from_environment(monkeypatch):
     assert configs(parse("--api-key", "flag"))[1].api_key == "flag"
 
 
+def test_empty_api_key_in_environment_means_no_key(monkeypatch):
+    # compose passes TOVA_API_KEY through even when a .env leaves it empty
+    monkeypatch.setenv("TOVA_API_KEY", "")
+    assert configs(parse())[1].api_key is None
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--state-size", "0"], "state_size"),
     (["--max-queue-len", "0"], "max_queue_len"),

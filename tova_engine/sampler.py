@@ -155,10 +155,12 @@ def _apply_top_k_top_p(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     sorted_x.masked_fill_(position >= params[:, :1], float("-inf"))
     probs = sorted_x.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    # The smallest prefix with mass >= p: a token stays while the mass before it is < p, so
-    # the most likely one always stays. p == 1 keeps all (cumsum rounding could drop some).
+    # The smallest prefix with mass >= p: a token stays while the mass before it is < p.
+    # The most likely one always stays, also when p rounds to 0 in float32 (top_p=1e-46).
+    # p == 1 keeps all (cumsum rounding could drop some).
     p = params[:, 1:]
-    sorted_x.masked_fill_((mass_before >= p) & (p < 1.0), float("-inf"))
+    drop = (mass_before >= p) & (p < 1.0) & (position > 0)
+    sorted_x.masked_fill_(drop, float("-inf"))
     x.scatter_(1, order, sorted_x)
 
 
