@@ -75,7 +75,7 @@ class StepTimer:
 
     def start_decodes(self) -> None:
         """`decodes` sequences past their prefill, with many tokens still to go."""
-        self.add(self.args.decodes, 16, 4096)
+        self.add(self.args.decodes, 16, self.engine.max_model_len - 16)
         while self.engine.num_waiting or any(
             not r.sequences[0].output_token_ids for r in self.engine._requests.values()
         ):
@@ -87,7 +87,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Prints the step times and the profile; returns the measured seconds per step kind."""
     timer = StepTimer(args)
     print(f"device {timer.engine.device}, {timer.engine.dtype}, kernels {args.kernels}")
     decode, prefill, mixed = [], [], []
@@ -100,8 +101,9 @@ def measure(args: argparse.Namespace) -> None:
         timer.add(args.prompts, args.input_len, 1)
         mixed.append(timer.timed_step())
         timer.drain()
-    for name, times in (("decode only", decode), ("prefill only", prefill), ("mixed", mixed)):
-        ms = [1000 * t for t in times[1:]]
+    results = {"decode only": decode[1:], "prefill only": prefill[1:], "mixed": mixed[1:]}
+    for name, times in results.items():
+        ms = [1000 * t for t in times]
         print(f"{name:13s} median {statistics.median(ms):8.2f} ms  min {min(ms):8.2f} ms")
     timer.add(args.prompts, args.input_len, 1)
     activities = [ProfilerActivity.CPU]
@@ -113,6 +115,7 @@ def measure(args: argparse.Namespace) -> None:
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.top))
     print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
+    return results
 
 
 if __name__ == "__main__":
