@@ -164,15 +164,14 @@ class ChunkAttention:
         past_v = self._past(state.v[layer].transpose(1, 2)).transpose(1, 2)
         keys = torch.cat((past_k, k.transpose(1, 2)), dim=2)  # [R, Hkv, n+C, D]
         values = torch.cat((past_v, v.transpose(1, 2)), dim=2)
-        group = q.shape[2] // keys.shape[1]
-        keys_q = keys.repeat_interleave(group, dim=1)  # [R, H, n+C, D]
-        values_q = values.repeat_interleave(group, dim=1)
         queries = q.transpose(1, 2)  # [R, H, C, D]
         mask = self._mask(queries.device)
         # On CUDA the same mask as a lower-right causal bias: SDPA can take its flash kernel.
+        # Grouped-query heads share their K/V inside SDPA: no per-head copies of the state.
         bias = causal_lower_right(length, self.entries + length) if queries.is_cuda else mask
-        out = F.scaled_dot_product_attention(queries, keys_q, values_q, attn_mask=bias)
-        self._keep(layer, queries, keys_q, keys, values, mask)
+        gqa = queries.shape[1] != keys.shape[1]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, enable_gqa=gqa)
+        self._keep(layer, queries, keys, values, mask)
         return out.transpose(1, 2).reshape(rows * length, out.shape[1], out.shape[-1])
 
     def _mask(self, device: torch.device) -> torch.Tensor:
@@ -181,13 +180,19 @@ class ChunkAttention:
         past = torch.ones(self.length, self.entries, dtype=torch.bool, device=device)
         return torch.cat((past, chunk), dim=1)
 
-    def _probs(self, queries, keys_q, mask) -> torch.Tensor:
-        """Head-averaged attention probabilities of the given queries: [R, C', n+C]."""
-        logits = torch.matmul(queries, keys_q.transpose(-1, -2)) / math.sqrt(queries.shape[-1])
-        logits = _widen(logits).masked_fill(~mask, float("-inf"))
+    def _probs(self, queries, keys, mask) -> torch.Tensor:
+        """Head-averaged attention probabilities of the given queries: [R, C', n+C].
+
+        queries [R, H, C', D], keys [R, Hkv, n+C, D]: query head h reads kv head h // G, so
+        the G heads of a kv head are one matmul against it (no repeated keys)."""
+        rows, heads, count, dim = queries.shape
+        kv_heads, total = keys.shape[1], keys.shape[2]
+        grouped = queries.reshape(rows, kv_heads, heads // kv_heads * count, dim)
+        logits = torch.matmul(grouped, keys.transpose(-1, -2)) / math.sqrt(dim)
+        logits = _widen(logits.view(rows, heads, count, total)).masked_fill(~mask, float("-inf"))
         return logits.softmax(dim=-1).mean(dim=1)
 
-    def _keep(self, layer, queries, keys_q, keys, values, mask) -> None:
+    def _keep(self, layer, queries, keys, values, mask) -> None:
         state, rows = self.state, self.num_rows
         total = self.entries + self.length
         chunk_positions = self.chunk_positions.expand(rows, self.length)
@@ -195,20 +200,25 @@ class ChunkAttention:
         stats = None
         if state.stats is not None:
             # Accumulated attention needs every chunk query, not just the last one.
-            received = self._probs(queries, keys_q, mask).sum(dim=1)  # [R, n+C]
+            received = self._probs(queries, keys, mask).sum(dim=1)  # [R, n+C]
             fresh = received.new_zeros(rows, self.length)
             stats = torch.cat((self._past(state.stats[layer]), fresh), dim=1) + received
         if total <= self.capacity:
-            keep = torch.arange(total, device=keys.device).expand(rows, total)
-        else:
-            last = self._probs(queries[:, :, -1:], keys_q, mask[-1:]).squeeze(1)  # [R, n+C]
-            newest = self.chunk_positions[-1:].expand(rows)
-            capacity = torch.full((rows,), self.capacity, dtype=torch.int64, device=keys.device)
-            score = self.policy.score(last, positions, stats, newest, capacity)
-            keep = score.topk(self.capacity, dim=-1).indices.sort(dim=-1).values  # [R, S]
-            dropped = torch.ones(rows, total, dtype=torch.bool, device=keys.device)
-            dropped.scatter_(1, keep, False)
-            self.evicted_ages.append(torch.where(dropped, newest[:, None] - positions, -1))
+            # Everything stays, in order: written as is, no gathers.
+            self._write(state.k[layer], keys, total)
+            self._write(state.v[layer], values, total)
+            self._write(state.positions[layer], positions, total)
+            if stats is not None:
+                self._write(state.stats[layer], stats, total)
+            return
+        last = self._probs(queries[:, :, -1:], keys, mask[-1:]).squeeze(1)  # [R, n+C]
+        newest = self.chunk_positions[-1:].expand(rows)
+        capacity = torch.full((rows,), self.capacity, dtype=torch.int64, device=keys.device)
+        score = self.policy.score(last, positions, stats, newest, capacity)
+        keep = score.topk(self.capacity, dim=-1).indices.sort(dim=-1).values  # [R, S]
+        dropped = torch.ones(rows, total, dtype=torch.bool, device=keys.device)
+        dropped.scatter_(1, keep, False)
+        self.evicted_ages.append(torch.where(dropped, newest[:, None] - positions, -1))
         count = keep.shape[1]
         entry_index = keep[:, None, :, None].expand(rows, keys.shape[1], count, keys.shape[-1])
         self._write(state.k[layer], keys.gather(2, entry_index), count)
