@@ -238,6 +238,7 @@ def run_job(job: Job, model: ModelArgs, device: str) -> dict[str, Any]:
         "device": str(llm.engine.device),
         "dtype": str(llm.engine.dtype).removeprefix("torch."),
         "model": llm.engine.model_name,
+        "torch": torch.__version__,
         "load_s": load_s,
         "run_s": run_s,
         "tasks": [task_result(t, o) for t, o in zip(job.tasks, outputs, strict=True)],

@@ -39,9 +39,12 @@ def _settings_md(report: dict[str, Any]) -> str:
     s = report["settings"]
     # The devices the jobs ran on ("auto" resolved); reused jobs keep theirs.
     devices = sorted({j["device"] for j in report["jobs"]}) or s["devices"]
+    # Likewise the torch they ran with (jobs from before it was recorded: this one's).
+    torch_versions = sorted({j.get("torch", s["torch"]) for j in report["jobs"]}) or [s["torch"]]
     return (
         f"`{s['command']}`\n\n"
-        f"Model {s['model']}, {s['dtype']}, on {', '.join(devices)}, torch {s['torch']}; "
+        f"Model {s['model']}, {s['dtype']}, on {', '.join(devices)}, "
+        f"torch {', '.join(torch_versions)}; "
         f"text {Path(s['text']).name} ({s['text_tokens']} tokens), {s['windows']} window(s) of "
         f"{s['window']} tokens. Jobs took {s['jobs_s'] / 60:.1f} min (model loads included); "
         f"this invocation {s['wall_s'] / 60:.1f} min."

@@ -109,6 +109,9 @@ def test_writes_every_output(full_run):
     # One line per job, each with the results of all its requests.
     lines = (out / "jobs.jsonl").read_text().splitlines()
     assert len(lines) == len(report["jobs"]) == 5 + 3  # five policies' main jobs, three chunks
+    # Each job records the torch it ran with; the report names those, not the reader's.
+    assert {job["torch"] for job in report["jobs"]} == {torch.__version__}
+    assert f"torch {torch.__version__};" in text
 
 
 def test_report_structure(full_run):
