@@ -140,6 +140,8 @@ class ChunkAttention:
         self.length = length
         self.capacity = capacity
         self.chunk_positions = torch.arange(start, start + length, device=device)  # [C]
+        self._mask_cache: torch.Tensor | None = None
+        self._causal_bias = causal_lower_right(length, entries + length)
         # Per layer that evicted: [R, entries + C], tokens back from the chunk's last position
         # of each dropped entry, -1 for kept ones (fixed size: no host sync to filter).
         self.evicted_ages: list[torch.Tensor] = []
@@ -168,17 +170,20 @@ class ChunkAttention:
         mask = self._mask(queries.device)
         # On CUDA the same mask as a lower-right causal bias: SDPA can take its flash kernel.
         # Grouped-query heads share their K/V inside SDPA: no per-head copies of the state.
-        bias = causal_lower_right(length, self.entries + length) if queries.is_cuda else mask
+        bias = self._causal_bias if queries.is_cuda else mask
         gqa = queries.shape[1] != keys.shape[1]
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, enable_gqa=gqa)
         self._keep(layer, queries, keys, values, mask)
         return out.transpose(1, 2).reshape(rows * length, out.shape[1], out.shape[-1])
 
     def _mask(self, device: torch.device) -> torch.Tensor:
-        """[C, n+C] bool: every state entry, and the chunk causally."""
-        chunk = torch.ones(self.length, self.length, dtype=torch.bool, device=device).tril()
-        past = torch.ones(self.length, self.entries, dtype=torch.bool, device=device)
-        return torch.cat((past, chunk), dim=1)
+        """[C, n+C] bool: every state entry, and the chunk causally. The same for every
+        layer: built on first use (a step's host time is mostly kernel launches)."""
+        if self._mask_cache is None:
+            chunk = torch.ones(self.length, self.length, dtype=torch.bool, device=device).tril()
+            past = torch.ones(self.length, self.entries, dtype=torch.bool, device=device)
+            self._mask_cache = torch.cat((past, chunk), dim=1)
+        return self._mask_cache
 
     def _probs(self, queries, keys, mask) -> torch.Tensor:
         """Head-averaged attention probabilities of the given queries: [R, C', n+C].
