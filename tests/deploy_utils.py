@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.server_utils import REPO, free_port
+from tests.server_utils import REPO, free_port, wait_until_ok
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
@@ -139,17 +138,9 @@ class PrometheusProcess:
         )
 
     def wait_ready(self, timeout_s: float = 60.0) -> PrometheusProcess:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"prometheus not ready:\n{self.log_path.read_text()}")
+        wait_until_ok(self.process, f"{self.url}/-/ready", timeout_s, 0.2,
+                      lambda why: f"prometheus {why}:\n{self.log_path.read_text()}")
+        return self
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)

@@ -3,6 +3,7 @@ The fixtures that start them live in `tests/server_fixtures.py`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def call(app, method: str, path: str, **kwargs) -> httpx.Response:
+    """One request to an ASGI app in-process (no socket)."""
+
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(run())
+
+
+def wait_until_ok(process: subprocess.Popen, url: str, timeout_s: float, poll_s: float,
+                  describe: Callable[[str], str]) -> None:
+    """Poll `url` until it answers 200; raise RuntimeError(describe(why)) if the process
+    exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(describe(f"exited with {process.returncode}"))
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)
+    raise RuntimeError(describe(f"not ready after {timeout_s} s"))
+
+
 class ServerProcess:
     """`python -m server ...` on a free loopback port; `url` once /health answers 200."""
 
@@ -42,17 +72,9 @@ class ServerProcess:
         )
 
     def wait_ready(self) -> ServerProcess:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log()}")
+        wait_until_ok(self.process, f"{self.url}/health", START_TIMEOUT_S, 0.25,
+                      lambda why: f"server {why}:\n{self.log()}")
+        return self
 
     def log(self) -> str:
         self._log.flush()

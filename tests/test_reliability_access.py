@@ -4,7 +4,6 @@ open unless --protect-metrics; logs with request ids and timings but no prompt t
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -17,7 +16,7 @@ import pytest
 from server import ServerSettings, create_app
 from server.cli import main
 from server.request_log import MAX_LOGGED_BODY_CHARS
-from tests.server_utils import API_KEY, auth_headers
+from tests.server_utils import API_KEY, auth_headers, call
 from tests.tiny_chat_model import save_tiny_chat_model
 from tova_engine import AsyncEngine, EngineConfig
 from tova_engine.loader import load_source
@@ -33,15 +32,6 @@ def engine(tiny_chat_model):
                                       max_num_seqs=2))
     yield engine
     engine.shutdown()
-
-
-def call(app, method: str, path: str, **kwargs) -> httpx.Response:
-    async def run() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            return await client.request(method, path, **kwargs)
-
-    return asyncio.run(run())
 
 
 # ----- the key ------------------------------------------------------------------------------

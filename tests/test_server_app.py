@@ -3,7 +3,6 @@ server cannot be made to do on demand: a failing engine step, a dead engine loop
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 from server import ServerSettings, create_app
 from server.admission import Admission
 from server.errors import APIError
-from tests.server_utils import Metrics
+from tests.server_utils import Metrics, call
 from tova_engine import AsyncEngine, EngineConfig
 
 BODY = {"prompt": [3, 4, 5], "max_tokens": 4, "ignore_eos": True}
@@ -28,15 +27,6 @@ def engine(tiny_llama):
     engine = make_engine(tiny_llama)
     yield engine
     engine.shutdown()
-
-
-def call(app, method: str, path: str, **kwargs) -> httpx.Response:
-    async def run() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            return await client.request(method, path, **kwargs)
-
-    return asyncio.run(run())
 
 
 def sse_events(response: httpx.Response) -> list:
