@@ -231,15 +231,7 @@ def bench_small_batch1(args) -> list[dict]:
     rows = []
     for name, options in modes.items():
         free_memory()
-        config = EngineConfig(
-            model=args.small_model,
-            load_format="dummy",
-            dtype=args.dtype,
-            device=args.device,
-            state_size=256,
-            max_num_seqs=1,
-            **options,
-        )
+        config = small_model_config(args, max_num_seqs=1, **options)
         result, log = run_engine(config, prompts, args.small_output_len)
         step_s = log.median_decode_s(1)
         result.update(mode=name, decode_step_ms=1e3 * step_s, decode_tok_s=1 / step_s)
@@ -247,20 +239,24 @@ def bench_small_batch1(args) -> list[dict]:
     return rows
 
 
-def bench_memory(args) -> dict:
-    """GPU memory in use after the first and the last of `--memory-tokens` generated tokens."""
-    early, late = args.memory_tokens
-    vocab = ModelConfig.from_hf(read_json(Path(args.small_model))).vocab_size
-    free_memory()
-    config = EngineConfig(
+def small_model_config(args, **options) -> EngineConfig:
+    """The small-model sections' engine: dummy weights of `--small-model`'s shapes, S = 256."""
+    return EngineConfig(
         model=args.small_model,
         load_format="dummy",
         dtype=args.dtype,
         device=args.device,
         state_size=256,
-        max_num_seqs=4,
-        max_model_len=args.input_len + late,
+        **options,
     )
+
+
+def bench_memory(args) -> dict:
+    """GPU memory in use after the first and the last of `--memory-tokens` generated tokens."""
+    early, late = args.memory_tokens
+    vocab = ModelConfig.from_hf(read_json(Path(args.small_model))).vocab_size
+    free_memory()
+    config = small_model_config(args, max_num_seqs=4, max_model_len=args.input_len + late)
     readings: dict[int, int] = {}
     engine = LLMEngine(config)
     for i, prompt in enumerate(random_prompts(4, args.input_len, vocab)):
