@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from tova_engine import SamplingParams
 from tova_engine.config import EngineConfig
 from tova_engine.engine import LLMEngine
+from tova_engine.request import Request
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,14 +52,14 @@ class StepTimer:
         ))
         self.vocab = self.engine.model_config.vocab_size
         self.rng = random.Random(0)
-        self.count = 0
+        self.requests: list[Request] = []  # every request added, finished or not
 
     def add(self, number: int, input_len: int, max_tokens: int) -> None:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         for _ in range(number):
             prompt = [self.rng.randrange(3, self.vocab) for _ in range(input_len)]
-            self.engine.add_request(f"r{self.count}", prompt, params)
-            self.count += 1
+            request_id = f"r{len(self.requests)}"
+            self.requests.append(self.engine.add_request(request_id, prompt, params))
 
     def timed_step(self) -> float:
         sync()
@@ -68,16 +69,17 @@ class StepTimer:
         return time.perf_counter() - start
 
     def drain(self) -> None:
-        for request_id in list(self.engine._requests):
-            self.engine.abort_request(request_id)
+        for request in self.requests:
+            self.engine.abort_request(request.request_id)  # a no-op once it has finished
         while self.engine.has_unfinished_requests():
             self.engine.step()
 
     def start_decodes(self) -> None:
         """`decodes` sequences past their prefill, with many tokens still to go."""
         self.add(self.args.decodes, 16, self.engine.max_model_len - 16)
+        decoding = self.requests[-self.args.decodes :]
         while self.engine.num_waiting or any(
-            not r.sequences[0].output_token_ids for r in self.engine._requests.values()
+            not r.sequences[0].output_token_ids for r in decoding
         ):
             self.engine.step()
 

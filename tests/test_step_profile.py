@@ -25,7 +25,7 @@ def test_measures_every_step_kind_and_prints_the_profile(tiny_llama, capsys):
 def test_decode_phase_has_every_sequence_past_its_prompt(tiny_llama):
     timer = StepTimer(args_for(tiny_llama))
     timer.start_decodes()
-    requests = list(timer.engine._requests.values())
+    requests = timer.requests
     assert len(requests) == 3 and timer.engine.num_waiting == 0
     assert all(r.sequences[0].output_token_ids for r in requests)
     timer.drain()
