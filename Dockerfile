@@ -44,11 +44,13 @@ USER 10001:10001
 WORKDIR /home/tova
 EXPOSE 8000
 
-# The image has no curl; Python is there anyway. urlopen raises on a non-2xx answer, so a
-# stopped engine loop (/health 503) marks the container unhealthy. Loading a hub model may
-# download gigabytes first: the start period leaves time for that.
+# The image has no curl; Python is there anyway. urlopen raises on a non-2xx answer. /ready
+# is 200 only while the model is loaded, the engine core runs and the server is not
+# draining, so compose starts Prometheus after it and marks a core that is restarting (or
+# gave up) unhealthy; /health is the liveness probe (docs/serving.md, Kubernetes). Loading a
+# hub model may download gigabytes first: the start period leaves time for that.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
 
 # Listen on every interface and the fixed port the healthcheck probes; compose (or
 # `docker run IMAGE --model ...`) appends the model and engine flags.

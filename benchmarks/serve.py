@@ -190,6 +190,15 @@ def server_view(before: dict, after: dict) -> dict[str, float | None]:
                                      phase="prefill"),
         "server_itl_s": mean_delta(before, after, "tova_inter_token_latency_seconds"),
         "batch_size": mean_delta(before, after, "tova_batch_size"),
+        **{f"{phase}_steps": _total(after, "tova_step_duration_seconds_count", phase=phase)
+           - _total(before, "tova_step_duration_seconds_count", phase=phase)
+           for phase in ("decode", "prefill")},
+        **{f"{phase}_seconds": _total(after, "tova_step_duration_seconds_sum", phase=phase)
+           - _total(before, "tova_step_duration_seconds_sum", phase=phase)
+           for phase in ("decode", "prefill")},
+        # CPU seconds of the server's front-end process (HTTP, detokenizing, streaming).
+        "frontend_cpu_s": _total(after, "process_cpu_seconds_total")
+        - _total(before, "process_cpu_seconds_total"),
     }
 
 
@@ -270,11 +279,17 @@ def print_table(s: dict) -> None:
         ("Mean decode step (ms)", server["decode_step_s"], 1000),
         ("Mean prefill step (ms)", server["prefill_step_s"], 1000),
         ("Mean batch size", server["batch_size"], 1),
+        ("Decode steps", server["decode_steps"], 1),
+        ("Prefill steps (ran prompt tokens)", server["prefill_steps"], 1),
+        ("Time in prefill steps (s)", server["prefill_seconds"], 1),
         ("Mean server-side ITL (ms)", server["server_itl_s"], 1000),
         ("Mean ITL - mean decode step (ms)", extra.get("added_vs_decode_step_ms"), 1),
         ("  as share of decode step (%)", extra.get("added_vs_decode_step_ratio"), 100),
         ("HTTP only: ITL - server-side ITL (ms)", extra.get("http_only_ms"), 1),
         ("  as share of decode step (%)", extra.get("http_only_ratio"), 100),
+        # Near 100 %: that process is the bottleneck (one Python thread at a time).
+        ("Server front end CPU busy (%)", server["frontend_cpu_s"] / s["duration_s"], 100),
+        ("Benchmark client CPU busy (%)", s["client_cpu_s"] / s["duration_s"], 100),
     ):
         rows.append((label, None if value is None else value * scale))
     print(f"{' Serving Benchmark Result ':=^60}")
@@ -371,9 +386,12 @@ def main(argv: list[str] | None = None) -> dict:
             asyncio.run(run_requests(args.base_url, headers, model,
                                      make_prompts(tokens, warmup, rng), warmup, rng))
         before = scrape(client)
+        cpu_before = time.process_time()
         results, duration = asyncio.run(
             run_requests(args.base_url, headers, model, prompts, args, rng))
+        client_cpu_s = time.process_time() - cpu_before
         summary = summarize(results, duration, server_view(before, scrape(client)), args)
+        summary["client_cpu_s"] = client_cpu_s
     print_table(summary)
     if args.result_file:
         Path(args.result_file).write_text(json.dumps(summary, indent=2) + "\n")

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from tova_engine import SamplingParams
 from tova_engine.config import EngineConfig
 from tova_engine.engine import LLMEngine
-from tova_engine.request import Request
+from tova_engine.request_builder import PreparedRequest
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,9 +50,9 @@ class StepTimer:
             max_num_seqs=args.decodes + args.prompts,
             max_num_batched_tokens=max(2048, args.decodes + args.prompts * args.input_len),
         ))
-        self.vocab = self.engine.model_config.vocab_size
+        self.vocab = self.engine.core.model_config.vocab_size
         self.rng = random.Random(0)
-        self.requests: list[Request] = []  # every request added, finished or not
+        self.requests: list[PreparedRequest] = []  # every request added, finished or not
 
     def add(self, number: int, input_len: int, max_tokens: int) -> None:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -79,7 +79,7 @@ class StepTimer:
         self.add(self.args.decodes, 16, self.engine.max_model_len - 16)
         decoding = self.requests[-self.args.decodes :]
         while self.engine.num_waiting or any(
-            not r.sequences[0].output_token_ids for r in decoding
+            not r.state.sequences[0].token_ids for r in decoding
         ):
             self.engine.step()
 
@@ -92,7 +92,7 @@ def sync() -> None:
 def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     """Prints the step times and the profile; returns the measured seconds per step kind."""
     timer = StepTimer(args)
-    print(f"device {timer.engine.device}, {timer.engine.dtype}, kernels {args.kernels}")
+    print(f"device {timer.engine.core.device}, {timer.engine.core.dtype}, kernels {args.kernels}")
     decode, prefill, mixed = [], [], []
     for _ in range(args.repeats + 1):  # the first round warms up (compiles, graph capture)
         timer.add(args.prompts, args.input_len, 1)

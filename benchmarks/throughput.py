@@ -111,7 +111,7 @@ def run_engine(config: EngineConfig, prompts, output_len: int) -> tuple[dict, St
     while engine.has_unfinished_requests():
         for out in engine.step():
             generated += len(out.outputs[0].token_ids)
-        scheduler = engine.scheduler
+        scheduler = engine.core.scheduler
         prefilling = scheduler.num_waiting or any(r.prefilling for r in scheduler.running)
         if first_token_s is None and not prefilling:
             first_token_s = time.perf_counter() - started
@@ -122,8 +122,8 @@ def run_engine(config: EngineConfig, prompts, output_len: int) -> tuple[dict, St
         "seconds": elapsed,
         "output_tok_s": generated / elapsed,
         "prefill_s": first_token_s,
-        "state_bytes_per_seq": engine.state_bytes_per_sequence,
-        "cuda_graphs": engine.runner.graphs is not None,
+        "state_bytes_per_seq": engine.info.state_bytes_per_sequence,
+        "cuda_graphs": engine.core.runner.graphs is not None,
     }
     del engine
     return result, log
@@ -264,7 +264,7 @@ def bench_memory(args) -> dict:
     started = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
-        running = engine.scheduler.running
+        running = engine.core.scheduler.running
         generated = len(running[0].sequences[0].output_token_ids) if running else late
         if generated in (early, late - 1) and generated not in readings:
             sync()
@@ -274,7 +274,7 @@ def bench_memory(args) -> dict:
         "allocated_bytes": [readings.get(early), readings.get(late - 1)],
         "constant": readings.get(early) == readings.get(late - 1),
         "seconds": time.perf_counter() - started,
-        "state_bytes_total": engine.state.total_bytes(),
+        "state_bytes_total": engine.core.state.total_bytes(),
     }
 
 

@@ -2,4 +2,6 @@
 
 from server.cli import main
 
-main()
+# The engine core process is spawned: it imports this module again as `__mp_main__`.
+if __name__ == "__main__":
+    main()

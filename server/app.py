@@ -22,24 +22,24 @@ from tova_engine import AsyncEngine, __version__
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
     """The caller owns the engine (and shuts it down after the server stops)."""
     settings = settings or ServerSettings()
-    llm = engine.engine
-    names = settings.served_model_names or (llm.model_name,)
+    info = engine.info
+    names = settings.served_model_names or (info.model_name,)
     metrics = _metrics(engine, names[0])
-    admission = Admission(lambda: llm.num_running, settings.max_queue_len,
+    admission = Admission(lambda: engine.last_stats.num_running, settings.max_queue_len,
                           settings.retry_after_s)
     metrics.bind_gauges(
-        running=lambda: llm.num_running, waiting=admission.waiting,
-        slots_used=lambda: llm.slots_used, slots_total=llm.config.max_num_seqs,
-        memory_bytes=llm.state.total_bytes(),
+        running=lambda: engine.last_stats.num_running, waiting=admission.waiting,
+        slots_used=lambda: engine.last_stats.slots_used, slots_total=info.max_num_seqs,
+        memory_bytes=info.state_total_bytes,
     )
     app = FastAPI(title="tova-server", version=__version__)
     app.state.context = ServerContext(engine, settings, metrics, admission, names, Drain())
     install_error_handlers(app)
     install_openapi(app, names, {
-        "n": llm.config.max_num_seqs, "state_size": llm.config.state_size,
+        "n": info.max_num_seqs, "state_size": info.state_size,
         # A prompt has at least one token.
-        "max_tokens": llm.max_model_len - 1, "max_completion_tokens": llm.max_model_len - 1,
-    }, llm.model_config.vocab_size)
+        "max_tokens": info.max_model_len - 1, "max_completion_tokens": info.max_model_len - 1,
+    }, info.vocab_size)
     routers = [module.router for module in (completions, chat, models, tokenize, system)]
     for router in routers:
         app.include_router(router)
@@ -63,14 +63,12 @@ def _add_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetri
 
 
 def _metrics(engine: AsyncEngine, model_name: str) -> ServerMetrics:
-    llm = engine.engine
-    config = llm.config
-    metrics = ServerMetrics(model_name, llm.max_model_len, config.max_num_seqs)
+    info = engine.info
+    metrics = ServerMetrics(model_name, info.max_model_len, info.max_num_seqs)
     metrics.set_engine_info(
-        policy=config.policy, state_size=config.state_size, max_num_seqs=config.max_num_seqs,
-        dtype=str(llm.dtype).removeprefix("torch."), device=str(llm.device),
+        policy=info.policy, state_size=info.state_size, max_num_seqs=info.max_num_seqs,
+        dtype=info.dtype, device=info.device,
     )
-    # The engine was built before the served name (a label value) was known, so the
-    # callback is attached now; the engine thread reads the attribute at every step.
-    llm.stats_callback = metrics.observe_step
+    engine.on_stats(metrics.observe_step)
+    engine.on_restart(metrics.engine_restarts.inc)
     return metrics

@@ -35,11 +35,11 @@ class ServerContext:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.info.max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.engine.model_config.vocab_size
+        return self.engine.info.vocab_size
 
     def resolve_model(self, requested: str | None) -> str:
         """The name responses report; 404 for a model this server does not serve."""
@@ -51,7 +51,7 @@ class ServerContext:
         return requested
 
     def require_engine(self) -> None:
-        if not self.engine.is_running:
+        if not self.engine.is_ready:
             raise APIError(503, "the engine is not running; the server cannot serve requests",
                            code="engine_dead")
 

@@ -7,7 +7,6 @@ an unexpected exception becomes a 500 whose body carries no traceback.
 from __future__ import annotations
 
 import logging
-import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -16,7 +15,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.protocol.common import ErrorInfo, ErrorResponse
-from tova_engine import EngineDeadError, RequestFailedError
+from tova_engine import EngineDeadError, InvalidRequestError, RequestFailedError
 
 logger = logging.getLogger("server")
 
@@ -31,7 +30,6 @@ _TYPES = {
     500: "server_error",
     503: "server_error",
 }
-_LEADING_NAME = re.compile(r"^([a-z_]+)\b")
 # pydantic's error types for a body that is not an object (or is missing).
 _NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type", "missing"})
 
@@ -73,16 +71,17 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 def from_value_error(exc: ValueError, params: dict[str, str]) -> APIError:
-    """The engine's and SamplingParams' messages start with the field they reject
-    ("temperature must be >= 0"); `params` maps such a name to the request's field."""
+    """The engine names the parameter it refuses (`InvalidRequestError.param`); `params`
+    maps the engine's name to this request's field."""
     message = str(exc)
-    match = _LEADING_NAME.match(message)
-    name = match.group(1) if match else None
+    name = exc.param if isinstance(exc, InvalidRequestError) else None
     param = params.get(name) if name else None
     if param is not None and param != name:
         # Speak the client's language: "top_logprobs must be <= 20", not "logprobs ...".
-        rest = message[len(name):]
-        message = f"{param}: {message}" if name == "prompt" else param + rest
+        if name == "prompt" or not message.startswith(name):
+            message = f"{param}: {message}"
+        else:
+            message = param + message[len(name):]
     return bad_request(message, param)
 
 

@@ -7,15 +7,19 @@ A server started with `--enable-fault-injection` honours the request header
     nan-logits:N    model); with N, only once it has N tokens. The sampler sees a non-finite
                     row and the engine fails that request alone: HTTP 500, or an error event
                     in a stream; its slot is freed and the batch's other requests go on.
-    kill-engine     the engine step raises an error it does not contain, so the engine loop
-                    dies: /health and every request get 503 from then on.
-    delay:SECONDS   each token of this request takes SECONDS longer (the engine thread
+    fail-step       the engine step raises an ordinary error: every request in that step
+                    fails (HTTP 500, or an error event), and the engine goes on.
+    kill-engine     the engine step raises an error it does not contain, so the engine core
+                    process exits: every request in flight ends with an error at once,
+                    /ready is 503 while the server restarts the core, then 200 again.
+    delay:SECONDS   each token of this request takes SECONDS longer (the engine core
                     sleeps): a slow request, to have something in flight.
 
-The faults are logits processors, the engine's own per-request hook: they run on the engine
-thread inside the step, exactly where a real fault would arise, and the engine needs no test
-code. A header rather than a body field keeps the API's schema (and its strict refusal of
-unknown fields) the same with the flag on or off.
+The faults are logits processors, the engine's own per-request hook: they run in the engine
+core process inside the step, exactly where a real fault would arise, and the engine needs
+no test code (they travel there pickled, so they are module-level names). A header rather
+than a body field keeps the API's schema (and its strict refusal of unknown fields) the same
+with the flag on or off.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from server.errors import bad_request
 from tova_engine.sampling_params import LogitsProcessor
 
 HEADER = "x-tova-fault"
-USAGE = "X-Tova-Fault must be nan-logits, nan-logits:N, kill-engine or delay:SECONDS"
+USAGE = "X-Tova-Fault must be nan-logits, nan-logits:N, fail-step, kill-engine or delay:SECONDS"
 
 
 class EngineKilled(BaseException):
@@ -47,6 +51,8 @@ def parse_fault(value: str) -> LogitsProcessor:
     name, _, argument = value.strip().partition(":")
     if name == "nan-logits":
         return _NanLogits(_number(argument or "0", int))
+    if name == "fail-step" and not argument:
+        return _fail_step
     if name == "kill-engine" and not argument:
         return _kill_engine
     if name == "delay" and argument:
@@ -74,6 +80,10 @@ class _NanLogits:
         if len(output_ids) >= self.after:
             logits.fill_(math.nan)
         return logits
+
+
+def _fail_step(output_ids: list[int], logits: Any) -> Any:
+    raise RuntimeError("simulated device fault (X-Tova-Fault: fail-step)")
 
 
 def _kill_engine(output_ids: list[int], logits: Any) -> Any:

@@ -17,6 +17,7 @@ from server.errors import from_value_error
 from server.metrics.request_tracker import RequestTracker
 from server.request_log import GenerationRecord
 from tova_engine import RequestOutput, SamplingParams
+from tova_engine.request_builder import PreparedRequest
 
 _DONE = object()
 
@@ -25,17 +26,17 @@ def prepare_run(ctx: ServerContext, request_id: str, prompts: list[list[int]],
                 params: SamplingParams, error_names: dict[str, str]) -> GenerationRun:
     """Validate every prompt against the engine's limits, then take queue places (429)."""
     ctx.require_engine()
-    for prompt in prompts:
+    prepared = []
+    for index, prompt in enumerate(prompts):
         try:
-            # Safe off the engine thread: it validates and builds, it does not enqueue.
-            ctx.engine.engine.build_request(request_id, prompt, params)
+            prepared.append(ctx.engine.prepare(prompt, params, f"{request_id}-{index}"))
         except ValueError as exc:
             raise from_value_error(exc, error_names) from None
-    return GenerationRun(ctx, request_id, prompts, params)
+    return GenerationRun(ctx, request_id, prepared, params)
 
 
 class GenerationRun:
-    def __init__(self, ctx: ServerContext, request_id: str, prompts: list[list[int]],
+    def __init__(self, ctx: ServerContext, request_id: str, prompts: list[PreparedRequest],
                  params: SamplingParams) -> None:
         self._ctx = ctx
         self._request_id = request_id
@@ -43,7 +44,8 @@ class GenerationRun:
         self._params = params
         self._ticket = ctx.admission.admit(len(prompts))
         self._stream = self._outputs()
-        self.record = GenerationRecord(request_id, sum(len(prompt) for prompt in prompts))
+        self.record = GenerationRecord(
+            request_id, sum(len(p.core.prompt_token_ids) for p in prompts))
 
     def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         return self._stream
@@ -95,9 +97,7 @@ class GenerationRun:
         unfinished = "abort"  # unless it finishes or fails, the client went away
         counted = True
         try:
-            async with aclosing(self._ctx.engine.generate(
-                self._prompts[index], self._params, f"{self._request_id}-{index}",
-            )) as stream:
+            async with aclosing(self._ctx.engine.generate(self._prompts[index])) as stream:
                 async for output in stream:
                     tracker.observe(output)
                     self.record.observe(output)

@@ -11,6 +11,10 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 2**20
 # Below `docker stop`'s grace (10 s, then SIGKILL) and Kubernetes' (30 s), so the drain ends
 # before the process is killed; raise it together with the orchestrator's.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 8.0
+# Longer than the idle expiry of the clients and proxies in front (httpx 5 s; nginx's upstream
+# keepalive_timeout and AWS ALB 60 s), so that they, not the server, close an idle connection:
+# a client never sends a request into a close already under way (docs/serving.md).
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,8 @@ class ServerSettings:
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     # After SIGTERM/SIGINT, how long in-flight requests may run before they are cut.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    # Seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive).
+    timeout_keep_alive_s: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S
     # One log line per HTTP request (id, status, timings); never the prompt text.
     access_log: bool = True
     # Also log each generation request's prompt and parameters (they may hold private data).
@@ -50,11 +56,17 @@ class ServerSettings:
             raise ValueError("max_request_body_bytes must be an integer >= 1; got "
                              f"{self.max_request_body_bytes!r}")
         timeout = self.shutdown_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            math.isfinite(timeout) and timeout >= 0
-        ):
+        if not (_finite_number(timeout) and timeout >= 0):
             raise ValueError(f"shutdown_timeout_s must be a number >= 0; got {timeout!r}")
+        keep_alive = self.timeout_keep_alive_s
+        if not (_finite_number(keep_alive) and keep_alive > 0):
+            raise ValueError(f"timeout_keep_alive_s must be a number > 0; got {keep_alive!r}")
 
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))

@@ -56,10 +56,27 @@ class StreamResult:
         if event.get("usage") and not event["choices"]:
             self.usage = event["usage"]
         for choice in event["choices"]:
-            if _carries_token(choice):
-                self.tokens[choice["index"]] = self.tokens.get(choice["index"], 0) + 1
+            count = _token_count(choice)
+            if count:
+                self.tokens[choice["index"]] = self.tokens.get(choice["index"], 0) + count
             if choice.get("finish_reason"):
                 self.finish[choice["index"]] = choice["finish_reason"]
+
+
+def with_token_logprobs(path: str, body: dict) -> dict:
+    """`body` asking for each token's log-prob, so a stream's chunks say how many tokens they
+    carry: a stream that falls behind gets several tokens merged into one chunk."""
+    logprobs = {"logprobs": True} if path.endswith("chat/completions") else {"logprobs": 0}
+    return {**body, **logprobs}
+
+
+def _token_count(choice: dict) -> int:
+    logprobs = choice.get("logprobs")
+    if logprobs:
+        entries = logprobs.get("tokens", logprobs.get("content"))
+        if entries is not None:
+            return len(entries)
+    return 1 if _carries_token(choice) else 0
 
 
 def _carries_token(choice: dict) -> bool:

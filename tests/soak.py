@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from tests.reliability_utils import read_stream
+from tests.reliability_utils import read_stream, with_token_logprobs
 
 WORDS = ("state", "token", "river", "seven", "quiet", "lamp", "orbit", "paper", "green",
          "north", "glass", "every", "window", "number", "slow", "bright")
@@ -52,6 +52,8 @@ def make_request(rng: random.Random) -> SoakRequest:
             body["prompt"] = [rng.randint(5, 250) for _ in range(prompt_tokens)]
         else:
             body["prompt"] = _text(rng, 60)
+    if stream:  # log-probs say how many tokens a chunk carries (a lagging stream merges)
+        body.update(with_token_logprobs(path, {}))
     return SoakRequest(path, body, stream, n, max_tokens, prompt_tokens)
 
 

@@ -1,8 +1,13 @@
-"""AsyncEngine: streams, aborts and failures, with the loop on its own thread."""
+"""AsyncEngine: the core in its own process. Outputs through the process boundary equal the
+in-process engine's; streams, aborts, failures; a killed core fails what was in flight,
+restarts, and serves again."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -12,24 +17,31 @@ from tova_engine import (
     AsyncEngine,
     EngineConfig,
     EngineDeadError,
+    InvalidRequestError,
+    LLMEngine,
     RequestFailedError,
     SamplingParams,
 )
+from tova_engine.core_client import RestartPolicy
+
+CONFIG = dict(dtype="float64", device="cpu", state_size=8, max_num_seqs=6, prefill_chunk_size=4)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama):
-    config = EngineConfig(
-        model=str(tiny_llama),
-        dtype="float64",
-        device="cpu",
-        state_size=8,
-        max_num_seqs=4,
-        prefill_chunk_size=4,
-    )
-    async_engine = AsyncEngine(config)
+def config(tiny_llama) -> EngineConfig:
+    return EngineConfig(model=str(tiny_llama), **CONFIG)
+
+
+@pytest.fixture(scope="module")
+def engine(config):
+    async_engine = AsyncEngine(config, restart_policy=RestartPolicy(backoff_s=0.1))
     yield async_engine
     async_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def in_process(config) -> LLMEngine:
+    return LLMEngine(config)
 
 
 def greedy(max_tokens: int, kind: str = "delta", **extra) -> SamplingParams:
@@ -46,8 +58,62 @@ async def collect(engine, prompt, params, request_id=None):
     return tokens, outputs
 
 
-def test_concurrent_streams_match_offline(engine):
-    offline = engine.engine  # same weights: compare with a request run alone first
+def run_in_process(engine: LLMEngine, prompt, params: SamplingParams):
+    """The same request through the in-process engine, outputs merged per choice."""
+    engine.add_request(f"ref-{time.monotonic_ns()}", prompt, params)
+    merged: dict[int, dict] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for choice in out.outputs:
+                entry = merged.setdefault(choice.index, {"tokens": [], "logprobs": [],
+                                                         "text": ""})
+                entry["tokens"] += choice.token_ids
+                entry["logprobs"] += choice.logprobs or []
+                entry["text"] += choice.text
+                entry["finish"] = (choice.finish_reason, choice.stop_reason)
+                entry["state"] = choice.state_positions
+    return merged
+
+
+async def run_async(engine: AsyncEngine, prompt, params: SamplingParams):
+    merged: dict[int, dict] = {}
+    async for out in engine.generate(prompt, params):
+        for choice in out.outputs:
+            entry = merged.setdefault(choice.index, {"tokens": [], "logprobs": [], "text": ""})
+            entry["tokens"] += choice.token_ids
+            entry["logprobs"] += choice.logprobs or []
+            entry["text"] += choice.text
+            entry["finish"] = (choice.finish_reason, choice.stop_reason)
+            entry["state"] = choice.state_positions
+    return merged
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        greedy(12, logprobs=3, return_state=True),
+        SamplingParams(n=3, seed=7, temperature=0.8, max_tokens=9, logprobs=1,
+                       return_state=True, output_kind="delta"),
+        SamplingParams(max_tokens=0, prompt_logprobs=2, output_kind="delta"),
+        greedy(10, stop_token_ids=[37], logprobs=0),
+    ],
+    ids=["greedy-logprobs-state", "n3-seeded", "prompt-logprobs", "stop-token"],
+)
+def test_outputs_equal_the_in_process_engine(engine, in_process, params):
+    expected = run_in_process(in_process, PROMPT, params)
+    got = asyncio.run(run_async(engine, PROMPT, params))
+    assert got.keys() == expected.keys()
+    for index in expected:
+        assert got[index]["tokens"] == expected[index]["tokens"]
+        assert got[index]["finish"] == expected[index]["finish"]
+        assert got[index]["state"] == expected[index]["state"]
+        for ours, ref in zip(got[index]["logprobs"], expected[index]["logprobs"], strict=True):
+            assert {t: (lp.logprob, lp.rank) for t, lp in ours.items()} == {
+                t: (lp.logprob, lp.rank) for t, lp in ref.items()
+            }
+
+
+def test_concurrent_streams_match_a_request_alone(engine):
     alone, _ = asyncio.run(collect(engine, PROMPT, greedy(10)))
 
     async def many():
@@ -58,7 +124,24 @@ def test_concurrent_streams_match_offline(engine):
     for _, outputs in results:
         assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
         assert not any(o.finished for o in outputs[:-1])
-    assert offline.slots_used == 0
+    wait_for(lambda: engine.last_stats.slots_used == 0)
+
+
+def test_a_slow_consumer_gets_every_token_in_fewer_outputs(engine):
+    alone, _ = asyncio.run(collect(engine, PROMPT, greedy(40, logprobs=1)))
+
+    async def slow():
+        tokens, chunks = [], 0
+        async for out in engine.generate(PROMPT, greedy(40, logprobs=1)):
+            choice = out.outputs[0]
+            assert len(choice.logprobs) == len(choice.token_ids)
+            tokens += choice.token_ids
+            chunks += 1
+            await asyncio.sleep(0.05)  # the engine runs ahead; its outputs pile up
+        return tokens, chunks
+
+    tokens, chunks = asyncio.run(slow())
+    assert tokens == alone and chunks < len(alone)
 
 
 def test_cumulative_and_final_output_kinds(engine):
@@ -68,33 +151,44 @@ def test_cumulative_and_final_output_kinds(engine):
     assert len(final) == 1 and len(final[0].outputs[0].token_ids) == 5
 
 
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
 def test_closing_stream_aborts_and_frees_slot(engine):
     async def run():
         stream = engine.generate(PROMPT, greedy(500))
         await stream.__anext__()
+        assert engine.last_stats.slots_used == 1
         await stream.aclose()
-        for _ in range(100):
-            if engine.engine.slots_used == 0 and not engine.engine.has_unfinished_requests():
-                return True
-            await asyncio.sleep(0.01)
-        return False
-
-    assert asyncio.run(run())
-
-
-def test_bad_input_raises_before_first_output(engine):
-    async def run():
-        with pytest.raises(ValueError, match="state_size"):
-            await collect(engine, PROMPT, greedy(3, state_size=100))
 
     asyncio.run(run())
-    assert engine.is_running
+    wait_for(lambda: engine.last_stats.slots_used == 0 and engine.last_stats.num_running == 0)
+
+
+def test_bad_input_names_its_parameter_before_first_output(engine):
+    async def run():
+        with pytest.raises(InvalidRequestError, match="state_size") as caught:
+            await collect(engine, PROMPT, greedy(3, state_size=100))
+        return caught.value.param
+
+    assert asyncio.run(run()) == "state_size"
+    with pytest.raises(InvalidRequestError) as caught:
+        SamplingParams(logprobs=99)
+    assert caught.value.param == "logprobs"
+    assert engine.is_ready
+
+
+def poison(token_ids, logits):
+    """A logits processor that breaks its row once the request has a token (picklable: the
+    core process imports it by name)."""
+    return torch.full_like(logits, float("inf")) if token_ids else logits
 
 
 def test_request_failure_is_isolated(engine):
-    def poison(token_ids, logits):
-        return torch.full_like(logits, float("inf")) if token_ids else logits
-
     async def run():
         bad = collect(engine, PROMPT, greedy(6, logits_processors=[poison]))
         good = collect(engine, PROMPT, greedy(6))
@@ -103,24 +197,91 @@ def test_request_failure_is_isolated(engine):
     bad, good = asyncio.run(run())
     assert isinstance(bad, RequestFailedError)
     assert len(good[0]) == 6
-    assert engine.is_running
+    assert engine.is_ready
 
 
-def test_dead_loop_fails_waiters_and_refuses_new_requests(tiny_llama):
-    config = EngineConfig(model=str(tiny_llama), dtype="float64", device="cpu", state_size=8)
-    engine = AsyncEngine(config)
+def test_killed_core_fails_in_flight_requests_restarts_and_serves(config):
+    engine = AsyncEngine(config, restart_policy=RestartPolicy(backoff_s=0.1))
+    restarts = []
+    engine.on_restart(lambda: restarts.append(1))
+    try:
+        old_pid = engine.core_pid
 
-    def broken_step():
-        raise SystemExit("loop killed by test")
+        async def in_flight():
+            streams = [collect(engine, PROMPT, greedy(1000)) for _ in range(4)]
+            tasks = [asyncio.ensure_future(s) for s in streams]
+            await asyncio.sleep(0.5)
+            os.kill(old_pid, signal.SIGKILL)
+            return await asyncio.wait_for(
+                asyncio.gather(*tasks, return_exceptions=True), timeout=10
+            )
 
-    async def run():
-        stream = engine.generate(PROMPT, greedy(5))
-        engine.engine.step = broken_step
-        with pytest.raises(EngineDeadError):
-            async for _ in stream:
-                pass
-        assert not engine.is_running
-        with pytest.raises(EngineDeadError):
-            await collect(engine, PROMPT, greedy(5))
+        results = asyncio.run(in_flight())
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        # A new core takes seconds to start: meanwhile requests are refused, not queued.
+        assert not engine.is_ready
+        with pytest.raises(EngineDeadError, match="restarting"):
+            asyncio.run(collect(engine, PROMPT, greedy(2)))
+        wait_for(lambda: engine.is_ready, timeout_s=120)
+        assert engine.core_pid != old_pid and engine.restarts == 1 and restarts == [1]
+        tokens, _ = asyncio.run(collect(engine, PROMPT, greedy(4)))
+        assert len(tokens) == 4
+    finally:
+        engine.shutdown()
+    assert not engine.is_ready
 
-    asyncio.run(run())
+
+def test_restarts_are_bounded(config):
+    engine = AsyncEngine(
+        config, restart_policy=RestartPolicy(max_attempts=0, backoff_s=0.01)
+    )
+    try:
+        os.kill(engine.core_pid, signal.SIGKILL)
+        wait_for(lambda: engine.dead_reason is not None, timeout_s=30)
+        assert not engine.is_ready and engine.restarts == 0
+        with pytest.raises(EngineDeadError, match="died"):
+            asyncio.run(collect(engine, PROMPT, greedy(2)))
+    finally:
+        engine.shutdown()
+
+
+def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="model"):
+        AsyncEngine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
+
+
+# ----- stop strings, with a real tokenizer --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_config(tmp_path_factory) -> EngineConfig:
+    from tests.tiny_chat_model import save_tiny_chat_model
+
+    folder = save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-async"))
+    return EngineConfig(model=str(folder), device="cpu", dtype="float32", state_size=16,
+                        max_num_seqs=4)
+
+
+def test_stop_strings_end_choices_as_in_process(chat_config):
+    """The front end finds stop strings and the core frees those slots: text, tokens and
+    finish reasons equal the in-process engine's, for each of n choices."""
+    in_process = LLMEngine(chat_config)
+    plain = SamplingParams(n=2, seed=3, temperature=1.0, max_tokens=40, ignore_eos=True,
+                           output_kind="delta")
+    texts = run_in_process(in_process, "Once upon a time", plain)
+    # A stop string each choice's text contains, somewhere in its middle.
+    stop = [texts[i]["text"][10:12] for i in texts]
+    params = SamplingParams(n=2, seed=3, temperature=1.0, max_tokens=40, ignore_eos=True,
+                            stop=stop, output_kind="delta")
+    expected = run_in_process(in_process, "Once upon a time", params)
+    engine = AsyncEngine(chat_config)
+    try:
+        got = asyncio.run(run_async(engine, "Once upon a time", params))
+        wait_for(lambda: engine.last_stats.slots_used == 0)
+    finally:
+        engine.shutdown()
+    for index in expected:
+        assert got[index]["finish"][0] == "stop" and got[index]["finish"][1] in stop
+        for key in ("text", "tokens", "finish"):
+            assert got[index][key] == expected[index][key]
+        assert len(got[index]["tokens"]) < 40

@@ -19,7 +19,7 @@ def run(model, *, enforce_eager, **options):
     settings = dict(state_size=8, device="cuda", max_num_seqs=4, prefill_chunk_size=3)
     settings.update(options)
     llm = LLM(str(model), enforce_eager=enforce_eager, **settings)
-    assert (llm.engine.runner.graphs is None) == enforce_eager
+    assert (llm.engine.core.runner.graphs is None) == enforce_eager
     params = SamplingParams(
         temperature=0, max_tokens=24, ignore_eos=True, logprobs=2, return_state=True
     )
@@ -74,7 +74,8 @@ def test_decode_step_synchronises_once(tiny_llama, enforce_eager):
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=40, ignore_eos=True, logprobs=1)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(str(i), prompt, params)
-    while any(r.prefilling for r in engine.scheduler.running + list(engine.scheduler.waiting)):
+    scheduler = engine.core.scheduler
+    while any(r.prefilling for r in scheduler.running + list(scheduler.waiting)):
         engine.step()
     steps = 10
     torch.cuda.synchronize()

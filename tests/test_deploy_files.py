@@ -91,7 +91,7 @@ def test_image_runs_tova_serve_as_non_root_with_a_health_check():
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert names.index("USER") < names.index("ENTRYPOINT")
     healthcheck = items[names.index("HEALTHCHECK")][1]
-    assert "http://127.0.0.1:8000/health" in healthcheck
+    assert "http://127.0.0.1:8000/ready" in healthcheck
 
 
 def test_embedded_model_is_installed_without_dependencies_at_the_path_compose_names():

@@ -35,13 +35,13 @@ def run_to_completion(engine: LLMEngine, check=None) -> dict:
 
 def check_slots_and_rows(engine: LLMEngine) -> None:
     """No slot shared by two live sequences; no row holds more than its capacity."""
-    live = [seq for r in engine.scheduler.running for seq in r.live_sequences()]
+    live = [seq for r in engine.core.scheduler.running for seq in r.live_sequences()]
     slots = [seq.slot for seq in live]
     assert len(slots) == len(set(slots)), slots
     assert all(s >= 0 for s in slots)
-    assert not set(slots) & set(engine.scheduler.free_slots)
-    state = engine.state
-    for request in engine.scheduler.running:
+    assert not set(slots) & set(engine.core.scheduler.free_slots)
+    state = engine.core.state
+    for request in engine.core.scheduler.running:
         for seq in request.live_sequences():
             # The host-side counters the runner sizes attention with match the device's.
             fed = (
@@ -62,15 +62,17 @@ def greedy(max_tokens: int, **extra) -> SamplingParams:
 
 def test_constant_memory_over_long_generation(tiny_llama):
     engine = make_engine(tiny_llama, state_size=16)
-    buffers = [(t.data_ptr(), t.shape) for t in (*engine.state.k, *engine.state.v)]
-    total = engine.state.total_bytes()
+    buffers = [(t.data_ptr(), t.shape) for t in (*engine.core.state.k, *engine.core.state.v)]
+    total = engine.core.state.total_bytes()
     engine.add_request("long", PROMPT, greedy(8 * 16, return_state=True))
     out = run_to_completion(engine, check_slots_and_rows)["long"].outputs[0]
     assert len(out.token_ids) == 8 * 16
-    assert [(t.data_ptr(), t.shape) for t in (*engine.state.k, *engine.state.v)] == buffers
-    assert engine.state.total_bytes() == total
+    state = engine.core.state
+    assert [(t.data_ptr(), t.shape) for t in (*state.k, *state.v)] == buffers
+    assert engine.core.state.total_bytes() == total
     assert all(len(layer) == 16 for layer in out.state_positions)
-    assert engine.state_bytes_per_sequence == 2 * 2 * 2 * 16 * 16 * 8  # layers, kv heads, D, S, f64
+    # layers, kv heads, head_dim, S, float64
+    assert engine.info.state_bytes_per_sequence == 2 * 2 * 2 * 16 * 16 * 8
 
 
 def test_batching_invariance_with_requests_joining_and_leaving(tiny_llama):
@@ -159,7 +161,7 @@ def test_invariants_per_policy_under_mixed_load(tiny_llama, policy):
         for layer in out.state_positions:
             assert len(layer) <= 4 + i % 5
             assert len(set(layer)) == len(layer)
-    assert len(engine.scheduler.free_slots) == 3
+    assert len(engine.core.scheduler.free_slots) == 3
 
 
 def test_per_request_state_size_matches_engine_of_that_size(tiny_llama):
@@ -182,7 +184,7 @@ def test_n_choices_share_prefill_and_differ(tiny_llama):
     assert [o.index for o in first.outputs] == [0, 1, 2]
     assert texts == [o.token_ids for o in again.outputs]  # seeded: reproducible
     assert len({tuple(t) for t in texts}) == 3
-    assert len(llm.engine.scheduler.free_slots) == 4
+    assert len(llm.engine.core.scheduler.free_slots) == 4
 
 
 def test_abort_frees_slot_at_once(tiny_llama):

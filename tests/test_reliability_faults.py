@@ -1,12 +1,16 @@
 """Faults: 100 clients that drop mid-stream, a request that fails inside the engine
-(non-finite logits, injected through the X-Tova-Fault test hook), and an engine loop that
-dies. See server/fault_injection.py for the hook."""
+(non-finite logits, injected through the X-Tova-Fault test hook), and an engine core process
+that dies (SIGKILL, or a fatal error in its loop) and is restarted. See
+server/fault_injection.py for the hook."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +22,7 @@ from tests.reliability_utils import (
     assert_openai_error,
     read_stream,
     reliable_server_args,
+    with_token_logprobs,
 )
 from tests.server_utils import ServerProcess, auth_headers, scrape, wait_for_metric
 from tova_engine import AsyncEngine, EngineConfig
@@ -95,8 +100,8 @@ def test_non_finite_logits_fail_only_that_request(reliable_server):
 
     async def run() -> None:
         async with client(url) as http:
-            good = [asyncio.create_task(read_stream(http, path, long_body(
-                path, stream=True, max_tokens=GOOD_TOKENS))) for path in (COMPLETIONS, CHAT)]
+            good = [asyncio.create_task(read_stream(http, path, with_token_logprobs(path, long_body(
+                path, stream=True, max_tokens=GOOD_TOKENS)))) for path in (COMPLETIONS, CHAT)]
             good.append(asyncio.create_task(http.post(COMPLETIONS, json=long_body(
                 COMPLETIONS, max_tokens=GOOD_TOKENS))))
             # The poisoned requests join a batch that runs the good ones.
@@ -104,8 +109,9 @@ def test_non_finite_logits_fail_only_that_request(reliable_server):
             assert running == 3
             bad_plain = await http.post(COMPLETIONS, headers=NAN_AFTER_3,
                                         json=long_body(COMPLETIONS))
-            bad_stream = await read_stream(http, CHAT, long_body(CHAT, stream=True),
-                                           headers=NAN_AFTER_3)
+            bad_stream = await read_stream(
+                http, CHAT, with_token_logprobs(CHAT, long_body(CHAT, stream=True)),
+                headers=NAN_AFTER_3)
             assert not any(task.done() for task in good), "the good requests ended too soon"
             error = assert_openai_error(bad_plain, 500, code="engine_error")
             assert error["type"] == "server_error" and "non-finite" in error["message"]
@@ -127,12 +133,12 @@ def test_non_finite_logits_fail_only_that_request(reliable_server):
     assert httpx.get(f"{url}/health").status_code == 200  # the engine goes on
 
 
-# ----- the engine loop dies ---------------------------------------------------------------
+# ----- the engine core dies ----------------------------------------------------------------
 
 
 @pytest.fixture
 def doomed_server(tiny_chat_model, tmp_path) -> Iterator[ServerProcess]:
-    """Its own process: the engine will not survive the test."""
+    """Its own process: its engine core will be killed."""
     server = ServerProcess(reliable_server_args(tiny_chat_model), tmp_path / "server.log")
     try:
         yield server.wait_ready()
@@ -140,36 +146,94 @@ def doomed_server(tiny_chat_model, tmp_path) -> Iterator[ServerProcess]:
         server.stop()
 
 
-def test_dead_engine_loop_is_503_not_a_hang(doomed_server):
+def core_pid(server_pid: int) -> int:
+    """The engine core: the server's child started by multiprocessing's spawn (by whichever
+    of the server's threads started it: /proc lists children per thread)."""
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError(f"no engine core process under {server_pid}")
+
+
+def wait_ready_status(url: str, status: int, timeout_s: float) -> float:
+    """Seconds until /ready answers `status`."""
+    started = time.monotonic()
+    while httpx.get(f"{url}/ready", timeout=5).status_code != status:
+        assert time.monotonic() - started < timeout_s, f"/ready never answered {status}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def _streams_then(url: str, count: int, kill) -> list:
+    """`count` streaming requests; once all run, `kill()`; every stream's result."""
+    async with client(url) as http:
+        streams = [asyncio.create_task(read_stream(http, COMPLETIONS,
+                                                   long_body(COMPLETIONS, stream=True)))
+                   for _ in range(count)]
+        running = await asyncio.to_thread(wait_for_metric, url, "tova_requests_running", count)
+        assert running == count
+        await kill(http)
+        return await asyncio.wait_for(asyncio.gather(*streams), 10)
+
+
+def test_killed_core_ends_streams_restarts_and_serves(doomed_server):
     url = doomed_server.url
+    pid = core_pid(doomed_server.process.pid)
+    before = scrape(url).value("tova_engine_restarts_total")
 
-    async def run() -> None:
-        async with client(url) as http:
-            stream = asyncio.create_task(read_stream(http, COMPLETIONS,
-                                                     long_body(COMPLETIONS, stream=True)))
-            plain = asyncio.create_task(http.post(CHAT, json=long_body(CHAT)))
-            assert await asyncio.to_thread(wait_for_metric, url, "tova_requests_running", 2) == 2
-            killed = time.monotonic()
-            killer = await http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2},
-                                     headers={"X-Tova-Fault": "kill-engine"})
-            assert_openai_error(killer, 503, code="engine_dead")
-            # Requests in flight end with the same error, at once.
-            streamed, answered = await asyncio.wait_for(asyncio.gather(stream, plain), 10)
-            print(f"\nengine killed: in-flight requests answered 503 within "
-                  f"{(time.monotonic() - killed) * 1000:.0f} ms")
-            assert streamed.status == 200 and streamed.done
-            assert streamed.error["code"] == "engine_dead"
-            assert_openai_error(answered, 503, code="engine_dead")
+    async def kill(http) -> None:
+        os.kill(pid, signal.SIGKILL)
 
-    asyncio.run(run())
+    results = asyncio.run(_streams_then(url, 8, kill))
+    for result in results:  # each ends with an error event, then [DONE]
+        assert result.status == 200 and result.done
+        assert result.error["code"] == "engine_dead" and result.error["type"] == "server_error"
+    assert httpx.get(f"{url}/ready", timeout=5).status_code == 503
     health = httpx.get(f"{url}/health", timeout=5)
-    assert_openai_error(health, 503, code="engine_dead")
-    for path, body in ((COMPLETIONS, {"prompt": "Hi", "stream": True}),
-                       (CHAT, {"messages": MESSAGES})):
+    assert health.status_code == 200 and health.json()["status"] in ("restarting", "ok")
+    back = wait_ready_status(url, 200, 120)
+    print(f"\nengine core killed: restarted and ready again after {back:.1f} s")
+    response = httpx.post(url + CHAT, json={"messages": MESSAGES, "max_tokens": 4},
+                          headers=auth_headers(), timeout=30)
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 4
+    assert scrape(url).value("tova_engine_restarts_total") == before + 1
+    assert core_pid(doomed_server.process.pid) != pid
+    assert httpx.get(f"{url}/health", timeout=5).json() == {
+        "status": "ok", "engine_restarts": 1}
+
+
+def test_fatal_engine_error_is_503_not_a_hang_then_recovers(doomed_server):
+    url = doomed_server.url
+    killed = {}
+
+    async def kill(http) -> None:
+        killed["at"] = time.monotonic()
+        killer = await http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2},
+                                 headers={"X-Tova-Fault": "kill-engine"})
+        assert_openai_error(killer, 503, code="engine_dead")
+
+    results = asyncio.run(_streams_then(url, 2, kill))
+    print(f"\nengine core died: in-flight requests answered within "
+          f"{(time.monotonic() - killed['at']) * 1000:.0f} ms")
+    for result in results:
+        assert result.status == 200 and result.done
+        assert result.error["code"] == "engine_dead"
+    # While the core restarts, requests are refused at once, not queued.
+    if httpx.get(f"{url}/ready", timeout=5).status_code == 503:
         started = time.monotonic()
-        response = httpx.post(url + path, json=body, headers=auth_headers(), timeout=10)
-        assert_openai_error(response, 503, code="engine_dead")
-        assert time.monotonic() - started < 5
+        response = httpx.post(url + CHAT, json={"messages": MESSAGES},
+                              headers=auth_headers(), timeout=10)
+        if response.status_code != 200:  # unless the core came back in between
+            assert_openai_error(response, 503, code="engine_dead")
+            assert time.monotonic() - started < 5
+    wait_ready_status(url, 200, 120)
+    assert "engine core lost" in doomed_server.log()
+    assert "X-Tova-Fault: kill-engine" in doomed_server.log()
+    response = httpx.post(url + COMPLETIONS, json={"prompt": "Hi", "max_tokens": 3},
+                          headers=auth_headers(), timeout=30)
+    assert response.status_code == 200
     # What does not need the engine still answers, and the process still stops cleanly.
     assert httpx.get(f"{url}/metrics").status_code == 200
     doomed_server.stop()
@@ -200,6 +264,6 @@ def test_fault_header_is_ignored_without_the_flag(tiny_llama):
                                        json={"prompt": [3, 4], "max_tokens": 3})
 
         response = asyncio.run(run())
-        assert response.status_code == 200 and engine.is_running
+        assert response.status_code == 200 and engine.is_ready
     finally:
         engine.shutdown()

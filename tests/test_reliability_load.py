@@ -24,6 +24,7 @@ from tests.reliability_utils import (
     read_stream,
     reliable_server_args,
     rss_bytes,
+    with_token_logprobs,
 )
 from tests.server_utils import ServerProcess, auth_headers, scrape, wait_for_metric
 from tests.soak import make_requests, run_soak
@@ -91,7 +92,8 @@ async def _burst(url: str) -> list[tuple[int, object]]:
 
     async def one(client: httpx.AsyncClient, index: int) -> tuple[int, object]:
         if index % 2:
-            result = await read_stream(client, "/v1/completions", {**ONE, "stream": True})
+            body = with_token_logprobs("/v1/completions", {**ONE, "stream": True})
+            result = await read_stream(client, "/v1/completions", body)
             return result.status, result
         response = await client.post("/v1/completions", json=ONE)
         return response.status_code, response

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.reliability_utils import assert_openai_error, read_stream, reliable_server_args
+from tests.reliability_utils import (
+    assert_openai_error,
+    read_stream,
+    reliable_server_args,
+    with_token_logprobs,
+)
 from tests.server_utils import ServerProcess, auth_headers, wait_for_metric
 
 pytest_plugins = ("tests.reliability_fixtures",)
@@ -52,8 +57,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_chat_model, tmp_pat
     async def run() -> float:
         async with httpx.AsyncClient(base_url=url, headers=auth_headers(), timeout=60) as http:
             body = {"prompt": "Once", "max_tokens": TOKENS, "ignore_eos": True}
-            chat = {"messages": [{"role": "user", "content": "Once"}], "max_tokens": TOKENS,
-                    "ignore_eos": True, "stream": True}
+            chat = with_token_logprobs("/v1/chat/completions", {
+                "messages": [{"role": "user", "content": "Once"}], "max_tokens": TOKENS,
+                "ignore_eos": True, "stream": True})
             streamed = asyncio.create_task(read_stream(http, "/v1/chat/completions", chat,
                                                        headers=SLOW))
             plain = asyncio.create_task(http.post("/v1/completions", json=body, headers=SLOW))

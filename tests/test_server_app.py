@@ -1,5 +1,5 @@
-"""The app in-process (no socket) around a real engine with a tiny model, for what a live
-server cannot be made to do on demand: a failing engine step, a dead engine loop."""
+"""The app in-process (no socket) around a real engine with a tiny model: a failing engine
+step (the fault injection's `fail-step`), an engine that was shut down."""
 
 from __future__ import annotations
 
@@ -34,17 +34,12 @@ def sse_events(response: httpx.Response) -> list:
     return [line if line == "[DONE]" else json.loads(line) for line in lines]
 
 
-@pytest.fixture
-def failing_step(engine, monkeypatch):
-    def boom(scheduled):
-        raise RuntimeError("simulated device fault")
-
-    monkeypatch.setattr(engine.engine.runner, "execute", boom)
+FAIL_STEP = {"X-Tova-Fault": "fail-step"}
 
 
-def test_engine_failure_is_500_without_traceback(engine, failing_step):
-    app = create_app(engine)
-    response = call(app, "POST", "/v1/completions", json=BODY)
+def test_engine_failure_is_500_without_traceback(engine):
+    app = create_app(engine, ServerSettings(enable_fault_injection=True))
+    response = call(app, "POST", "/v1/completions", json=BODY, headers=FAIL_STEP)
     assert response.status_code == 500
     error = response.json()["error"]
     assert error["type"] == "server_error" and error["code"] == "engine_error"
@@ -55,9 +50,10 @@ def test_engine_failure_is_500_without_traceback(engine, failing_step):
     assert metrics.value("tova_state_slots_used") == 0
 
 
-def test_engine_failure_mid_stream_is_an_error_event(engine, failing_step):
-    app = create_app(engine)
-    response = call(app, "POST", "/v1/completions", json={**BODY, "stream": True})
+def test_engine_failure_mid_stream_is_an_error_event(engine):
+    app = create_app(engine, ServerSettings(enable_fault_injection=True))
+    response = call(app, "POST", "/v1/completions", json={**BODY, "stream": True},
+                    headers=FAIL_STEP)
     assert response.status_code == 200  # headers went out before the step failed
     *_, error, done = sse_events(response)
     assert done == "[DONE]"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -52,6 +54,50 @@ def test_flags_reach_both_configs():
     assert not server.access_log and server.log_requests and server.enable_fault_injection
 
 
+def test_max_num_seqs_auto_and_memory_utilization():
+    engine, _ = configs(parse("--max-num-seqs", "auto", "--memory-utilization", "0.5"))
+    assert (engine.max_num_seqs, engine.memory_utilization) == ("auto", 0.5)
+    assert configs(parse("--max-num-seqs", "7"))[0].max_num_seqs == 7
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """--help text -> {first option string: its help, on one line}."""
+    entries: dict[str, str] = {}
+    option = None
+    for line in text.splitlines():
+        if match := re.match(r"  (-{1,2}[\w-]+)", line):
+            option = match.group(1)
+            entries[option] = line
+        elif option is not None and line.startswith(" " * 10):
+            entries[option] += line
+        else:
+            option = None
+    return {name: " ".join(entry.split()) for name, entry in entries.items()}
+
+
+def test_help_shows_every_default():
+    """Each option with a default says it: "(default: X)", or, for a None default, what
+    None means in words ("default: the model's name"), never a bare "None"."""
+    parser = build_parser()
+    entries = _help_entries(parser.format_help())
+    checked = 0
+    for action in parser._actions:
+        if not action.option_strings or action.default is argparse.SUPPRESS:
+            continue  # --help, --version
+        entry = entries[action.option_strings[0]]
+        if action.default is None:
+            assert "default: " in entry and "None" not in entry, entry
+        else:
+            assert f"(default: {action.default})" in entry, entry
+        checked += 1
+    assert checked > len(dataclasses.fields(EngineConfig))  # every engine flag, server ones too
+
+
+def test_help_never_shows_the_api_key(monkeypatch):
+    monkeypatch.setenv("TOVA_API_KEY", "secret-from-env")
+    assert "secret-from-env" not in build_parser().format_help()
+
+
 def test_api_key_from_environment(monkeypatch):
     monkeypatch.setenv("TOVA_API_KEY", "from-env")
     assert configs(parse())[1].api_key == "from-env"
@@ -66,6 +112,10 @@ def test_empty_api_key_in_environment_means_no_key(monkeypatch):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--state-size", "0"], "state_size"),
+    (["--max-num-seqs", "many"], "--max-num-seqs"),
+    (["--max-num-seqs", "0"], "max_num_seqs"),
+    (["--memory-utilization", "1.5"], "memory_utilization"),
+    (["--memory-utilization", "0"], "memory_utilization"),
     (["--max-queue-len", "0"], "max_queue_len"),
     (["--max-request-body-bytes", "0"], "max_request_body_bytes"),
     (["--shutdown-timeout", "-1"], "shutdown_timeout_s"),

@@ -27,6 +27,6 @@ def test_decode_phase_has_every_sequence_past_its_prompt(tiny_llama):
     timer.start_decodes()
     requests = timer.requests
     assert len(requests) == 3 and timer.engine.num_waiting == 0
-    assert all(r.sequences[0].output_token_ids for r in requests)
+    assert all(r.state.sequences[0].token_ids for r in requests)
     timer.drain()
     assert not timer.engine.has_unfinished_requests() and timer.engine.slots_used == 0

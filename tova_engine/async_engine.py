@@ -1,8 +1,17 @@
-"""The engine for servers: an async iterator per request, the step loop on its own thread.
+"""The engine for servers: the core in its own process, outputs as an async iterator per
+request. This is the only door the server uses.
 
-The event loop never runs model code. Requests are validated and tokenized on the caller's
-side (`LLMEngine.build_request` does not touch the scheduler), then handed to the engine
-thread through a queue; outputs come back through `call_soon_threadsafe`.
+The front end (this object, in the server's process) validates and tokenizes requests, sends
+them to the core as token ids, and turns each step's `StepOutputs` into text and
+`RequestOutput`s on the client thread (`core_client.py`), handing them to the requests'
+event loops in one call per loop per step. The event loop never runs model code, never
+waits on the core's GIL and never waits for a lock the client thread holds: requests opened
+or closed reach the client thread through a queue it drains before each step's outputs (an
+output cannot precede the request's own message to the core, which is sent after it).
+A stream that falls behind gets the outputs that piled up merged into one.
+
+If the core process dies, every request in flight fails at once with `EngineDeadError`, new
+ones are refused while it restarts, and the core is restarted with back-off.
 """
 
 from __future__ import annotations
@@ -11,87 +20,137 @@ import asyncio
 import contextlib
 import logging
 import queue
-import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from tova_engine.config import EngineConfig
-from tova_engine.engine import LLMEngine, StatsCallback
+from tova_engine.core_client import CoreClient, CoreStartError, RestartPolicy, load_tokenizer
+from tova_engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
+from tova_engine.messages import Abort, AddRequest, CoreReady, EngineInfo, StepOutputs, StepStats
+from tova_engine.output_processor import OutputProcessor, merge_delta
 from tova_engine.outputs import RequestOutput
-from tova_engine.request import Request
+from tova_engine.request_builder import PreparedRequest, RequestBuilder
 from tova_engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("tova_engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; no request can be served."""
-
-
-class RequestFailedError(RuntimeError):
-    """This request failed inside the engine (the engine and other requests go on)."""
+_IDLE = StepStats("decode", 0.0, 0, 0, 0, [], 0, 0, 0)
 
 
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    held: object = None  # an error that waits until the outputs before it have gone out
+
+    async def next(self, delta: bool) -> object:
+        """The next item, or what it and the outputs queued behind it add up to: a consumer
+        slower than the engine sends one chunk for several steps instead of falling further
+        behind."""
+        if self.held is not None:
+            item, self.held = self.held, None
+            return item
+        item = await self.queue.get()
+        while (isinstance(item, RequestOutput) and not item.finished and item.error is None
+               and not self.queue.empty()):
+            following = self.queue.get_nowait()
+            if not isinstance(following, RequestOutput):
+                self.held = following
+                break
+            item = merge_delta(item, following) if delta else following
+        return item
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, stats_callback: StatsCallback | None = None) -> None:
-        self.engine = LLMEngine(config, stats_callback)
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._wakeup = threading.Event()
-        self._streams: dict[str, _Stream] = {}
-        self._streams_lock = threading.Lock()
-        self._stopping = False
-        self.dead_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run_loop, name="tova-engine", daemon=True)
-        self._thread.start()
+    """Raises ValueError (naming the setting) for a configuration or model the core refuses."""
 
-    # ----- caller side (event loop) -------------------------------------------------------
+    def __init__(
+        self,
+        config: EngineConfig,
+        stats_callback: Callable[[StepStats], None] | None = None,
+        restart_policy: RestartPolicy | None = None,
+    ) -> None:
+        # Open requests by id. The event loop adds and removes; the client thread only reads
+        # (a dict's single operations are atomic).
+        self._streams: dict[str, _Stream] = {}
+        # Opened and closed requests, for the client thread, which alone owns `_outputs`.
+        self._changes: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._stats_callbacks = [] if stats_callback is None else [stats_callback]
+        self._restart_callbacks: list[Callable[[], None]] = []
+        self.last_stats = _IDLE
+        self._client = CoreClient(
+            config, self._on_step, self._on_lost, self._on_ready, restart_policy
+        )
+        try:
+            ready = self._client.start()
+        except CoreStartError as exc:
+            raise ValueError(str(exc)) from None
+        self.info: EngineInfo = ready.info
+        self.tokenizer = load_tokenizer(ready)
+        self.config = config.replace(max_num_seqs=ready.info.max_num_seqs)
+        self._builder = RequestBuilder(self.tokenizer, self.info)
+        self._outputs = OutputProcessor(self.tokenizer)
+
+    # ----- what the server may ask --------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        """The core is loaded and answering: requests are accepted."""
+        return self._client.ready
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self.dead_error is None and not self._stopping
+        return self.is_ready
 
     @property
-    def tokenizer(self):
-        return self.engine.tokenizer
+    def dead_reason(self) -> str | None:
+        """Why the engine will not come back (restarts exhausted or shut down), else None."""
+        return self._client.dead_reason
 
     @property
-    def config(self) -> EngineConfig:
-        return self.engine.config
+    def restarts(self) -> int:
+        return self._client.restarts
+
+    @property
+    def core_pid(self) -> int | None:
+        return self._client.pid
+
+    def on_stats(self, callback: Callable[[StepStats], None]) -> None:
+        """Call `callback` with every step's stats (on the client thread: keep it cheap)."""
+        self._stats_callbacks.append(callback)
+
+    def on_restart(self, callback: Callable[[], None]) -> None:
+        self._restart_callbacks.append(callback)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self._builder.tokenize(prompt)
+
+    def prepare(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> PreparedRequest:
+        """Validate and tokenize (raises InvalidRequestError) without queueing anything."""
+        return self._builder.build(request_id or uuid.uuid4().hex, prompt, params)
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int] | PreparedRequest,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs as the request progresses (cumulative, delta or final only, as
-        `params.output_kind` says). Raises ValueError for bad input before the first output,
-        RequestFailedError if the request fails, EngineDeadError if the engine stops.
-        Closing the iterator early aborts the request."""
-        self._check_alive()
-        request = self.engine.build_request(request_id or uuid.uuid4().hex, prompt, params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._streams_lock:
-            if request.request_id in self._streams:
-                raise ValueError(f"request_id {request.request_id!r} is already in use")
-            self._streams[request.request_id] = stream
-        try:
-            # The loop may have died after the check above and failed every stream it knew
-            # of before this one was registered: without a second look it would wait forever.
-            self._check_alive()
-        except EngineDeadError:
-            with self._streams_lock:
-                self._streams.pop(request.request_id, None)
-            raise
-        self._send("add", request)
+        `params.output_kind` says). Raises InvalidRequestError for bad input before the
+        first output, RequestFailedError if the request fails, EngineDeadError if the core
+        is not running or dies. Closing the iterator early aborts the request."""
+        request = prompt
+        if not isinstance(request, PreparedRequest):
+            request = self.prepare(prompt, params, request_id)
+        request_id = request.request_id
+        stream = self._open(request)
+        delta = request.state.params.output_kind == "delta"
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                item = await stream.next(delta)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -99,79 +158,100 @@ class AsyncEngine:
                     raise RequestFailedError(item.error)
                 yield item
         finally:
+            self._streams.pop(request_id, None)
             if not finished:
-                self.abort(request.request_id)
-            with self._streams_lock:
-                self._streams.pop(request.request_id, None)
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Thread-safe; the slot is free before the next step runs."""
-        self._send("abort", request_id)
+        """Thread-safe; the slot is free before the core's next step."""
+        self._changes.put(("close", request_id))
+        self._client.send(Abort(requests=[request_id]))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._stopping = True
-        self._wakeup.set()
-        self._thread.join(timeout)
-
-    def _send(self, kind: str, payload: object) -> None:
-        self._inbox.put((kind, payload))
-        self._wakeup.set()
-
-    def _check_alive(self) -> None:
-        if not self.is_running:
-            raise EngineDeadError(f"the engine loop is not running: {self.dead_error!r}")
-
-    # ----- engine thread ------------------------------------------------------------------
-
-    def _run_loop(self) -> None:
-        try:
-            while not self._stopping:
-                self._drain_inbox()
-                if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait(timeout=1.0)
-                    self._wakeup.clear()
-                    continue
-                for output in self.engine.step():
-                    self._deliver(output)
-        except BaseException as exc:  # the loop itself broke: every waiter must hear of it
-            logger.exception("engine loop died")
-            self.dead_error = exc
-            self._fail_all(EngineDeadError(f"the engine loop stopped: {exc!r}"))
-            return
-        # Shut down with requests still open: their callers must not wait for ever either.
+        self._client.shutdown(timeout)
         self._fail_all(EngineDeadError("the engine was shut down"))
 
-    def _drain_inbox(self) -> None:
+    # ----- event loop side ----------------------------------------------------------------
+
+    def _open(self, request: PreparedRequest) -> _Stream:
+        self._check_ready()
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        if self._streams.setdefault(request.request_id, stream) is not stream:
+            raise InvalidRequestError(
+                "request_id", f"request_id {request.request_id!r} is already in use"
+            )
+        self._changes.put(("open", request.state))
+        try:
+            # Again: a core lost after the first check failed every stream it knew of, and
+            # this one would otherwise wait for ever.
+            self._check_ready()
+        except EngineDeadError:
+            self._streams.pop(request.request_id, None)
+            self._changes.put(("close", request.request_id))
+            raise
+        self._client.send(AddRequest.of(request.core))
+        return stream
+
+    def _check_ready(self) -> None:
+        if not self.is_ready:
+            why = self.dead_reason or "it is restarting"
+            raise EngineDeadError(f"the engine core is not running: {why}")
+
+    # ----- client thread ------------------------------------------------------------------
+
+    def _apply_changes(self) -> None:
         while True:
             try:
-                kind, payload = self._inbox.get_nowait()
+                kind, item = self._changes.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._add(payload)
-            elif (output := self.engine.abort_request(payload)) is not None:
-                self._deliver(output)
+            if kind == "open":
+                self._outputs.add(item)
+            else:
+                self._outputs.abort(item)
 
-    def _add(self, request: Request) -> None:
-        try:
-            self.engine.enqueue(request)
-        except ValueError as exc:
-            self._deliver_to(request.request_id, exc)
+    def _on_step(self, step: StepOutputs) -> None:
+        self._apply_changes()
+        processed = self._outputs.process(step)
+        deliveries = [(self._streams.get(o.request_id), o) for o in processed.outputs]
+        if processed.stops:
+            self._client.send(Abort(sequences=processed.stops))
+        if step.stats is not None:  # before the outputs: a caller that sees them sees these
+            self.last_stats = step.stats
+            for callback in self._stats_callbacks:
+                callback(step.stats)
+        self._deliver(deliveries)
 
-    def _deliver(self, output: RequestOutput) -> None:
-        self._deliver_to(output.request_id, output)
+    def _on_lost(self, reason: str) -> None:
+        self.last_stats = _IDLE
+        self._fail_all(EngineDeadError(f"the engine core stopped ({reason}); restarting it"))
 
-    def _deliver_to(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        with self._streams_lock:
-            stream = self._streams.get(request_id)
-        if stream is None:  # the caller has gone; an abort is already queued
+    def _on_ready(self, ready: CoreReady) -> None:
+        if not hasattr(self, "info"):  # the first start
             return
-        # RuntimeError: the caller's event loop is closed; nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        for callback in self._restart_callbacks:
+            callback()
 
     def _fail_all(self, error: BaseException) -> None:
-        with self._streams_lock:
-            request_ids = list(self._streams)
-        for request_id in request_ids:
-            self._deliver_to(request_id, error)
+        """Client thread (or after it has stopped): end every open request with `error`."""
+        self._apply_changes()
+        self._outputs = OutputProcessor(self.tokenizer)
+        self._deliver([(stream, error) for stream in list(self._streams.values())])
+
+    @staticmethod
+    def _deliver(deliveries: list[tuple[_Stream | None, object]]) -> None:
+        """One wake-up per event loop, however many requests got something."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for stream, item in deliveries:
+            if stream is not None:  # None: the caller has gone; an abort is on its way
+                by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, items in by_loop.items():
+            # RuntimeError: that event loop is closed; nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for waiting, item in items:
+        waiting.put_nowait(item)
+

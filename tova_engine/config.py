@@ -35,7 +35,12 @@ class EngineConfig:
     # Entries per layer per sequence: the fixed memory every request gets.
     state_size: int = 512
     policy: str = "tova"
-    max_num_seqs: int = 64
+    # State slots (sequences that run at once), or "auto": as many as memory_utilization
+    # allows, resolved by tova_engine.memory.resolve_config once the weights are loaded.
+    max_num_seqs: int | str = 64
+    # Fraction of the device's memory (CUDA: total; CPU: RAM available at start-up) that the
+    # weights, the state and the step's activations may take when max_num_seqs="auto".
+    memory_utilization: float = 0.9
     # Prompt tokens one sequence prefills per step; eviction happens between chunks.
     prefill_chunk_size: int = 512
     # Tokens (decodes plus prefill chunks) one step may process; None = sized from the above.
@@ -67,20 +72,25 @@ class EngineConfig:
                 )
             for size in sizes:
                 _require_positive("cuda_graph_batch_sizes entries", size)
-                if size > self.max_num_seqs:
+                # "auto" checks the bound when it resolves (memory.resolve_config).
+                if self.max_num_seqs != "auto" and size > self.max_num_seqs:
                     raise ValueError(
                         f"cuda_graph_batch_sizes entries must not exceed max_num_seqs "
                         f"({self.max_num_seqs}); got {size}"
                     )
         _require_positive("state_size", self.state_size)
-        _require_positive("max_num_seqs", self.max_num_seqs)
+        if self.max_num_seqs != "auto" and not _is_positive_int(self.max_num_seqs):
+            raise ValueError(
+                f"max_num_seqs must be an integer >= 1 or 'auto'; got {self.max_num_seqs!r}"
+            )
+        _require_fraction("memory_utilization", self.memory_utilization)
         _require_positive("prefill_chunk_size", self.prefill_chunk_size)
         if self.max_model_len is not None:
             _require_positive("max_model_len", self.max_model_len)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < max(
-            self.max_num_seqs, 1
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < (
+            1 if self.max_num_seqs == "auto" else self.max_num_seqs
         ):
             raise ValueError(
                 "max_num_batched_tokens must be at least max_num_seqs "
@@ -132,14 +142,29 @@ class EngineConfig:
     def graph_batch_sizes(self) -> tuple[int, ...]:
         if self.cuda_graph_batch_sizes is not None:
             return tuple(sorted(set(self.cuda_graph_batch_sizes)))
-        sizes = {s for s in (1, 2, 4, 8) if s < self.max_num_seqs}
-        return tuple(sorted(sizes | set(range(16, self.max_num_seqs, 16)) | {self.max_num_seqs}))
+        slots = self.num_slots
+        sizes = {s for s in (1, 2, 4, 8) if s < slots}
+        return tuple(sorted(sizes | set(range(16, slots, 16)) | {slots}))
 
     @property
     def batched_token_budget(self) -> int:
+        return self.token_budget_for(self.num_slots)
+
+    def token_budget_for(self, slots: int) -> int:
+        """Tokens one step may process when max_num_seqs is `slots`."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return max(2048, self.max_num_seqs + self.prefill_chunk_size)
+        return max(2048, slots + self.prefill_chunk_size)
+
+    @property
+    def num_slots(self) -> int:
+        """max_num_seqs as an int; "auto" must have been resolved (memory.resolve_config)."""
+        if self.max_num_seqs == "auto":
+            raise ValueError(
+                "max_num_seqs='auto' is resolved once the model is loaded: use the engine's "
+                "config (tova_engine.memory.resolve_config), not the one it was given"
+            )
+        return self.max_num_seqs
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -150,6 +175,19 @@ def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _require_fraction(name: str, value: object) -> None:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not 0 < value <= 1  # also rejects NaN
+    ):
+        raise ValueError(f"{name} must be a number in (0, 1]; got {value!r}")
+
+
 def _require_positive(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_positive_int(value):
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -41,14 +41,18 @@ class DecodeGraphs:
         self.ages = torch.zeros(state.num_layers, largest, dtype=torch.int64, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        logger.info(
+            "capturing %d decode CUDA graphs for batch sizes %s",
+            len(self.batch_sizes),
+            _ranges(self.batch_sizes),
+        )
         started = time.perf_counter()
         # Largest first: the smaller graphs reuse its memory pool.
         for size in reversed(self.batch_sizes):
             self.graphs[size] = self._capture(size)
         logger.info(
-            "captured %d CUDA graphs for decode batch sizes %s in %.1f s",
+            "captured %d decode CUDA graphs in %.1f s",
             len(self.graphs),
-            self.batch_sizes,
             time.perf_counter() - started,
         )
 
@@ -92,3 +96,11 @@ class DecodeGraphs:
         self.inputs[: 2 * size].copy_(host.pin_memory(), non_blocking=True)
         self.graphs[size].replay()
         return self.logits[:batch], self.ages[:, :batch]
+
+
+def _ranges(sizes: list[int]) -> str:
+    """The sizes for a log line: all of them, or the ends of a long ladder (max_num_seqs
+    "auto" may give 70)."""
+    if len(sizes) <= 10:
+        return ", ".join(map(str, sizes))
+    return ", ".join([*map(str, sizes[:5]), "...", *map(str, sizes[-2:])])

@@ -18,6 +18,42 @@ _PROMPT_CONTEXT = 5
 _REPLACEMENT = "\ufffd"
 
 
+class _TextBuffer:
+    """Append-only text kept as parts, so appending and reading a recent slice cost the
+    slice, not the whole text (a `str +=` on an attribute copies it every time)."""
+
+    __slots__ = ("_length", "_parts")
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def append(self, text: str) -> None:
+        self._parts.append(text)
+        self._length += len(text)
+
+    def tail(self, start: int) -> str:
+        """The text from `start` on."""
+        need = self._length - max(start, 0)
+        if need <= 0:
+            return ""
+        pieces, got, i = [], 0, len(self._parts) - 1
+        while got < need:
+            pieces.append(self._parts[i])
+            got += len(self._parts[i])
+            i -= 1
+        text = "".join(reversed(pieces))
+        return text[len(text) - need :]
+
+    def full(self) -> str:
+        text = "".join(self._parts)
+        self._parts = [text] if text else []  # later reads of the whole text start joined
+        return text
+
+
 class IncrementalDetokenizer:
     """Turns one request's output ids into text, one id at a time, and watches stop strings.
 
@@ -53,7 +89,7 @@ class IncrementalDetokenizer:
         self._max_stop = max(map(len, self._stop), default=0)
         self._ids = self._prompt_context(prompt_token_ids)  # the decode window
         self._read_offset = len(self._ids)  # window ids before it are already in the text
-        self._committed = ""  # text of every output id before the window's read offset
+        self._committed = _TextBuffer()  # text of every output id before the read offset
         self._pending = ""  # text of the ids after it; ends in an incomplete character
         self._searched = 0  # length of stable text already searched for stop strings
         self._stopped: str | None = None
@@ -71,7 +107,9 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """Output text so far (truncated before the stop string once one was found)."""
-        return self._final if self._stopped is not None else self._committed + self._pending
+        if self._stopped is not None:
+            return self._final
+        return self._committed.full() + self._pending
 
     def append(self, token_id: int) -> str | None:
         """Adds one generated id; returns the stop string if the text now contains one."""
@@ -85,7 +123,7 @@ class IncrementalDetokenizer:
         if delta.endswith(_REPLACEMENT):
             self._pending = delta
         elif delta:
-            self._committed += delta
+            self._committed.append(delta)
             self._pending = ""
             # The window now starts at the old read offset: complete text, bounded length.
             del self._ids[: self._read_offset]
@@ -106,7 +144,7 @@ class IncrementalDetokenizer:
         """
         stable_pending = self._pending.rstrip(_REPLACEMENT)
         if start <= len(self._committed):
-            return self._committed[start:] + stable_pending
+            return self._committed.tail(start) + stable_pending
         return stable_pending[start - len(self._committed) :]
 
     def _check_stop(self) -> str | None:
@@ -124,12 +162,21 @@ class IncrementalDetokenizer:
 
     def emittable_text(self, finished: bool) -> str:
         """Text safe to stream now; while unfinished, a prefix of every later result."""
-        if finished or self._stopped is not None:
-            return self.text
-        start = max(0, len(self._committed) - self._max_stop)
-        tail = self._stable_tail(start)
-        keep = start + len(tail) - self._held_back(tail)
-        return self._stable_tail(0)[:keep]
+        return self.emittable_since(0, finished)
+
+    def emittable_since(self, start: int, finished: bool) -> str:
+        """`emittable_text(finished)[start:]`, at the cost of that slice: what a delta
+        output streams after `start` characters were sent."""
+        if self._stopped is not None:
+            return self._final[start:]
+        if finished:
+            if start <= len(self._committed):
+                return self._committed.tail(start) + self._pending
+            return self._pending[start - len(self._committed) :]
+        tail_start = max(0, len(self._committed) - self._max_stop)
+        tail = self._stable_tail(tail_start)
+        keep = tail_start + len(tail) - self._held_back(tail)
+        return self._stable_tail(start)[: max(keep - start, 0)]
 
     def _held_back(self, tail: str) -> int:
         """Length of the longest suffix of `tail` that could begin a stop string."""

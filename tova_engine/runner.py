@@ -17,9 +17,10 @@ from tova_engine.cuda_graphs import DecodeGraphs
 from tova_engine.fused_attention import FusedDecodeAttention
 from tova_engine.logprobs import TokenLogprobs, TokenLogprobTensors, token_logprob_tensors
 from tova_engine.model.llama import LlamaModel
+from tova_engine.penalty_counts import PenaltyCounts
 from tova_engine.policies import Policy
 from tova_engine.request import Request, Sequence
-from tova_engine.sampler import Sampler, SamplerOutput, SampleRow
+from tova_engine.sampler import Sampler, SamplerOutput, SampleRow, uses_penalties
 from tova_engine.scheduler import PrefillChunk, SchedulerOutput
 from tova_engine.state import KVState
 from tova_engine.state_attention import ChunkAttention, DecodeAttention
@@ -46,7 +47,8 @@ class StepResult(NamedTuple):
 
 
 class _Pending(NamedTuple):
-    """Logits rows that feed the sampler, and the sequences that sample from each."""
+    """Logits that feed the sampler: [R, V] with one row per sequence (decodes), or [1, V]
+    that all of `sequences` sample from (the choices of a prompt just prefilled)."""
 
     logits: torch.Tensor
     sequences: list[Sequence]
@@ -90,11 +92,19 @@ class ModelRunner:
         self.fused_attention = fused_attention
         self.graphs = graphs
         self.device = state.num_seen.device
+        # One row per state slot, allocated by the first request with penalties.
+        self.penalty_counts = PenaltyCounts(
+            state.num_seen.shape[0], model.config.vocab_size, self.device
+        )
 
     def execute(self, scheduled: SchedulerOutput) -> StepResult:
         for request in scheduled.admitted:
             for seq in request.sequences:
                 self.state.reset_slot(seq.slot, request.capacity)
+            params = request.params
+            if uses_penalties(params):  # the other choices' counts are copied at the fork
+                prompt = request.prompt_token_ids if params.repetition_penalty != 1.0 else None
+                self.penalty_counts.reset(request.leader.slot, prompt)
         step = _StepTensors([], [], [])
         single = [c for c in scheduled.prefills if c.length == 1]
         if scheduled.decodes or single:
@@ -124,7 +134,8 @@ class ModelRunner:
             ages = attend.evicted_ages
             ages = ages if isinstance(ages, torch.Tensor) else torch.stack(ages)
         step.ages.append(ages)
-        step.pending.extend(_Pending(logits[i], [seq]) for i, seq in enumerate(decodes))
+        if decodes:  # one block: no per-row views to build and stack
+            step.pending.append(_Pending(logits[: len(decodes)], list(decodes)))
         for row, chunk in enumerate(chunks, start=len(decodes)):
             self._after_chunk(chunk, logits[row : row + 1], step)
 
@@ -182,9 +193,12 @@ class ModelRunner:
                 values = token_logprob_tensors(logits[: len(targets)], self._ids(targets), k)
                 step.prompt.append(_PromptLogprobs(request.request_id, first, values))
         if chunk.completes_prompt and request.max_tokens > 0:
+            counted = uses_penalties(request.params)
             for seq in request.sequences[1:]:
                 self.state.copy_slot(request.leader.slot, seq.slot)
-            step.pending.append(_Pending(logits[-1], list(request.sequences)))
+                if counted:
+                    self.penalty_counts.copy(request.leader.slot, seq.slot)
+            step.pending.append(_Pending(logits[-1:], list(request.sequences)))
 
     def _read_back(self, step: _StepTensors) -> StepResult:
         """Sample, then bring every result of the step to the host in one copy."""
@@ -210,8 +224,15 @@ class ModelRunner:
     def _sample(self, pending: list[_Pending], sequences: list[Sequence]) -> SamplerOutput | None:
         if not sequences:
             return None
-        logits = torch.stack([p.logits for p in pending for _ in p.sequences])
-        return self.sampler(logits, [self._sample_row(seq) for seq in sequences])
+        blocks = [
+            p.logits if len(p.logits) == len(p.sequences) else p.logits.expand(len(p.sequences), -1)
+            for p in pending
+        ]
+        logits = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        rows = [self._sample_row(seq) for seq in sequences]
+        # The counts of rows with penalties live on the device; the sampler adds this step's
+        # tokens to them, so no step rebuilds them from the (growing) output lists.
+        return self.sampler(logits, rows, self.penalty_counts)
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         request = seq.request
@@ -219,8 +240,14 @@ class ModelRunner:
         blocked: tuple[int, ...] = ()
         if len(seq.output_token_ids) < params.min_tokens:
             blocked = (*self.eos_token_ids, *params.stop_token_ids)
+        # The lists themselves, not copies: a row costs the same at any output length.
         return SampleRow(
-            params, request.prompt_token_ids, seq.output_token_ids, seq.generator, blocked
+            params,
+            request.prompt_token_ids,
+            seq.output_token_ids,
+            seq.generator,
+            blocked,
+            seq.slot,
         )
 
     def _ids(self, ids: list[int]) -> torch.Tensor:

@@ -4,6 +4,8 @@ Order, as vLLM: logits processors -> blocked ids -> repetition penalty -> freque
 penalties -> (greedy rows: argmax) -> temperature -> top-k -> top-p -> min-p -> sample.
 Sampling is an exponential race, argmax(probs / q) with q ~ Exp(1): it draws exactly from
 `probs`, needs no host sync, and lets a seeded row draw its noise from its own generator.
+The penalties read per-slot counts kept on the device (`PenaltyCounts`, given by a caller that
+samples step after step) or, without them, counts rebuilt from the rows' token lists.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from tova_engine.logprobs import chosen_logprobs
+from tova_engine.penalty_counts import PenaltyCounts, TokenCounts, counts_from_lists
 from tova_engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -27,6 +30,9 @@ class SampleRow(NamedTuple):
     generator: torch.Generator | None
     # Ids that must not be sampled now (eos/stop ids while min_tokens is not reached).
     block_token_ids: tuple[int, ...] = ()
+    # The sequence's state slot: with `PenaltyCounts` given to the sampler, a row with
+    # penalties reads its counts there instead of rebuilding them from the token lists.
+    slot: int | None = None
 
 
 class SamplerOutput(NamedTuple):
@@ -67,24 +73,14 @@ def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(data, dtype=dtype, device=device)
 
 
-def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[B, V] float32 occurrence counts; padding goes to an extra column that is dropped."""
-    width = max(1, max(len(ids) for ids in id_lists))
-    padded = [ids + [vocab] * (width - len(ids)) for ids in id_lists]
-    index = _to_device(padded, torch.int64, device)
-    counts = torch.zeros(len(id_lists), vocab + 1, dtype=torch.float32, device=device)
-    counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
-    return counts[:, :vocab]
-
-
 def _apply_logits_processors(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     for i, row in enumerate(rows):
         if not row.params.logits_processors:
             continue
-        output_ids = list(row.output_token_ids)
+        # The sequence's own list, not a copy (O(1) per step): processors must not mutate it.
         logits = x[i]
         for processor in row.params.logits_processors:
-            logits = processor(output_ids, logits)
+            logits = processor(row.output_token_ids, logits)
         x[i] = logits
 
 
@@ -99,40 +95,106 @@ def _apply_block(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
         x.view(-1).index_fill_(0, _to_device(flat, torch.int64, x.device), float("-inf"))
 
 
-def _apply_repetition_penalty(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+def uses_penalties(params: SamplingParams) -> bool:
+    """True when a request's rows read token counts (repetition, frequency or presence)."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty != 0
+        or params.presence_penalty != 0
+    )
+
+
+def _apply_repetition_penalty(
+    x: torch.Tensor, rows: Sequence[SampleRow], counts: TokenCounts
+) -> None:
     if all(row.params.repetition_penalty == 1.0 for row in rows):
         return
-    ids = [[*row.prompt_token_ids, *row.output_token_ids] for row in rows]
-    seen = _token_counts(ids, x.shape[1], x.device) > 0
     penalty = _to_device([row.params.repetition_penalty for row in rows], torch.float32, x.device)[
         :, None
     ]
     # Rows with penalty 1 are unchanged exactly: x / 1 and x * 1 are exact in IEEE arithmetic.
     penalized = torch.where(x > 0, x / penalty, x * penalty)
-    x.copy_(torch.where(seen, penalized, x))
+    x.copy_(torch.where(counts.seen(), penalized, x))
 
 
-def _apply_frequency_presence(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+def _apply_frequency_presence(
+    x: torch.Tensor, rows: Sequence[SampleRow], counts: TokenCounts
+) -> None:
     if all(r.params.frequency_penalty == 0 and r.params.presence_penalty == 0 for r in rows):
         return
-    counts = _token_counts([list(row.output_token_ids) for row in rows], x.shape[1], x.device)
     penalties = _to_device(
         [(r.params.frequency_penalty, r.params.presence_penalty) for r in rows],
         torch.float32,
         x.device,
     )
-    x.sub_(penalties[:, :1] * counts + penalties[:, 1:] * (counts > 0))
+    output = counts.output
+    x.sub_(penalties[:, :1] * output + penalties[:, 1:] * (output > 0))
 
 
-def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
-    """Processors, blocked ids and penalties; returns a float32 copy of `logits` [B, V]."""
+class _Penalized(NamedTuple):
+    """The rows of a batch with token penalties, and where their counts come from."""
+
+    rows: list[int]  # batch rows, ascending
+    index: torch.Tensor | None  # [P] int64, the same rows on the device; None when all rows
+    counts: PenaltyCounts | None  # None: rebuild the counts from the rows' token lists
+    slots: torch.Tensor | None  # [P] int64, the rows' slots in `counts`
+
+
+def _penalized(
+    rows: Sequence[SampleRow], counts: PenaltyCounts | None, device: torch.device
+) -> _Penalized | None:
+    picked = [i for i, row in enumerate(rows) if uses_penalties(row.params)]
+    if not picked:
+        return None
+    index = None if len(picked) == len(rows) else _to_device(picked, torch.int64, device)
+    slots = None
+    if counts is not None:
+        slots = _to_device([rows[i].slot for i in picked], torch.int64, device)
+    return _Penalized(picked, index, counts, slots)
+
+
+def _token_counts(x: torch.Tensor, rows: list[SampleRow], penalized: _Penalized) -> TokenCounts:
+    if penalized.counts is None:
+        prompts = [row.prompt_token_ids for row in rows]
+        outputs = [row.output_token_ids for row in rows]
+        return counts_from_lists(prompts, outputs, x.shape[1], x.device)
+    return penalized.counts.gather(penalized.slots)
+
+
+def _apply_token_penalties(
+    x: torch.Tensor, rows: Sequence[SampleRow], penalized: _Penalized | None
+) -> None:
+    """Repetition, then frequency/presence penalties, on the rows that use them only."""
+    if penalized is None:
+        return
+    chosen = [rows[i] for i in penalized.rows]
+    counts = _token_counts(x, chosen, penalized)
+    y = x if penalized.index is None else x.index_select(0, penalized.index)  # [P, V]
+    _apply_repetition_penalty(y, chosen, counts)
+    _apply_frequency_presence(y, chosen, counts)
+    if penalized.index is not None:
+        x.index_copy_(0, penalized.index, y)
+
+
+def _penalize(
+    logits: torch.Tensor, rows: Sequence[SampleRow], penalized: _Penalized | None
+) -> torch.Tensor:
     # Row-major: blocked ids index the flattened tensor.
     x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     _apply_logits_processors(x, rows)
     _apply_block(x, rows)
-    _apply_repetition_penalty(x, rows)
-    _apply_frequency_presence(x, rows)
+    _apply_token_penalties(x, rows, penalized)
     return x
+
+
+def apply_penalties(
+    logits: torch.Tensor, rows: Sequence[SampleRow], counts: PenaltyCounts | None = None
+) -> torch.Tensor:
+    """Processors, blocked ids and penalties; returns a float32 copy of `logits` [B, V].
+
+    counts: rows with penalties read their slot's counts there, else their token lists.
+    """
+    return _penalize(logits, rows, _penalized(rows, counts, logits.device))
 
 
 def _apply_temperature(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
@@ -204,7 +266,15 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SampleRow],
+        counts: PenaltyCounts | None = None,
+    ) -> SamplerOutput:
+        """counts: the per-slot penalty counts of a caller that samples step after step. Rows
+        with penalties then read theirs by `SampleRow.slot`, and the tokens sampled for them
+        are added on the device: one call is one step. Without it, rows read their lists."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}"
@@ -212,11 +282,14 @@ class Sampler:
         # At least float32 (bf16 log-probs are too coarse); float64 logits keep their precision.
         dtype = torch.promote_types(logits.dtype, torch.float32)
         raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=dtype)
-        x = apply_penalties(logits, rows)
+        penalized = _penalized(rows, counts, logits.device)
+        x = _penalize(logits, rows, penalized)
         finite = _row_ok(logits) & _row_ok(x)
         # A broken row samples uniformly instead of spreading NaNs; the caller fails it.
         x = torch.where(finite[:, None], x, 0.0)
         token_ids = self._sample(x, rows)
+        if penalized is not None and penalized.counts is not None:
+            _count(penalized, token_ids)
         return _with_logprobs(raw_logprobs, token_ids, finite, rows)
 
     def _sample(self, x: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -236,6 +309,13 @@ class Sampler:
         noise.clamp_min_(torch.finfo(noise.dtype).tiny)
         sampled = probs.div_(noise).argmax(dim=-1)
         return torch.where(_to_device(greedy, torch.bool, x.device), argmax, sampled)
+
+
+def _count(penalized: _Penalized, token_ids: torch.Tensor) -> None:
+    """Add the tokens sampled for the penalized rows to their slots' counts."""
+    if penalized.index is not None:
+        token_ids = token_ids.index_select(0, penalized.index)
+    penalized.counts.add(penalized.slots, token_ids)
 
 
 def _with_logprobs(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from tova_engine.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     import torch
@@ -22,27 +25,31 @@ MAX_LOGPROBS = 20
 OUTPUT_KINDS = ("cumulative", "delta", "final")
 
 
-def _check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+def _check_int(
+    name: str, value: Any, low: int | None = None, high: int | None = None, param: str = ""
+) -> None:
+    """`param`: the field the error names when `name` describes a part of it."""
+    param = param or name
     # bool is an int subclass, but `n=True` is a caller bug, not a count.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise InvalidRequestError(param, f"{name} must be an int, got {value!r}")
     if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+        raise InvalidRequestError(param, f"{name} must be >= {low}, got {value}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
+        raise InvalidRequestError(param, f"{name} must be <= {high}, got {value}")
 
 
 def _check_float(name: str, value: Any) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise InvalidRequestError(name, f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise InvalidRequestError(name, f"{name} must be finite, got {value}")
     return float(value)
 
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
+        raise InvalidRequestError(name, f"{name} must be a bool, got {value!r}")
 
 
 def _normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -51,9 +58,9 @@ def _normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     items = (stop,) if isinstance(stop, str) else tuple(stop)
     for s in items:
         if not isinstance(s, str):
-            raise ValueError(f"stop must hold strings, got {s!r}")
+            raise InvalidRequestError("stop", f"stop must hold strings, got {s!r}")
         if not s:
-            raise ValueError("stop must not contain an empty string")
+            raise InvalidRequestError("stop", "stop must not contain an empty string")
     return items
 
 
@@ -61,10 +68,10 @@ def _normalize_ids(name: str, ids: Sequence[int] | None) -> tuple[int, ...]:
     if ids is None:
         return ()
     if isinstance(ids, (str, bytes)):
-        raise ValueError(f"{name} must be a list of ints, got {ids!r}")
+        raise InvalidRequestError(name, f"{name} must be a list of ints, got {ids!r}")
     items = tuple(ids)
     for i in items:
-        _check_int(f"{name} entries", i, low=0)
+        _check_int(f"{name} entries", i, low=0, param=name)
     return items
 
 
@@ -116,8 +123,9 @@ class SamplingParams:
             _check_int("max_tokens", self.max_tokens, low=0)
         _check_int("min_tokens", self.min_tokens, low=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            raise InvalidRequestError(
+                "min_tokens",
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
@@ -128,17 +136,22 @@ class SamplingParams:
 
     def _validate_floats(self) -> None:
         if _check_float("temperature", self.temperature) < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequestError(
+                "temperature", f"temperature must be >= 0, got {self.temperature}"
+            )
         if not 0 < _check_float("top_p", self.top_p) <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= _check_float("min_p", self.min_p) <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidRequestError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_float(name, getattr(self, name))
             if not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+                raise InvalidRequestError(name, f"{name} must be in [-2, 2], got {value}")
         if _check_float("repetition_penalty", self.repetition_penalty) <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidRequestError(
+                "repetition_penalty",
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            )
 
     def _validate_flags(self) -> None:
         for name in (
@@ -149,12 +162,15 @@ class SamplingParams:
         ):
             _check_bool(name, getattr(self, name))
         if self.output_kind not in OUTPUT_KINDS:
-            raise ValueError(
-                f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}"
+            raise InvalidRequestError(
+                "output_kind",
+                f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}",
             )
         for proc in self.logits_processors or ():
             if not callable(proc):
-                raise ValueError(f"logits_processors must hold callables, got {proc!r}")
+                raise InvalidRequestError(
+                    "logits_processors", f"logits_processors must hold callables, got {proc!r}"
+                )
 
     def _normalize(self) -> None:
         # frozen: normalising in place needs object.__setattr__.
@@ -167,7 +183,15 @@ class SamplingParams:
         if self.logits_processors is not None:
             object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
 
+    def __reduce__(self) -> tuple:
+        # Requests cross to the engine core pickled; the dataclass default walks fields()
+        # per object and costs several times this.
+        return (SamplingParams, tuple(getattr(self, name) for name in _FIELD_NAMES))
+
     @property
     def greedy(self) -> bool:
         """True when the request takes the argmax (temperature ~0, or top_k == 1)."""
         return self.temperature < SAMPLING_EPS or self.top_k == 1
+
+
+_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(SamplingParams))

@@ -85,6 +85,10 @@ class ServerMetrics:
         self.evicted_tokens = counter(
             "tova_evicted_tokens", "State entries evicted (one per layer per token dropped)."
         ).labels(self.model_name)
+        self.engine_restarts = counter(
+            "tova_engine_restarts",
+            "Times the engine core process died and was started again.",
+        ).labels(self.model_name)
         for reason in FINISH_REASONS:  # so every series exists from the start
             self.requests.labels(self.model_name, reason)
 
@@ -158,9 +162,9 @@ class ServerMetrics:
         self.engine_info.labels(model_name=self.model_name, **values).set(1)
 
     def observe_step(self, stats: StepStats) -> None:
-        """The engine's stats callback: runs on the engine thread after every step, so it
-        must stay cheap (prometheus_client is thread-safe) and must never raise: an
-        exception here would stop the engine loop."""
+        """The engine's stats callback: runs on the engine client's thread after every
+        step, so it must stay cheap (prometheus_client is thread-safe) and must never
+        raise: an exception here would stop that thread."""
         try:
             self._observe_step(stats)
         except Exception:
@@ -169,6 +173,8 @@ class ServerMetrics:
                 logger.exception("metrics: could not record an engine step (logged once)")
 
     def _observe_step(self, stats: StepStats) -> None:
+        if not stats.batch_size:  # the counts after an abort, not a step
+            return
         step = self._step_by_phase.get(stats.phase)
         if step is None:
             step = self.step_duration.labels(self.model_name, stats.phase)

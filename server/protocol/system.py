@@ -8,7 +8,13 @@ from server.protocol.common import ResponseModel
 
 
 class HealthResponse(ResponseModel):
-    status: Literal["ok"] = "ok"
+    # "restarting": the engine core died and is being started again; the process is alive.
+    status: Literal["ok", "restarting"] = "ok"
+    engine_restarts: int = 0
+
+
+class ReadyResponse(ResponseModel):
+    status: Literal["ready"] = "ready"
 
 
 class VersionResponse(ResponseModel):

@@ -14,7 +14,7 @@ router = APIRouter()
 
 
 def _card(ctx: ServerContext, name: str) -> ModelCard:
-    return ModelCard(id=name, created=ctx.created, root=ctx.engine.engine.model_name,
+    return ModelCard(id=name, created=ctx.created, root=ctx.engine.info.model_name,
                      max_model_len=ctx.max_model_len)
 
 

@@ -23,7 +23,7 @@ def prompt_ids(ctx: ServerContext, prompts: list[str | list[int]]) -> list[list[
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
         try:
-            ids.append(ctx.engine.engine.tokenize(prompt))
+            ids.append(ctx.engine.tokenize(prompt))
         except ValueError as exc:  # no tokenizer: only token ids will do
             raise bad_request(str(exc), "prompt") from None
     return ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger("tova_engine")
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
@@ -126,6 +129,7 @@ def gguf_tokenizer(reader: GGUFReader, path: Path) -> PreTrainedTokenizerBase | 
     if reader.get_field("tokenizer.ggml.model") is None:
         return None
     # transformers re-reads the file's vocabulary itself (~4 s for a 49k vocabulary).
+    logger.info("reading the tokenizer from %s", path)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,18 @@ def safetensors_weights(
                 if _skipped(name, tied):
                     continue
                 yield name, f.get_tensor(name).to(dtype)
+
+
+def safetensors_sizes(files: list[Path], tied: bool) -> tuple[int, int]:
+    """(tensors, elements) that `safetensors_weights` will yield, from the shards' headers."""
+    count = elements = 0
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if not _skipped(name, tied):
+                    count += 1
+                    elements += math.prod(f.get_slice(name).get_shape())
+    return count, elements
 
 
 def _skipped(name: str, tied: bool) -> bool:

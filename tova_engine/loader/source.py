@@ -24,8 +24,10 @@ from tova_engine.loader.hf_folder import (
     folder_tokenizer,
     read_json,
     safetensors_files,
+    safetensors_sizes,
     safetensors_weights,
 )
+from tova_engine.loader.progress import WeightsPlan, with_progress
 from tova_engine.model.config import ModelConfig
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -46,15 +48,26 @@ class ModelSource(NamedTuple):
 
 
 class LazyWeights:
-    """An Iterable that reads tensors one at a time and restarts on every iteration."""
+    """An Iterable that reads tensors one at a time and restarts on every iteration; a pass
+    logs its progress when the plan (what it will read) is known."""
 
-    __slots__ = ("_open",)
+    __slots__ = ("_open", "_plan")
 
-    def __init__(self, open_stream: Callable[[], Iterator[tuple[str, torch.Tensor]]]) -> None:
+    def __init__(
+        self,
+        open_stream: Callable[[], Iterator[tuple[str, torch.Tensor]]],
+        plan: WeightsPlan | None = None,
+    ) -> None:
         self._open = open_stream
+        self._plan = plan
+
+    @property
+    def plan(self) -> WeightsPlan | None:
+        return self._plan
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self._open()
+        stream = self._open()
+        return stream if self._plan is None else with_progress(stream, self._plan)
 
 
 def default_model_path() -> Path:
@@ -176,8 +189,10 @@ def _from_gguf(path: Path, load_format: str, dtype: torch.dtype) -> ModelSource:
     config = ModelConfig.from_hf(hf)
     weights = None
     if load_format != "dummy":
-        gguf_name_map(reader)  # fail on an unknown tensor now, not halfway through loading
-        weights = LazyWeights(lambda: gguf_weights(reader, hf, dtype))
+        names = gguf_name_map(reader)  # fail on an unknown tensor now, not halfway through
+        elements = sum(int(tensor.n_elements) for tensor, _ in names)
+        plan = WeightsPlan(str(path), len(names), elements * dtype.itemsize)
+        weights = LazyWeights(lambda: gguf_weights(reader, hf, dtype), plan)
     return ModelSource(config, weights, gguf_tokenizer(reader, path), gguf_name(path))
 
 
@@ -189,7 +204,9 @@ def _from_folder(folder: Path, load_format: str, dtype: torch.dtype, name: str) 
         if not files:
             raise ValueError(f"model: folder {folder} holds no *.safetensors weights")
         tied = config.tie_word_embeddings
-        weights = LazyWeights(lambda: safetensors_weights(files, tied, dtype))
+        count, elements = safetensors_sizes(files, tied)
+        plan = WeightsPlan(str(folder), count, elements * dtype.itemsize)
+        weights = LazyWeights(lambda: safetensors_weights(files, tied, dtype), plan)
     return ModelSource(config, weights, folder_tokenizer(folder), name)
 
 

@@ -1,0 +1,224 @@
+"""Decode steps at large batches with a full state (eviction every step) against the roofline,
+and step time against the tokens already generated.
+
+For each `batch:state_size`, `batch` sequences prefill `state_size` prompt tokens, then decode:
+wall time per step (host included, synchronised), GPU-busy time per step (the sum of the
+device kernels' time from torch.profiler over a window of steps) and the roofline limit of
+that step (benchmarks/roofline.py: bytes moved over the measured copy bandwidth). Then one
+long run reports the median step time in windows of generated tokens (constant host work:
+the step must stay flat).
+
+    python benchmarks/decode_roofline.py --model benchmarks/configs/llama-3.1-8b.json \\
+        --rows 128:512 256:512 512:256 --flat-batch 64 --flat-tokens 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.roofline import decode_step_cost, measure_ceilings
+from tova_engine import SamplingParams
+from tova_engine.config import EngineConfig
+from tova_engine.engine import LLMEngine
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="benchmarks/configs/llama-3.1-8b.json")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--policy", default="tova")
+    p.add_argument("--rows", nargs="+", default=["128:512", "256:512", "512:256"],
+                   help="batch:state_size")
+    p.add_argument("--steps", type=int, default=50, help="timed decode steps per row")
+    p.add_argument("--flat-batch", type=int, default=64)
+    p.add_argument("--flat-state-size", type=int, default=512)
+    p.add_argument("--flat-tokens", type=int, default=8000, help="0: skip the flatness run")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--profile", default=None,
+                   help="write a torch.profiler table (host and device) of a few steps of the "
+                        "first row here")
+    return p.parse_args()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_engine(args, batch: int, state_size: int) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+        policy=args.policy, state_size=state_size, max_num_seqs=batch,
+        max_num_batched_tokens=max(batch * 2, 2048), prefill_chunk_size=state_size,
+    ))
+
+
+def start(engine: LLMEngine, batch: int, prompt_len: int, max_tokens: int) -> None:
+    """`batch` sequences past a `prompt_len`-token prefill, decoding from now on."""
+    rng = random.Random(0)
+    vocab = engine.info.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            output_kind="final")
+    for i in range(batch):
+        engine.add_request(str(i), [rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+    while engine.num_waiting or any(r.prefilling for r in engine.core.scheduler.running):
+        engine.step()
+    engine.step()  # the first decode step (one more token: the state is full from here on)
+
+
+def timed(engine: LLMEngine) -> float:
+    sync()
+    started = time.perf_counter()
+    engine.step()
+    sync()
+    return time.perf_counter() - started
+
+
+def gpu_busy_s(engine: LLMEngine, steps: int) -> float | None:
+    """Mean device-kernel time per step over `steps` steps."""
+    if not torch.cuda.is_available():
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1e6 / steps
+
+
+class Split:
+    """Wall time inside each wrapped stage of a step, summed over the steps it wraps."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.seconds: dict[str, float] = {}
+        core = engine.core
+        self._wrap(core.scheduler, "schedule", "schedule")
+        self._wrap(core.runner, "execute", "runner.execute (model, sampling, read-back)")
+        self._wrap(engine.outputs, "process", "output processing (front end)")
+
+    def _wrap(self, owner, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed_call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - started
+
+        setattr(owner, name, timed_call)
+
+
+def host_split(engine: LLMEngine, steps: int) -> dict[str, float]:
+    """Mean ms per step in each stage; the rest of the wall time is the core's bookkeeping."""
+    split = Split(engine)
+    started = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    total = time.perf_counter() - started
+    result = {label: 1e3 * s / steps for label, s in split.seconds.items()}
+    result["rest (core bookkeeping, StepOutputs)"] = 1e3 * total / steps - sum(result.values())
+    return result
+
+
+def profile_table(engine: LLMEngine, steps: int) -> str:
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync()
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if torch.cuda.is_available():
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=30))
+    return "\n".join(tables)
+
+
+def roofline_row(args, ceilings, batch: int, state_size: int, profile_to: str | None) -> dict:
+    engine = make_engine(args, batch, state_size)
+    start(engine, batch, state_size, max_tokens=args.steps * 3 + 40)
+    for _ in range(10):  # warm-up at this shape
+        engine.step()
+    wall = statistics.median(timed(engine) for _ in range(args.steps))
+    busy = gpu_busy_s(engine, args.steps)
+    split = host_split(engine, args.steps)
+    if profile_to:
+        Path(profile_to).write_text(profile_table(engine, 5))
+    config = engine.core.model_config
+    element = torch.empty((), dtype=engine.core.dtype).element_size()
+    cost = decode_step_cost(config, batch, state_size, element, ceilings)
+    row = {"batch": batch, "state_size": state_size, "wall_ms": 1e3 * wall,
+           "gpu_busy_ms": None if busy is None else 1e3 * busy,
+           "roofline_ms": 1e3 * cost.limit_s, "bound": cost.bound,
+           "of_roofline": cost.limit_s / wall,
+           "gpu_busy_of_wall": None if busy is None else busy / wall, "split_ms": split}
+    del engine
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return row
+
+
+def flatness(args) -> dict:
+    """Median step time in windows of generated tokens, one long run."""
+    batch, state_size, tokens = args.flat_batch, args.flat_state_size, args.flat_tokens
+    engine = make_engine(args, batch, state_size)
+    start(engine, batch, 16, max_tokens=tokens + 10)
+    windows = {n: [] for n in (500, 1000, 2000, 4000, 8000) if n <= tokens}
+    for generated in range(2, tokens + 1):
+        seconds = timed(engine)
+        for n, times in windows.items():
+            if n - 50 < generated <= n + 50:
+                times.append(seconds)
+    medians = {n: 1e3 * statistics.median(t) for n, t in windows.items() if t}
+    first = next(iter(medians.values()))
+    return {"batch": batch, "state_size": state_size, "median_ms_at": medians,
+            "max_over_first": max(medians.values()) / first}
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    ceilings = measure_ceilings(device)
+    print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, "
+          f"matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s", flush=True)
+    rows = []
+    print("| batch, S | wall ms/step | GPU-busy ms | roofline ms | % of roofline | busy/wall |")
+    print("|---|---|---|---|---|---|")
+    for i, spec in enumerate(args.rows):
+        batch, state_size = (int(x) for x in spec.split(":"))
+        row = roofline_row(args, ceilings, batch, state_size, args.profile if i == 0 else None)
+        rows.append(row)
+        busy = "n/a" if row["gpu_busy_ms"] is None else f"{row['gpu_busy_ms']:.2f}"
+        share = "n/a" if row["gpu_busy_of_wall"] is None else f"{row['gpu_busy_of_wall']:.0%}"
+        print(f"| {batch}, {state_size} | {row['wall_ms']:.2f} | {busy} | "
+              f"{row['roofline_ms']:.2f} | {row['of_roofline']:.0%} | {share} |", flush=True)
+    for row in rows:
+        print(f"host split at batch {row['batch']}, S={row['state_size']} (ms/step): "
+              + ", ".join(f"{label} {ms:.2f}" for label, ms in row["split_ms"].items()))
+    result = {"ceilings": ceilings._asdict(), "rows": rows}
+    if args.flat_tokens:
+        result["flatness"] = flat = flatness(args)
+        print(f"flatness (batch {flat['batch']}, S={flat['state_size']}): median ms at "
+              + ", ".join(f"{n}: {ms:.2f}" for n, ms in flat["median_ms_at"].items())
+              + f"; max/first {flat['max_over_first']:.3f}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The engine core: scheduler, runner, sampler and the step loop's body, token ids in and out.
+
+It runs in-process under `LLMEngine` (offline) and in its own process under `AsyncEngine`
+(`core_process.py`). Each `step()` returns one `StepOutputs`: the step's sampled tokens and
+finished choices as columns, whatever the batch size. The core's host work per step depends
+on the batch, never on how many tokens a sequence has generated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tova_engine.config import EngineConfig
+from tova_engine.cuda_graphs import DecodeGraphs
+from tova_engine.errors import InvalidRequestError
+from tova_engine.fused_attention import fused_policy_supported
+from tova_engine.loader import load_source
+from tova_engine.memory import resolve_config, weight_bytes
+from tova_engine.messages import (
+    CoreRequest,
+    EngineInfo,
+    PromptLogprobs,
+    RequestFailure,
+    SequenceFinish,
+    SequenceRef,
+    StepOutputs,
+    StepStats,
+)
+from tova_engine.model.llama import LlamaModel
+from tova_engine.policies import make_policy
+from tova_engine.request import Request, Sequence
+from tova_engine.runner import ModelRunner, SampledTokens, requests_of
+from tova_engine.sampler import Sampler, make_generator
+from tova_engine.scheduler import Scheduler, SchedulerOutput
+from tova_engine.state import KVState
+from tova_engine.threads import configure_cpu_threads
+
+logger = logging.getLogger("tova_engine")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        configure_cpu_threads(self.device)  # before loading: GGUF dequantization uses threads
+        source = load_source(config.model, config.load_format, self.dtype)
+        self.model_config = source.config
+        self.model_name = source.name
+        self.tokenizer = source.tokenizer
+        self.max_model_len = _resolve_max_model_len(config, self.model_config)
+        self.policy = make_policy(config.policy)
+        # The fused kernels implement the built-in policies; a custom one runs in PyTorch.
+        fused = config.triton_kernels and fused_policy_supported(self.policy)
+        self.model = self._build_model(config, source.weights, fused)
+        # Before the state is allocated: refuse one that cannot fit, size max_num_seqs="auto".
+        config = resolve_config(config, self.model_config, weight_bytes(self.model))
+        self.config = config
+        use_graphs = fused and config.use_cuda_graphs
+        self.state = KVState(
+            self.model_config,
+            config.max_num_seqs,
+            config.state_size,
+            self.dtype,
+            self.device,
+            track_stats=self.policy.uses_stats,
+            pad_slot=use_graphs,
+        )
+        self.eos_token_ids = self._eos_token_ids()
+        graphs = None
+        if use_graphs:
+            graphs = DecodeGraphs(self.model, self.state, self.policy, config.graph_batch_sizes)
+        self.runner = ModelRunner(
+            self.model,
+            self.state,
+            self.policy,
+            Sampler(config.seed, self.device),
+            self.eos_token_ids,
+            fused_attention=fused,
+            graphs=graphs,
+        )
+        self.scheduler = Scheduler(
+            config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size
+        )
+        self._requests: dict[str, Request] = {}
+        self.info = self._info()
+        self._log_startup()
+
+    # ----- set-up -------------------------------------------------------------------------
+
+    def _build_model(self, config: EngineConfig, weights, fused_kernels: bool) -> LlamaModel:
+        model = LlamaModel.empty(self.model_config, self.device, self.dtype)
+        if weights is None:
+            model.init_random_weights(config.seed)
+        else:
+            model.load_hf_weights(weights)
+        model.requires_grad_(False)
+        if fused_kernels:
+            model.use_triton_kernels()
+        return model.eval()
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def _info(self) -> EngineInfo:
+        config = self.config
+        return EngineInfo(
+            model_name=self.model_name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            state_size=config.state_size,
+            max_num_seqs=config.max_num_seqs,
+            policy=config.policy,
+            policy_evicts=self.policy.evicts,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            state_bytes_per_sequence=KVState.bytes_per_sequence(
+                self.model_config, config.state_size, self.dtype
+            ),
+            state_total_bytes=self.state.total_bytes(),
+            eos_token_ids=sorted(self.eos_token_ids),
+        )
+
+    def _log_startup(self) -> None:
+        info = self.info
+        logger.info(
+            "model %s on %s (%s); policy %s, state_size %d: state memory %.2f MiB per request, "
+            "%.2f MiB for %d slots",
+            info.model_name,
+            info.device,
+            info.dtype,
+            info.policy,
+            info.state_size,
+            info.state_bytes_per_sequence / 2**20,
+            info.state_total_bytes / 2**20,
+            info.max_num_seqs,
+        )
+
+    # ----- requests -----------------------------------------------------------------------
+
+    def add(self, core_request: CoreRequest) -> None:
+        if core_request.request_id in self._requests:
+            raise InvalidRequestError(
+                "request_id", f"request_id {core_request.request_id!r} is already in use"
+            )
+        params = core_request.params
+        generators = [
+            None if params.seed is None else make_generator(params.seed, i, self.device)
+            for i in range(params.n)
+        ]
+        request = Request.of(core_request, generators)
+        self._requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def abort(
+        self, request_ids: list[str], sequences: list[SequenceRef] = ()
+    ) -> list[SequenceFinish]:
+        """Stop whole requests or single choices now; their slots are free for the next step.
+        Returns the choices this finished."""
+        finished: list[SequenceFinish] = []
+        targets = [(rid, None) for rid in request_ids]
+        targets += [(ref.request_id, ref.index) for ref in sequences]
+        for request_id, index in targets:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            for seq in request.live_sequences():
+                if index is None or seq.index == index:
+                    seq.finish_reason = "abort"
+            self._release_finished(request, finished)
+        return finished
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----- stepping -----------------------------------------------------------------------
+
+    def step(self) -> StepOutputs | None:
+        """Run one scheduled step; None when there was nothing to run."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.empty:
+            return None
+        started = time.perf_counter()
+        out = StepOutputs.empty(time.time())
+        out.admitted = [request.request_id for request in scheduled.admitted]
+        try:
+            result = self.runner.execute(scheduled)
+        except Exception as exc:  # a failed step fails its requests, never the engine
+            logger.exception("engine step failed")
+            self._fail_step(scheduled, exc, out)
+            out.stats = self.stats(scheduled, started, 0, [])
+            return out
+        self._apply_prompt_progress(scheduled, result.prompt_logprobs, out)
+        self._apply_samples(result.sampled, out)
+        out.stats = self.stats(
+            scheduled, started, len(result.sampled.sequences), result.evicted_ages
+        )
+        return out
+
+    def _apply_prompt_progress(self, scheduled: SchedulerOutput, prompt_logprobs, out) -> None:
+        for chunk in scheduled.prefills:
+            request = chunk.request
+            request.num_computed += chunk.length
+            if request.request_id in prompt_logprobs:
+                first, values = prompt_logprobs[request.request_id]
+                out.prompt_logprobs.append(PromptLogprobs(request.request_id, first, *values))
+            if not request.prefilling and request.max_tokens == 0:
+                for seq in request.sequences:
+                    seq.finish_reason = "length"
+                self._release_finished(request, out.finished)
+
+    def _apply_samples(self, sampled: SampledTokens, out: StepOutputs) -> None:
+        touched: dict[Request, None] = {}
+        rows = sampled.sequences
+        with_logprobs = any(seq.request.params.logprobs is not None for seq in rows)
+        if with_logprobs:
+            out.logprobs, out.ranks = [], []
+            if sampled.top_ids is not None:
+                out.top_ids, out.top_logprobs = [], []
+        for i, seq in enumerate(rows):
+            request = seq.request
+            touched[request] = None
+            if seq.finished:  # another choice of this request failed in this step
+                continue
+            if not sampled.finite[i]:
+                self._fail(request, "the model produced non-finite logits for this request", out)
+                continue
+            token = sampled.token_ids[i]
+            seq.output_token_ids.append(token)
+            out.request_ids.append(request.request_id)
+            out.indexes.append(seq.index)
+            out.token_ids.append(token)
+            if with_logprobs:
+                out.logprobs.append(sampled.logprobs[i])
+                out.ranks.append(sampled.ranks[i])
+                if out.top_ids is not None:
+                    out.top_ids.append(sampled.top_ids[i])
+                    out.top_logprobs.append(sampled.top_logprobs[i])
+            self._check_stop(seq, token)
+        for request in touched:
+            self._release_finished(request, out.finished)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        """Token-level stops; stop strings are the front end's, which aborts the choice."""
+        request = seq.request
+        params = request.params
+        generated = len(seq.output_token_ids)
+        if generated >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                seq.finish_reason = "stop"
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+        if seq.finish_reason is None and (
+            generated >= request.max_tokens or request.prompt_len + generated >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+
+    def _release_finished(self, request: Request, finished: list[SequenceFinish]) -> None:
+        """Report choices that have finished and free their slots (reading their state
+        first); retire the request once every choice has."""
+        for seq in request.sequences:
+            if not seq.finished or seq.reported:
+                continue
+            positions = None
+            if seq.slot >= 0 and request.params.return_state:
+                positions = self.state.retained_positions(seq.slot)
+            self.scheduler.release_sequence(seq)
+            seq.reported = True
+            finished.append(
+                SequenceFinish(
+                    request.request_id, seq.index, seq.finish_reason, seq.stop_reason, positions
+                )
+            )
+        if request.finished:
+            self.scheduler.remove(request)
+            self._requests.pop(request.request_id, None)
+
+    def _fail(self, request: Request, message: str, out: StepOutputs) -> None:
+        request.error = message
+        out.failed.append(RequestFailure(request.request_id, message))
+        for seq in request.live_sequences():
+            seq.finish_reason = "error"
+
+    def _fail_step(self, scheduled: SchedulerOutput, exc: Exception, out: StepOutputs) -> None:
+        for request in requests_of(scheduled):
+            self._fail(request, f"engine step failed: {type(exc).__name__}: {exc}", out)
+            self._release_finished(request, out.finished)
+
+    # ----- counts for metrics -------------------------------------------------------------
+
+    def stats(
+        self,
+        scheduled: SchedulerOutput | None = None,
+        started: float | None = None,
+        generated: int = 0,
+        evicted_ages: list[int] | None = None,
+    ) -> StepStats:
+        """The step's figures (none when `scheduled` is None) and the counts after it."""
+        prefills = scheduled.prefills if scheduled is not None else []
+        decodes = scheduled.decodes if scheduled is not None else []
+        return StepStats(
+            phase="prefill" if prefills else "decode",
+            duration_s=0.0 if started is None else time.perf_counter() - started,
+            batch_size=len(decodes) + len(prefills),
+            prompt_tokens=sum(c.length for c in prefills),
+            generation_tokens=generated,
+            evicted_ages=evicted_ages or [],
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            slots_used=self.scheduler.slots_used,
+        )
+
+
+def _resolve_max_model_len(config: EngineConfig, model_config) -> int:
+    limit = model_config.max_position_embeddings
+    wanted = config.max_model_len or limit
+    if wanted > limit:
+        logger.warning(
+            "max_model_len %d exceeds the model's %d positions; quality past them is untested",
+            wanted,
+            limit,
+        )
+    if config.state_size > wanted:
+        raise ValueError(
+            f"state_size ({config.state_size}) must not exceed the model's length "
+            f"limit ({wanted} positions)"
+        )
+    return wanted

@@ -1,0 +1,161 @@
+"""The engine core's own process: the step loop alone on its interpreter.
+
+Two I/O threads move messages so that the loop's thread only schedules and steps: one
+receives and decodes what the front end sends (requests, aborts, shutdown), one encodes and
+sends each step's `StepOutputs`. Socket calls release the GIL; msgspec's (de)coding is short.
+
+The process exits when told to, when its parent disappears, or when the loop breaks (after
+sending `CoreFailed` with the reason); the front end (`core_client.py`) restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+
+import zmq
+
+from tova_engine.config import EngineConfig
+from tova_engine.core import EngineCore
+from tova_engine.errors import InvalidRequestError
+from tova_engine.messages import (
+    Abort,
+    AddRequest,
+    CoreFailed,
+    CoreReady,
+    RequestFailure,
+    SequenceFinish,
+    Shutdown,
+    StepOutputs,
+    Wire,
+)
+
+logger = logging.getLogger("tova_engine")
+# How often the receiving thread checks that the front end (the parent process) still lives.
+PARENT_CHECK_S = 1.0
+
+
+def run_core(
+    config: EngineConfig, input_address: str, output_address: str, log_level: int
+) -> None:
+    """The spawned process's entry point."""
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s"
+    )
+    # Ctrl-C reaches the whole process group; the front end drains, then says Shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    context = zmq.Context()
+    outputs = context.socket(zmq.PUSH)
+    outputs.connect(output_address)
+    wire = Wire()
+    try:
+        core = EngineCore(config)
+    except BaseException as exc:  # the front end reports why the core could not start
+        outputs.send(wire.encoder.encode(CoreFailed(_describe(exc), during_startup=True)))
+        outputs.close(linger=5000)
+        sys.exit(1)
+    tokenizer = b"" if core.tokenizer is None else pickle.dumps(core.tokenizer)
+    outputs.send(wire.encoder.encode(CoreReady(core.info, tokenizer)))
+    inputs = context.socket(zmq.PULL)
+    inputs.connect(input_address)
+    code = CoreLoop(core, inputs, outputs).run()
+    outputs.close(linger=5000)
+    inputs.close(linger=0)
+    if code:  # a broken loop may have left the device unusable: skip the interpreter's exit
+        os._exit(code)
+    sys.exit(code)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class CoreLoop:
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
+        self.core = core
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._parent = os.getppid()
+        self._receiver = threading.Thread(
+            target=self._receive, args=(inputs,), name="core-in", daemon=True
+        )
+        self._sender = threading.Thread(
+            target=self._send, args=(outputs,), name="core-out", daemon=True
+        )
+
+    def run(self) -> int:
+        """Steps until Shutdown (returns 0) or until the loop breaks (returns 1)."""
+        self._receiver.start()
+        self._sender.start()
+        code = 0
+        try:
+            while self._handle_inbox(block=not self.core.has_unfinished_requests()):
+                step = self.core.step()
+                if step is not None:
+                    self._outbox.put(step)
+        except BaseException as exc:  # contained failures never get here: this is fatal
+            logger.exception("engine core loop died")
+            self._outbox.put(CoreFailed(_describe(exc), during_startup=False))
+            code = 1
+        self._outbox.put(None)
+        self._sender.join(timeout=10)
+        return code
+
+    def _handle_inbox(self, block: bool) -> bool:
+        """Apply every waiting message (waiting for one when idle); False on Shutdown."""
+        while True:
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(message, Shutdown):
+                return False
+            if isinstance(message, AddRequest):
+                self._add(message)
+            elif isinstance(message, Abort):
+                self._abort(message)
+
+    def _add(self, message: AddRequest) -> None:
+        try:
+            self.core.add(message.to_request())
+        except InvalidRequestError as exc:  # the front end validated; only a clash is left
+            n = pickle.loads(message.params).n
+            step = StepOutputs.empty(0.0)
+            step.failed = [RequestFailure(message.request_id, str(exc))]
+            step.finished = [SequenceFinish(message.request_id, i, "error") for i in range(n)]
+            self._outbox.put(step)
+
+    def _abort(self, message: Abort) -> None:
+        finished = self.core.abort(message.requests, message.sequences)
+        step = StepOutputs.empty(0.0)
+        step.finished = finished
+        step.stats = self.core.stats()  # slots freed while idle must show in the gauges
+        self._outbox.put(step)
+
+    # ----- I/O threads --------------------------------------------------------------------
+
+    def _receive(self, inputs: zmq.Socket) -> None:
+        decoder = Wire().to_core
+        poller = zmq.Poller()
+        poller.register(inputs, zmq.POLLIN)
+        while True:
+            if not poller.poll(timeout=PARENT_CHECK_S * 1000):
+                if os.getppid() != self._parent:  # orphaned: nobody will read our outputs
+                    self._inbox.put(Shutdown())
+                    return
+                continue
+            message = decoder.decode(inputs.recv())
+            self._inbox.put(message)
+            if isinstance(message, Shutdown):
+                return
+
+    def _send(self, outputs: zmq.Socket) -> None:
+        encoder = Wire().encoder
+        while (message := self._outbox.get()) is not None:
+            outputs.send(encoder.encode(message), copy=False)
