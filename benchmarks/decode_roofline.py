@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--flat-state-size", type=int, default=512)
     p.add_argument("--flat-tokens", type=int, default=8000, help="0: skip the flatness run")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--profile", default=None,
                    help="write a torch.profiler table (host and device) of a few steps of the "
                         "first row here")
@@ -63,6 +64,7 @@ def make_engine(args, batch: int, state_size: int) -> LLMEngine:
         model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
         policy=args.policy, state_size=state_size, max_num_seqs=batch,
         max_num_batched_tokens=max(batch * 2, 2048), prefill_chunk_size=state_size,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     ))
 
 

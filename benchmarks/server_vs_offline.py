@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-warmups", type=int, default=0)
     p.add_argument("--port", type=int, default=8199)
     p.add_argument("--server-flags", default="", help="more flags for the launched server")
+    p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--skip-server", action="store_true")
     p.add_argument("--result-file", default=None)
@@ -49,8 +50,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
-    return ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
-            "--device", args.device, "--policy", args.policy,
+    overlap = {"auto": [], "on": ["--async-scheduling"], "off": ["--no-async-scheduling"]}
+    return [*overlap[args.async_scheduling], "--model", args.model,
+            "--load-format", args.load_format, "--dtype", args.dtype, "--device", args.device,
+            "--policy", args.policy,
             "--state-size", str(args.state_size), "--max-num-seqs", str(args.max_num_seqs)]
 
 
@@ -58,7 +61,8 @@ def offline(args: argparse.Namespace) -> dict:
     steps: list[tuple[str, float, int]] = []
     llm = LLM(args.model, state_size=args.state_size, policy=args.policy, dtype=args.dtype,
               device=args.device, max_num_seqs=args.max_num_seqs,
-              load_format=args.load_format)
+              load_format=args.load_format,
+              async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
     llm.engine.stats_callback = lambda s: steps.append((s.phase, s.duration_s, s.batch_size))
     vocab = llm.engine.info.vocab_size
     rng = random.Random(0)

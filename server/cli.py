@@ -72,6 +72,11 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="auto: fused Triton kernels on CUDA when available; torch: PyTorch")
     group.add_argument("--enforce-eager", action="store_true", default=DEFAULTS["enforce_eager"],
                        help="CUDA: run every step eagerly, no captured decode graphs")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS["async_scheduling"],
+                       help="launch each engine step before the previous one is read back, so "
+                            "host work overlaps the device's (default: on with CUDA, off on "
+                            "CPU)")
     group.add_argument("--cuda-graph-batch-sizes", type=int, nargs="+",
                        default=DEFAULTS["cuda_graph_batch_sizes"],
                        help="CUDA: decode batch sizes to capture; default: 1, 2, 4, 8, then "

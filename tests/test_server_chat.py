@@ -100,7 +100,9 @@ def test_chat_stop_and_stream_logprobs(client):
     chunks = list(chat(client, max_tokens=3, stream=True, logprobs=True, top_logprobs=1,
                        extra_body={"ignore_eos": True}))
     content = [c for c in chunks if c.choices[0].delta.content]
-    assert all(len(c.choices[0].logprobs.content) == 1 for c in content)
+    # An entry per token; a chunk carries one token, or several if the stream fell behind.
+    assert all(len(c.choices[0].logprobs.content) >= 1 for c in content)
+    assert sum(len(c.choices[0].logprobs.content) for c in content) == 3
 
 
 def test_chat_content_parts_and_developer_role(client, smol_server):

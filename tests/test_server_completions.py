@@ -71,7 +71,9 @@ def test_stream_with_usage_matches_full_response(client):
     assert all(c.usage is None for c in content) and {c.id for c in chunks} == {chunks[0].id}
     assert [c.choices[0].finish_reason for c in content][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in content[:-1])
-    assert len(content) == 10  # one chunk per token
+    # One chunk per token while the client keeps up; a stream that falls behind gets the
+    # tokens that piled up in one chunk.
+    assert 1 <= len(content) <= 10
     assert last.choices == [] and last.usage.completion_tokens == 10
     assert last.usage.prompt_tokens == full.usage.prompt_tokens
 
@@ -83,14 +85,14 @@ def test_stream_of_a_batch_interleaves_choices(client):
     texts = {i: "".join(c.choices[0].text for c in chunks if c.choices[0].index == i)
              for i in range(4)}
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
-    assert len(chunks) == 12 and finishes == ["length"] * 4
+    assert len(chunks) <= 12 and finishes == ["length"] * 4
     full = greedy(client, prompt=prompts, n=2, max_tokens=3, extra_body={"ignore_eos": True})
     assert [texts[c.index] for c in full.choices] == [c.text for c in full.choices]
 
 
 def test_stream_without_usage_has_no_usage_chunk(client):
     chunks = list(greedy(client, max_tokens=3, stream=True, extra_body={"ignore_eos": True}))
-    assert len(chunks) == 3 and all(c.choices for c in chunks)
+    assert 1 <= len(chunks) <= 3 and all(c.choices for c in chunks)
 
 
 def test_seed_reproducible_and_n_distinct(client):

@@ -56,12 +56,19 @@ class EngineConfig:
     # CUDA: decode batch sizes to capture (None: 1, 2, 4, 8, then every 16 up to
     # max_num_seqs); a batch is padded to the next size, larger ones run eagerly.
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
+    # Launch step N+1 before reading step N back, so the host's work overlaps the device's.
+    # None: on with CUDA, off on CPU (where nothing runs concurrently to overlap with).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _require_choice("policy", self.policy, tuple(POLICIES))
         _require_choice("load_format", self.load_format, LOAD_FORMATS)
         _require_choice("dtype", self.dtype, ("auto", *DTYPES))
         _require_choice("kernels", self.kernels, KERNELS)
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(
+                f"async_scheduling must be a bool or None; got {self.async_scheduling!r}"
+            )
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool; got {self.enforce_eager!r}")
         if self.cuda_graph_batch_sizes is not None:
@@ -132,6 +139,13 @@ class EngineConfig:
     def triton_kernels(self) -> bool:
         """Whether the fused Triton kernels run (CUDA with Triton, unless kernels='torch')."""
         return self.kernels != "torch" and triton_available(self.torch_device)
+
+    @property
+    def overlap_steps(self) -> bool:
+        """Whether the engine core launches a step before reading the previous one back."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.torch_device.type == "cuda"
 
     @property
     def use_cuda_graphs(self) -> bool:

@@ -4,12 +4,19 @@ It runs in-process under `LLMEngine` (offline) and in its own process under `Asy
 (`core_process.py`). Each `step()` returns one `StepOutputs`: the step's sampled tokens and
 finished choices as columns, whatever the batch size. The core's host work per step depends
 on the batch, never on how many tokens a sequence has generated.
+
+With async scheduling (the default on CUDA) the host schedules and launches step N+1 before
+it reads step N back, so its work overlaps the GPU's: a choice that finished in step N may
+run one more row in N+1, which is discarded, and its slot is reused only after N+1 (the
+device runs the steps in order). While a request whose logits processors read the token
+lists, or that returns its state positions, is in the engine, steps run one at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 from tova_engine.config import EngineConfig
 from tova_engine.cuda_graphs import DecodeGraphs
@@ -30,13 +37,21 @@ from tova_engine.messages import (
 from tova_engine.model.llama import LlamaModel
 from tova_engine.policies import make_policy
 from tova_engine.request import Request, Sequence
-from tova_engine.runner import ModelRunner, SampledTokens, requests_of
+from tova_engine.runner import InFlight, ModelRunner, SampledTokens, requests_of
 from tova_engine.sampler import Sampler, make_generator
 from tova_engine.scheduler import Scheduler, SchedulerOutput
 from tova_engine.state import KVState
 from tova_engine.threads import configure_cpu_threads
 
 logger = logging.getLogger("tova_engine")
+
+
+class _Launched(NamedTuple):
+    scheduled: SchedulerOutput
+    flight: InFlight | None  # None when launching failed (`error`)
+    out: StepOutputs
+    started: float
+    error: Exception | None
 
 
 class EngineCore:
@@ -83,6 +98,10 @@ class EngineCore:
             config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size
         )
         self._requests: dict[str, Request] = {}
+        self.async_scheduling = config.overlap_steps
+        self._in_flight: _Launched | None = None
+        self._exact: set[str] = set()  # requests that need the host current (see `step`)
+        self._last_step_end = 0.0
         self.info = self._info()
         self._log_startup()
 
@@ -153,6 +172,8 @@ class EngineCore:
         ]
         request = Request.of(core_request, generators)
         self._requests[request.request_id] = request
+        if params.logits_processors or params.return_state:
+            self._exact.add(request.request_id)
         self.scheduler.add(request)
 
     def abort(
@@ -174,23 +195,48 @@ class EngineCore:
         return finished
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._in_flight is not None or self.scheduler.has_unfinished()
 
     # ----- stepping -----------------------------------------------------------------------
 
     def step(self) -> StepOutputs | None:
-        """Run one scheduled step; None when there was nothing to run."""
+        """Run one scheduled step and return its outputs. With async scheduling, launch the
+        next step and return the outputs of the one launched before it. None when no step
+        finished."""
+        # Requests whose logits processors read the token lists, or that return their state
+        # positions, need the host to be current: then the engine runs one step at a time.
+        overlap = self.async_scheduling and not self._exact
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not overlap:
+            return self._finish(previous)  # drain; the next call runs a step of its own
         scheduled = self.scheduler.schedule()
         if scheduled.empty:
-            return None
+            return None if previous is None else self._finish(previous)
+        launched = self._launch(scheduled)
+        if not overlap:
+            return self._finish(launched)
+        self._in_flight = launched
+        return None if previous is None else self._finish(previous)
+
+    def _launch(self, scheduled: SchedulerOutput) -> _Launched:
         started = time.perf_counter()
         out = StepOutputs.empty(time.time())
         out.admitted = [request.request_id for request in scheduled.admitted]
         try:
-            result = self.runner.execute(scheduled)
-        except Exception as exc:  # a failed step fails its requests, never the engine
-            logger.exception("engine step failed")
-            self._fail_step(scheduled, exc, out)
+            return _Launched(scheduled, self.runner.launch(scheduled), out, started, None)
+        except Exception as exc:  # failed when launched: fails when finished
+            return _Launched(scheduled, None, out, started, exc)
+
+    def _finish(self, launched: _Launched) -> StepOutputs:
+        scheduled, flight, out, started, error = launched
+        if error is None:
+            try:
+                result = self.runner.collect(flight)
+            except Exception as exc:
+                error = exc
+        if error is not None:  # a failed step fails its requests, never the engine
+            logger.error("engine step failed", exc_info=error)
+            self._fail_step(scheduled, error, out)
             out.stats = self.stats(scheduled, started, 0, [])
             return out
         self._apply_prompt_progress(scheduled, result.prompt_logprobs, out)
@@ -201,13 +247,12 @@ class EngineCore:
         return out
 
     def _apply_prompt_progress(self, scheduled: SchedulerOutput, prompt_logprobs, out) -> None:
-        for chunk in scheduled.prefills:
+        for chunk in scheduled.prefills:  # (the scheduler advanced `num_computed` already)
             request = chunk.request
-            request.num_computed += chunk.length
             if request.request_id in prompt_logprobs:
                 first, values = prompt_logprobs[request.request_id]
                 out.prompt_logprobs.append(PromptLogprobs(request.request_id, first, *values))
-            if not request.prefilling and request.max_tokens == 0:
+            if chunk.completes_prompt and request.max_tokens == 0 and not request.finished:
                 for seq in request.sequences:
                     seq.finish_reason = "length"
                 self._release_finished(request, out.finished)
@@ -277,6 +322,7 @@ class EngineCore:
         if request.finished:
             self.scheduler.remove(request)
             self._requests.pop(request.request_id, None)
+            self._exact.discard(request.request_id)
 
     def _fail(self, request: Request, message: str, out: StepOutputs) -> None:
         request.error = message
@@ -298,12 +344,20 @@ class EngineCore:
         generated: int = 0,
         evicted_ages: list[int] | None = None,
     ) -> StepStats:
-        """The step's figures (none when `scheduled` is None) and the counts after it."""
+        """The step's figures (none when `scheduled` is None) and the counts after it.
+
+        The duration runs from the step's launch, or from the previous step's end if that
+        came later (steps overlap under async scheduling): the time the step adds."""
         prefills = scheduled.prefills if scheduled is not None else []
         decodes = scheduled.decodes if scheduled is not None else []
+        duration = 0.0
+        if started is not None:
+            now = time.perf_counter()
+            duration = now - max(started, self._last_step_end)
+            self._last_step_end = now
         return StepStats(
             phase="prefill" if prefills else "decode",
-            duration_s=0.0 if started is None else time.perf_counter() - started,
+            duration_s=duration,
             batch_size=len(decodes) + len(prefills),
             prompt_tokens=sum(c.length for c in prefills),
             generation_tokens=generated,

@@ -9,6 +9,7 @@ reaches its successor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -45,12 +46,19 @@ class CoreStartError(RuntimeError):
 
 
 class _Generation:
-    """One core process and its two sockets."""
+    """One core process and its two sockets.
+
+    The front end connects its input socket to the core (which binds it), so sending never
+    blocks: messages queue on this side while the core starts, and a dead core's queue goes
+    with the socket. (A bound PUSH socket blocks while it has no peer: an abort sent after
+    the core died would freeze the event loop.)"""
 
     def __init__(self, context: zmq.Context, config: EngineConfig) -> None:
         base = os.path.join(tempfile.gettempdir(), f"tova-core-{uuid.uuid4().hex[:12]}")
+        self.paths = (f"{base}-in", f"{base}-out")
         self.inputs = context.socket(zmq.PUSH)
-        self.inputs.bind(f"ipc://{base}-in")
+        self.inputs.setsockopt(zmq.SNDHWM, 0)  # no limit: a send never waits
+        self.inputs.connect(f"ipc://{base}-in")
         self.outputs = context.socket(zmq.PULL)
         self.outputs.bind(f"ipc://{base}-out")
         spawn = multiprocessing.get_context("spawn")
@@ -70,6 +78,9 @@ class _Generation:
             self.process.join(5)
         self.inputs.close(linger=0)
         self.outputs.close(linger=0)
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def exit_reason(self) -> str:
         code = self.process.exitcode
@@ -137,7 +148,9 @@ class CoreClient:
         with self._send_lock:
             generation = self._generation
             if generation is not None and not generation.inputs.closed:
-                generation.inputs.send(data, copy=False)
+                # Never blocks (see _Generation); Again only if the socket is being closed.
+                with contextlib.suppress(zmq.Again):
+                    generation.inputs.send(data, copy=False, flags=zmq.NOBLOCK)
 
     # ----- the client thread ----------------------------------------------------------------
 

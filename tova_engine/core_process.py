@@ -51,7 +51,10 @@ def run_core(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     context = zmq.Context()
     outputs = context.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.SNDHWM, 0)  # a step's outputs never wait for the front end
     outputs.connect(output_address)
+    inputs = context.socket(zmq.PULL)
+    inputs.bind(input_address)  # the front end queues its messages until this exists
     wire = Wire()
     try:
         core = EngineCore(config)
@@ -61,8 +64,6 @@ def run_core(
         sys.exit(1)
     tokenizer = b"" if core.tokenizer is None else pickle.dumps(core.tokenizer)
     outputs.send(wire.encoder.encode(CoreReady(core.info, tokenizer)))
-    inputs = context.socket(zmq.PULL)
-    inputs.connect(input_address)
     code = CoreLoop(core, inputs, outputs).run()
     outputs.close(linger=5000)
     inputs.close(linger=0)

@@ -86,14 +86,16 @@ class DecodeGraphs:
             self._forward(size)
         return graph
 
-    def run(self, token_ids: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step for len(token_ids) <= max_batch_size rows; returns views of the
-        static outputs, valid until the next replay: logits [B, V] float32, ages [L, B]."""
-        batch = len(token_ids)
+    def run(self, token_ids: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for len(slots) <= max_batch_size rows, `token_ids` [B] on the
+        device (they may not be known to the host yet); returns views of the static outputs,
+        valid until the next replay: logits [B, V] float32, ages [L, B]."""
+        batch = len(slots)
         size = self._bucket(batch)
         pad = size - batch
-        host = torch.tensor([*token_ids, *[0] * pad, *slots, *[self.state.pad_slot] * pad])
-        self.inputs[: 2 * size].copy_(host.pin_memory(), non_blocking=True)
+        host = torch.tensor([*[0] * pad, *slots, *[self.state.pad_slot] * pad])
+        self.inputs[batch : 2 * size].copy_(host.pin_memory(), non_blocking=True)
+        self.inputs[:batch].copy_(token_ids)
         self.graphs[size].replay()
         return self.logits[:batch], self.ages[:, :batch]
 

@@ -24,7 +24,10 @@ class Sequence:
     index: int
     generator: torch.Generator | None
     slot: int = -1
+    # Tokens the host has received; it can lag `num_sampled` by the step in flight.
     output_token_ids: list[int] = field(default_factory=list)
+    # Tokens sampled for this choice, the one of a launched step not yet read back included.
+    num_sampled: int = 0
     finish_reason: str | None = None
     stop_reason: int | None = None
     # Whether the core has told the front end this choice finished.

@@ -5,6 +5,11 @@ On CUDA the one-token rows of a step (decodes and one-token prefill chunks) repl
 CUDA graph (`cuda_graphs.py`) or run the fused Triton attention eagerly; on CPU they run the
 PyTorch `DecodeAttention`. Whatever the host needs back from a step (sampled tokens, their
 log-probs, prompt log-probs, evicted ages) travels in one device-to-host copy at the end.
+
+A step is `launch`ed (its work queued, its read-back started) and later `collect`ed (the
+read-back awaited). A decode row's input token comes from the device (`last_tokens`, written
+by the sampler), so the next step can be launched before the host has seen this step's
+tokens: the engine core overlaps its host work with the GPU that way.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from tova_engine.sampler import Sampler, SamplerOutput, SampleRow, uses_penaltie
 from tova_engine.scheduler import PrefillChunk, SchedulerOutput
 from tova_engine.state import KVState
 from tova_engine.state_attention import ChunkAttention, DecodeAttention
-from tova_engine.transfer import to_device, to_host
+from tova_engine.transfer import HostCopy, to_device
 
 
 class SampledTokens(NamedTuple):
@@ -62,6 +67,16 @@ class _PromptLogprobs(NamedTuple):
     values: TokenLogprobTensors
 
 
+class InFlight(NamedTuple):
+    """A launched step: what its read-back will be unpacked into."""
+
+    sequences: list[Sequence]  # the rows that sampled, in order
+    sampled: SamplerOutput | None
+    prompt: list[_PromptLogprobs]
+    has_ages: bool
+    copy: HostCopy
+
+
 class _StepTensors(NamedTuple):
     """What a step produced on the device, before the single read-back."""
 
@@ -96,8 +111,16 @@ class ModelRunner:
         self.penalty_counts = PenaltyCounts(
             state.num_seen.shape[0], model.config.vocab_size, self.device
         )
+        # Per slot, the token sampled last: the input of the slot's next decode row.
+        self.last_tokens = torch.zeros(
+            state.num_seen.shape[0], dtype=torch.int64, device=self.device
+        )
 
     def execute(self, scheduled: SchedulerOutput) -> StepResult:
+        return self.collect(self.launch(scheduled))
+
+    def launch(self, scheduled: SchedulerOutput) -> InFlight:
+        """Queue the step's work and its read-back; returns before the device is done."""
         for request in scheduled.admitted:
             for seq in request.sequences:
                 self.state.reset_slot(seq.slot, request.capacity)
@@ -116,19 +139,18 @@ class ModelRunner:
                 logits[id(chunk)] = rows
         for chunk in longer:  # back in schedule order: the rows the sampler sees keep it
             self._after_chunk(chunk, logits[id(chunk)], step)
-        return self._read_back(step)
+        return self._start_read_back(step)
 
     def _run_single_tokens(self, decodes, chunks, step: _StepTensors) -> None:
         """Decodes and one-token prefill chunks share one batched forward: for the state a
         prompt token fed alone is exactly a decode step."""
-        token_ids = [seq.output_token_ids[-1] for seq in decodes]
-        token_ids += [c.request.prompt_token_ids[c.start] for c in chunks]
         slots = [seq.slot for seq in decodes] + [c.request.leader.slot for c in chunks]
+        token_ids = self._single_token_inputs(decodes, chunks)
         if self.graphs is not None and len(slots) <= self.graphs.max_batch_size:
             logits, ages = self.graphs.run(token_ids, slots)
         else:
             attend = self._decode_attention(decodes, chunks, slots)
-            hidden = self.model(self._ids(token_ids), attend.positions, attend)
+            hidden = self.model(token_ids, attend.positions, attend)
             attend.finish()
             logits = self.model.compute_logits(hidden)
             ages = attend.evicted_ages
@@ -139,6 +161,16 @@ class ModelRunner:
         for row, chunk in enumerate(chunks, start=len(decodes)):
             self._after_chunk(chunk, logits[row : row + 1], step)
 
+    def _single_token_inputs(self, decodes, chunks) -> torch.Tensor:
+        """[B] input ids: decodes read their slot's last sampled token on the device (the
+        host may not have it yet); one-token prefill chunks feed their prompt token."""
+        parts = []
+        if decodes:
+            parts.append(self.last_tokens[self._ids([seq.slot for seq in decodes])])
+        if chunks:
+            parts.append(self._ids([c.request.prompt_token_ids[c.start] for c in chunks]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def _decode_attention(self, decodes, chunks, slots: list[int]):
         if self.fused_attention:
             return FusedDecodeAttention(
@@ -146,7 +178,7 @@ class ModelRunner:
             )
         # Tokens already in each row (the newest sampled token is not fed yet), from the
         # host-side counters: attention then spans only the entries in use.
-        seen = [seq.request.prompt_len + len(seq.output_token_ids) - 1 for seq in decodes]
+        seen = [seq.request.prompt_len + seq.num_sampled - 1 for seq in decodes]
         seen += [c.start for c in chunks]
         capacities = [seq.request.capacity for seq in decodes]
         capacities += [c.request.capacity for c in chunks]
@@ -200,25 +232,36 @@ class ModelRunner:
                     self.penalty_counts.copy(request.leader.slot, seq.slot)
             step.pending.append(_Pending(logits[-1:], list(request.sequences)))
 
-    def _read_back(self, step: _StepTensors) -> StepResult:
-        """Sample, then bring every result of the step to the host in one copy."""
+    def _start_read_back(self, step: _StepTensors) -> InFlight:
+        """Sample, keep each row's token as its slot's next input, and start bringing every
+        result of the step to the host in one copy."""
         sequences = [seq for p in step.pending for seq in p.sequences]
         sampled = self._sample(step.pending, sequences)
-        tensors = [] if sampled is None else _sampler_tensors(sampled)
+        tensors = []
+        if sampled is not None:
+            tensors = _sampler_tensors(sampled)
+            slots = self._ids([seq.slot for seq in sequences])
+            self.last_tokens.index_copy_(0, slots, sampled.token_ids)
+            for seq in sequences:
+                seq.num_sampled += 1
         for prompt in step.prompt:
             tensors += prompt.values.tensors()
         ages = [a.reshape(-1) for a in step.ages]
         if ages:
             tensors.append(torch.cat(ages))
-        host = iter(to_host(tensors))
+        return InFlight(sequences, sampled, step.prompt, bool(ages), HostCopy(tensors))
+
+    def collect(self, flight: InFlight) -> StepResult:
+        """Wait for a launched step's read-back; its results as host lists."""
+        host = iter(flight.copy.wait())
         tokens = SampledTokens([], [], [], [], None, None, [])
-        if sampled is not None:
-            tokens = _sampled_tokens(sequences, sampled, host)
+        if flight.sampled is not None:
+            tokens = _sampled_tokens(flight.sequences, flight.sampled, host)
         prompt_logprobs = {}
-        for prompt in step.prompt:
+        for prompt in flight.prompt:
             values = [next(host) for _ in prompt.values.tensors()]
             prompt_logprobs[prompt.request_id] = (prompt.first, prompt.values.to_lists(values))
-        evicted = next(host) if ages else torch.empty(0, dtype=torch.int64)
+        evicted = next(host) if flight.has_ages else torch.empty(0, dtype=torch.int64)
         return StepResult(tokens, prompt_logprobs, evicted[evicted >= 0].tolist())
 
     def _sample(self, pending: list[_Pending], sequences: list[Sequence]) -> SamplerOutput | None:
@@ -238,7 +281,7 @@ class ModelRunner:
         request = seq.request
         params = request.params
         blocked: tuple[int, ...] = ()
-        if len(seq.output_token_ids) < params.min_tokens:
+        if seq.num_sampled < params.min_tokens:
             blocked = (*self.eos_token_ids, *params.stop_token_ids)
         # The lists themselves, not copies: a row costs the same at any output length.
         return SampleRow(

@@ -60,11 +60,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         admitted = self._admit()
+        # A choice that has sampled its last allowed token (in a step still in flight, maybe)
+        # has nothing left to run.
         decodes = [
             seq
             for request in self.running
             if not request.prefilling
             for seq in request.live_sequences()
+            if seq.num_sampled < request.max_tokens
         ]
         return SchedulerOutput(
             admitted, decodes, self._prefill_chunks(self.token_budget - len(decodes))
@@ -91,6 +94,9 @@ class Scheduler:
                     self.prefill_chunk_size, request.prompt_len - request.num_computed, budget
                 )
                 chunks.append(PrefillChunk(request, request.num_computed, length))
+                # Counted as computed once scheduled: the next step, scheduled while this one
+                # may still run, continues after it.
+                request.num_computed += length
                 budget -= length
         return chunks
 

@@ -29,13 +29,32 @@ def _restore(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """CPU copies of `tensors` (same dtypes and shapes) through a single device-to-host copy."""
-    if not tensors:
-        return []
-    if all(t.device.type == "cpu" for t in tensors):
-        return tensors
-    packed = torch.cat([_as_int64_bits(t) for t in tensors]).cpu()
-    out, start = [], 0
-    for t in tensors:
-        out.append(_restore(packed[start : start + t.numel()], t))
-        start += t.numel()
-    return out
+    return HostCopy(tensors).wait()
+
+
+class HostCopy:
+    """`to_host` started now and finished by `wait()`: on CUDA the copy into pinned memory is
+    queued behind the work that produces `tensors`, so the host can queue more work (the
+    next step) before it waits."""
+
+    __slots__ = ("_event", "_packed", "_tensors")
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._packed = self._event = None
+        if tensors and any(t.device.type != "cpu" for t in tensors):
+            packed = torch.cat([_as_int64_bits(t) for t in tensors])
+            self._packed = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._packed.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._packed is None:
+            return self._tensors
+        self._event.synchronize()
+        out, start = [], 0
+        for t in self._tensors:
+            out.append(_restore(self._packed[start : start + t.numel()], t))
+            start += t.numel()
+        return out
