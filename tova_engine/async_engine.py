@@ -78,6 +78,7 @@ class AsyncEngine:
         self._stats_callbacks = [] if stats_callback is None else [stats_callback]
         self._restart_callbacks: list[Callable[[], None]] = []
         self.last_stats = _IDLE
+        self._started = False  # the first CoreReady is the start, later ones are restarts
         self._client = CoreClient(
             config, self._on_step, self._on_lost, self._on_ready, restart_policy
         )
@@ -227,7 +228,8 @@ class AsyncEngine:
         self._fail_all(EngineDeadError(f"the engine core stopped ({reason}); restarting it"))
 
     def _on_ready(self, ready: CoreReady) -> None:
-        if not hasattr(self, "info"):  # the first start
+        if not self._started:
+            self._started = True
             return
         for callback in self._restart_callbacks:
             callback()

@@ -32,7 +32,7 @@ class LLM:
         policy: str = "tova",
         dtype: str = "auto",
         device: str = "auto",
-        max_num_seqs: int = 64,
+        max_num_seqs: int | str = 64,
         prefill_chunk_size: int = 512,
         load_format: str = "auto",
         seed: int = 0,
