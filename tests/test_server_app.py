@@ -95,7 +95,7 @@ def test_a_failing_metrics_callback_never_stops_the_engine(engine, monkeypatch):
 
     monkeypatch.setattr(metrics, "_observe_step", broken)
     response = call(app, "POST", "/v1/completions", json=BODY)
-    assert response.status_code == 200 and engine.is_running
+    assert response.status_code == 200 and engine.is_ready
 
 
 # ----- units ------------------------------------------------------------------------------

@@ -8,15 +8,14 @@ half of its 2 ms steps, and wall-time medians of two identical engines then diff
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.server_utils import tiny_config
 from tova_engine import LLMEngine
 from tova_engine.config import EngineConfig
 from tova_engine.sampling_params import SamplingParams
@@ -29,17 +28,6 @@ LATE = 3_000
 WINDOW = 100
 TOLERANCE = 1.25
 PROMPTS = [[5, 9, 17, 5, 300], [7, 7, 1000, 42]]
-
-
-def tiny_config(folder: Path) -> Path:
-    path = folder / "tiny-llama.json"
-    path.write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2,
-    }))
-    return path
 
 
 def timed_steps(engine: LLMEngine, params: SamplingParams, count: int) -> list[float]:
@@ -68,7 +56,7 @@ def one_thread():
 @pytest.mark.parametrize("output_kind", ["delta", "final"])
 def test_decode_step_time_does_not_grow_with_output(tmp_path, one_thread, output_kind):
     config = EngineConfig(
-        model=str(tiny_config(tmp_path)), load_format="dummy", device="cpu", dtype="float32",
+        model=str(tiny_config(tmp_path, VOCAB)), load_format="dummy", device="cpu", dtype="float32",
         state_size=16, max_num_seqs=4,
     )
     params = SamplingParams(

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from tests.conftest import write_files
 from tova_engine import threads
 from tova_engine.threads import choose_cpu_threads, configure_cpu_threads
 
@@ -105,10 +106,7 @@ def test_physical_cores_count_smt_siblings_once(tmp_path):
     ],
 )
 def test_cgroup_cpu_quota(tmp_path, files, quota):
-    for name, text in files.items():
-        path = tmp_path / "sys/fs/cgroup" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    write_files(tmp_path / "sys/fs/cgroup", files)
     assert threads._cgroup_cpu_quota(tmp_path) == quota
 
 

@@ -100,10 +100,6 @@ class AsyncEngine:
         return self._client.ready
 
     @property
-    def is_running(self) -> bool:
-        return self.is_ready
-
-    @property
     def dead_reason(self) -> str | None:
         """Why the engine will not come back (restarts exhausted or shut down), else None."""
         return self._client.dead_reason

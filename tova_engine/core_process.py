@@ -123,13 +123,14 @@ class CoreLoop:
                 self._abort(message)
 
     def _add(self, message: AddRequest) -> None:
+        request = message.to_request()
         try:
-            self.core.add(message.to_request())
+            self.core.add(request)
         except InvalidRequestError as exc:  # the front end validated; only a clash is left
-            n = pickle.loads(message.params).n
+            rid = request.request_id
             step = StepOutputs.empty(0.0)
-            step.failed = [RequestFailure(message.request_id, str(exc))]
-            step.finished = [SequenceFinish(message.request_id, i, "error") for i in range(n)]
+            step.failed = [RequestFailure(rid, str(exc))]
+            step.finished = [SequenceFinish(rid, i, "error") for i in range(request.params.n)]
             self._outbox.put(step)
 
     def _abort(self, message: Abort) -> None:

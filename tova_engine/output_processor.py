@@ -48,10 +48,6 @@ class SequenceState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    @property
-    def text(self) -> str:
-        return self.detokenizer.text if self.detokenizer else ""
-
     def to_output(self, delta: bool) -> CompletionOutput:
         token_start = self.tokens_sent if delta else 0
         text_start = self.text_sent if delta else 0
@@ -119,12 +115,6 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self._logprobs = LogprobBuilder(tokenizer)
         self._requests: dict[str, RequestState] = {}
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._requests
-
-    def __len__(self) -> int:
-        return len(self._requests)
 
     def add(self, state: RequestState) -> None:
         if state.request_id in self._requests:

@@ -116,9 +116,6 @@ class ModelRunner:
             state.num_seen.shape[0], dtype=torch.int64, device=self.device
         )
 
-    def execute(self, scheduled: SchedulerOutput) -> StepResult:
-        return self.collect(self.launch(scheduled))
-
     def launch(self, scheduled: SchedulerOutput) -> InFlight:
         """Queue the step's work and its read-back; returns before the device is done."""
         for request in scheduled.admitted:

@@ -18,6 +18,7 @@ import torch
 from tova_engine.logprobs import chosen_logprobs
 from tova_engine.penalty_counts import PenaltyCounts, TokenCounts, counts_from_lists
 from tova_engine.sampling_params import SamplingParams
+from tova_engine.transfer import to_device
 
 _MASK64 = (1 << 64) - 1
 
@@ -66,13 +67,6 @@ def make_generator(seed: int, index: int, device: torch.device | str) -> torch.G
     return generator
 
 
-def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Pinned + non_blocking: the host queues the copy without waiting for the GPU to drain.
-    if device.type == "cuda":
-        return torch.tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
-    return torch.tensor(data, dtype=dtype, device=device)
-
-
 def _apply_logits_processors(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     for i, row in enumerate(rows):
         if not row.params.logits_processors:
@@ -92,7 +86,7 @@ def _apply_block(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     ]
     if flat:
         # index_fill_ takes the value as a scalar; `x[i, j] = v` copies v to the device (a sync).
-        x.view(-1).index_fill_(0, _to_device(flat, torch.int64, x.device), float("-inf"))
+        x.view(-1).index_fill_(0, to_device(flat, torch.int64, x.device), float("-inf"))
 
 
 def uses_penalties(params: SamplingParams) -> bool:
@@ -109,7 +103,7 @@ def _apply_repetition_penalty(
 ) -> None:
     if all(row.params.repetition_penalty == 1.0 for row in rows):
         return
-    penalty = _to_device([row.params.repetition_penalty for row in rows], torch.float32, x.device)[
+    penalty = to_device([row.params.repetition_penalty for row in rows], torch.float32, x.device)[
         :, None
     ]
     # Rows with penalty 1 are unchanged exactly: x / 1 and x * 1 are exact in IEEE arithmetic.
@@ -122,7 +116,7 @@ def _apply_frequency_presence(
 ) -> None:
     if all(r.params.frequency_penalty == 0 and r.params.presence_penalty == 0 for r in rows):
         return
-    penalties = _to_device(
+    penalties = to_device(
         [(r.params.frequency_penalty, r.params.presence_penalty) for r in rows],
         torch.float32,
         x.device,
@@ -146,10 +140,10 @@ def _penalized(
     picked = [i for i, row in enumerate(rows) if uses_penalties(row.params)]
     if not picked:
         return None
-    index = None if len(picked) == len(rows) else _to_device(picked, torch.int64, device)
+    index = None if len(picked) == len(rows) else to_device(picked, torch.int64, device)
     slots = None
     if counts is not None:
-        slots = _to_device([rows[i].slot for i in picked], torch.int64, device)
+        slots = to_device([rows[i].slot for i in picked], torch.int64, device)
     return _Penalized(picked, index, counts, slots)
 
 
@@ -201,7 +195,7 @@ def _apply_temperature(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     # Greedy rows divide by 1: their argmax is taken before, and 0 would make NaNs.
     temps = [1.0 if r.params.greedy else r.params.temperature for r in rows]
     if any(t != 1.0 for t in temps):
-        x.div_(_to_device(temps, torch.float32, x.device)[:, None])
+        x.div_(to_device(temps, torch.float32, x.device)[:, None])
 
 
 def _apply_top_k_top_p(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
@@ -210,7 +204,7 @@ def _apply_top_k_top_p(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     top_p = [r.params.top_p for r in rows]
     if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
         return
-    params = _to_device(list(zip(top_k, top_p, strict=True)), torch.float32, x.device)
+    params = to_device(list(zip(top_k, top_p, strict=True)), torch.float32, x.device)
     sorted_x, order = x.sort(dim=-1, descending=True)
     position = torch.arange(vocab, device=x.device, dtype=torch.float32)
     # Top-k by position in sorted order: exactly k survive even when logits tie.
@@ -229,7 +223,7 @@ def _apply_top_k_top_p(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
 def _apply_min_p(x: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     if all(r.params.min_p == 0 for r in rows):
         return
-    min_p = _to_device([r.params.min_p for r in rows], torch.float32, x.device)[:, None]
+    min_p = to_device([r.params.min_p for r in rows], torch.float32, x.device)[:, None]
     # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); min_p = 0 gives -inf, keeps all.
     threshold = x.amax(dim=-1, keepdim=True) + min_p.log()
     x.masked_fill_(x < threshold, float("-inf"))
@@ -308,7 +302,7 @@ class Sampler:
         # exponential_ may return exactly 0; 0/0 would be a NaN that argmax picks.
         noise.clamp_min_(torch.finfo(noise.dtype).tiny)
         sampled = probs.div_(noise).argmax(dim=-1)
-        return torch.where(_to_device(greedy, torch.bool, x.device), argmax, sampled)
+        return torch.where(to_device(greedy, torch.bool, x.device), argmax, sampled)
 
 
 def _count(penalized: _Penalized, token_ids: torch.Tensor) -> None:

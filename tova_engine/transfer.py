@@ -27,15 +27,11 @@ def _restore(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return bits.to(like.dtype).reshape(like.shape)
 
 
-def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies of `tensors` (same dtypes and shapes) through a single device-to-host copy."""
-    return HostCopy(tensors).wait()
-
-
 class HostCopy:
-    """`to_host` started now and finished by `wait()`: on CUDA the copy into pinned memory is
-    queued behind the work that produces `tensors`, so the host can queue more work (the
-    next step) before it waits."""
+    """CPU copies of `tensors` (same dtypes and shapes) through a single device-to-host copy,
+    started now and finished by `wait()`: on CUDA the copy into pinned memory is queued
+    behind the work that produces `tensors`, so the host can queue more work (the next step)
+    before it waits."""
 
     __slots__ = ("_event", "_packed", "_tensors")
 
