@@ -202,6 +202,28 @@ def test_request_failure_is_isolated(engine):
     assert engine.is_ready
 
 
+def test_a_bug_in_output_handling_fails_its_requests_not_the_engine(engine, monkeypatch):
+    """An exception while turning a step into outputs ends that step's requests with an
+    error; the client thread lives on, their slots are freed and the next request runs."""
+    processor = engine._outputs
+    append = processor._append
+
+    def broken(state, seq, step, row):
+        if state.request_id == "broken":
+            raise RuntimeError("injected")
+        return append(state, seq, step, row)
+
+    monkeypatch.setattr(processor, "_append", broken)
+    with pytest.raises(RequestFailedError, match="internal error"):
+        asyncio.run(asyncio.wait_for(collect(engine, PROMPT, greedy(1000), "broken"), 20))
+    monkeypatch.undo()
+    # Freed by the abort, not by running its 1,000 tokens out.
+    wait_for(lambda: engine.last_stats.slots_used == 0, timeout_s=2.0)
+    tokens, _ = asyncio.run(collect(engine, PROMPT, greedy(6)))
+    assert len(tokens) == 6
+    assert engine.is_ready
+
+
 def test_killed_core_fails_in_flight_requests_restarts_and_serves(config):
     engine = AsyncEngine(config, restart_policy=RestartPolicy(backoff_s=0.1))
     restarts = []

@@ -208,6 +208,15 @@ class AsyncEngine:
                 self._outputs.abort(item)
 
     def _on_step(self, step: StepOutputs) -> None:
+        try:
+            self._process_step(step)
+        except Exception:
+            # A bug in output handling must not end the client thread (every request would
+            # then wait for ever): the requests of this step fail, the others go on.
+            logger.exception("turning the engine core's step into outputs failed")
+            self._fail_step(step)
+
+    def _process_step(self, step: StepOutputs) -> None:
         self._apply_changes()
         processed = self._outputs.process(step)
         deliveries = [(self._streams.get(o.request_id), o) for o in processed.outputs]
@@ -218,6 +227,18 @@ class AsyncEngine:
             for callback in self._stats_callbacks:
                 callback(step.stats)
         self._deliver(deliveries)
+
+    def _fail_step(self, step: StepOutputs) -> None:
+        """End every request the step touched with an error, here and in the core."""
+        request_ids = {*step.admitted, *step.request_ids}
+        request_ids.update(f.request_id for f in step.finished)
+        request_ids.update(f.request_id for f in step.failed)
+        request_ids.update(p.request_id for p in step.prompt_logprobs)
+        error = RequestFailedError("internal error while building this request's output")
+        for request_id in request_ids:
+            self._outputs.abort(request_id)
+        self._client.send(Abort(requests=sorted(request_ids)))
+        self._deliver([(self._streams.get(i), error) for i in request_ids])
 
     def _on_lost(self, reason: str) -> None:
         self.last_stats = _IDLE

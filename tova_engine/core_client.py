@@ -199,12 +199,19 @@ class CoreClient:
                 while (frame := _recv_nowait(generation.outputs)) is not None:
                     message = self._wire.from_core.decode(frame)
                     if isinstance(message, StepOutputs):
-                        self._on_step(message)
+                        self._hand_over(message)
                     elif isinstance(message, CoreFailed):  # it is exiting: do not wait
                         return f"its loop failed: {message.message}"
             elif generation.process.sentinel in events:
                 return generation.exit_reason()
         return "shut down"
+
+    def _hand_over(self, step: StepOutputs) -> None:
+        try:
+            self._on_step(step)
+        except Exception:
+            # The last guard of this thread: it must keep receiving and watching the core.
+            logger.exception("handling the engine core's step outputs failed")
 
     def _restart(self) -> bool:
         policy = self.restart_policy
