@@ -48,6 +48,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--flat-tokens", type=int, default=8000, help="0: skip the flatness run")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--device-split", action="store_true",
+                   help="for the first row: GPU time of the graph replay, the sampler and the "
+                        "whole step from CUDA events, and the forward's kernels by name (eager)")
+    p.add_argument("--mixed-prefill", type=int, nargs="*", default=[],
+                   help="for the first row: time a step that also prefills this many new "
+                        "--mixed-prompt-len-token prompts (each count its own step)")
+    p.add_argument("--mixed-prompt-len", type=int, default=128)
     p.add_argument("--profile", default=None,
                    help="write a torch.profiler table (host and device) of a few steps of the "
                         "first row here")
@@ -59,11 +66,12 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def make_engine(args, batch: int, state_size: int) -> LLMEngine:
+def make_engine(args, batch: int, state_size: int, spare_slots: int = 0) -> LLMEngine:
     return LLMEngine(EngineConfig(
         model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-        policy=args.policy, state_size=state_size, max_num_seqs=batch,
-        max_num_batched_tokens=max(batch * 2, 2048), prefill_chunk_size=state_size,
+        policy=args.policy, state_size=state_size, max_num_seqs=batch + spare_slots,
+        max_num_batched_tokens=max(batch * 2, 2048, batch + spare_slots * args.mixed_prompt_len),
+        prefill_chunk_size=state_size,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     ))
 
@@ -138,6 +146,119 @@ def host_split(engine: LLMEngine, steps: int) -> dict[str, float]:
     return result
 
 
+class _EventSpans:
+    """GPU time between CUDA events recorded around each call of a wrapped function."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def recorded(*args, **kwargs):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                end.record()
+                self.pairs.setdefault(label, []).append((begin, end))
+
+        setattr(owner, name, recorded)
+
+    def ms(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        return {label: statistics.median(b.elapsed_time(e) for b, e in pairs)
+                for label, pairs in self.pairs.items()}
+
+
+class _SamplerProxy:
+    """Stands in for the runner's sampler so that its calls can be timed."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    def __call__(self, *args, **kwargs):
+        return self.sampler(*args, **kwargs)
+
+
+def device_split(engine: LLMEngine, steps: int) -> dict:
+    """Median GPU ms per step from CUDA events: the whole launch (model, sampler, read-back
+    queued), the decode graph replay and the sampler; then the eager forward's kernels."""
+    runner = engine.core.runner
+    original_sampler, original_graphs = runner.sampler, runner.graphs
+    spans = _EventSpans()
+    spans.wrap(runner, "launch", "launch: whole step on the GPU")
+    if runner.graphs is not None:
+        spans.wrap(runner.graphs, "run", "decode graph replay")
+    runner.sampler = _SamplerProxy(original_sampler)
+    spans.wrap(runner.sampler, "__call__", "sampler")
+    for _ in range(steps):
+        engine.step()
+    result = {"event_ms": spans.ms()}
+    del runner.launch
+    runner.sampler = original_sampler
+    if original_graphs is not None:
+        del original_graphs.run
+    # The same kernels without the graph, each visible to the profiler.
+    runner.graphs = None
+    for _ in range(3):
+        engine.step()
+    count = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(count):
+            engine.step()
+        sync()
+    runner.graphs = original_graphs
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = by_name.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time / 1e3 / count
+            entry[1] += 1 / count
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    result["eager_kernels"] = [
+        {"name": name[:90], "ms_per_step": ms, "launches_per_step": n} for name, (ms, n) in top
+    ]
+    return result
+
+
+def mixed_prefill(engine: LLMEngine, counts: list[int], prompt_len: int, reps: int = 5) -> dict:
+    """Wall and GPU time of a step that decodes the running batch and also prefills `count`
+    new prompts, against a plain decode step right before it."""
+    rng = random.Random(1)
+    vocab = engine.info.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, output_kind="final")
+    running = len(engine.core.scheduler.running)
+    result = {}
+    for count in counts:
+        plain, mixed, mixed_gpu, launches = [], [], [], []
+        for rep in range(reps):
+            plain.append(timed(engine))
+            for i in range(count):
+                prompt = [rng.randrange(3, vocab) for _ in range(prompt_len)]
+                engine.add_request(f"mixed-{count}-{rep}-{i}", prompt, params)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            sync()
+            begin.record()
+            if rep == reps - 1:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    mixed.append(timed(engine))
+                launches.append(sum(1 for e in prof.events()
+                                    if e.device_type == torch.autograd.DeviceType.CUDA))
+            else:
+                mixed.append(timed(engine))
+            end.record()
+            sync()
+            mixed_gpu.append(begin.elapsed_time(end))
+            while len(engine.core.scheduler.running) > running or engine.num_waiting:
+                engine.step()
+        result[count] = {"plain_step_ms": 1e3 * statistics.median(plain),
+                         "mixed_step_ms": 1e3 * statistics.median(mixed),
+                         "kernels_in_mixed_step": launches[-1]}
+    return result
+
+
 def profile_table(engine: LLMEngine, steps: int) -> str:
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -153,16 +274,22 @@ def profile_table(engine: LLMEngine, steps: int) -> str:
     return "\n".join(tables)
 
 
-def roofline_row(args, ceilings, batch: int, state_size: int, profile_to: str | None) -> dict:
-    engine = make_engine(args, batch, state_size)
+def roofline_row(args, ceilings, batch: int, state_size: int, first: bool) -> dict:
+    spare = max(args.mixed_prefill, default=0) if first else 0
+    engine = make_engine(args, batch, state_size, spare)
     start(engine, batch, state_size, max_tokens=args.steps * 3 + 40)
     for _ in range(10):  # warm-up at this shape
         engine.step()
     wall = statistics.median(timed(engine) for _ in range(args.steps))
     busy = gpu_busy_s(engine, args.steps)
     split = host_split(engine, args.steps)
-    if profile_to:
-        Path(profile_to).write_text(profile_table(engine, 5))
+    if first and args.profile:
+        Path(args.profile).write_text(profile_table(engine, 5))
+    extra = {}
+    if first and args.device_split and torch.cuda.is_available():
+        extra["device_split"] = device_split(engine, args.steps)
+    if first and args.mixed_prefill and torch.cuda.is_available():
+        extra["mixed_prefill"] = mixed_prefill(engine, args.mixed_prefill, args.mixed_prompt_len)
     config = engine.core.model_config
     element = torch.empty((), dtype=engine.core.dtype).element_size()
     cost = decode_step_cost(config, batch, state_size, element, ceilings)
@@ -170,7 +297,8 @@ def roofline_row(args, ceilings, batch: int, state_size: int, profile_to: str | 
            "gpu_busy_ms": None if busy is None else 1e3 * busy,
            "roofline_ms": 1e3 * cost.limit_s, "bound": cost.bound,
            "of_roofline": cost.limit_s / wall,
-           "gpu_busy_of_wall": None if busy is None else busy / wall, "split_ms": split}
+           "gpu_busy_of_wall": None if busy is None else busy / wall, "split_ms": split,
+           **extra}
     del engine
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return row
@@ -193,6 +321,24 @@ def flatness(args) -> dict:
             "max_over_first": max(medians.values()) / first}
 
 
+def report_extras(row: dict) -> None:
+    split = row.get("device_split")
+    if split:
+        print(f"GPU time per step from CUDA events at batch {row['batch']} (median ms): "
+              + ", ".join(f"{label} {ms:.2f}" for label, ms in split["event_ms"].items()))
+        print("eager forward + sampler kernels per step (top 25):")
+        print("| kernel | ms/step | launches/step |\n|---|---|---|")
+        for k in split["eager_kernels"][:25]:
+            print(f"| {k['name']} | {k['ms_per_step']:.3f} | {k['launches_per_step']:.0f} |")
+        total = sum(k["ms_per_step"] for k in split["eager_kernels"])
+        launches = sum(k["launches_per_step"] for k in split["eager_kernels"])
+        print(f"| all kernels | {total:.3f} | {launches:.0f} |")
+    for count, m in (row.get("mixed_prefill") or {}).items():
+        print(f"step with {count} new prompt(s) beside {row['batch']} decodes: "
+              f"{m['mixed_step_ms']:.2f} ms (plain decode step {m['plain_step_ms']:.2f} ms, "
+              f"{m['kernels_in_mixed_step']} kernels)", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
@@ -204,7 +350,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for i, spec in enumerate(args.rows):
         batch, state_size = (int(x) for x in spec.split(":"))
-        row = roofline_row(args, ceilings, batch, state_size, args.profile if i == 0 else None)
+        row = roofline_row(args, ceilings, batch, state_size, first=i == 0)
         rows.append(row)
         busy = "n/a" if row["gpu_busy_ms"] is None else f"{row['gpu_busy_ms']:.2f}"
         share = "n/a" if row["gpu_busy_of_wall"] is None else f"{row['gpu_busy_of_wall']:.0%}"
@@ -213,6 +359,8 @@ def main() -> None:
     for row in rows:
         print(f"host split at batch {row['batch']}, S={row['state_size']} (ms/step): "
               + ", ".join(f"{label} {ms:.2f}" for label, ms in row["split_ms"].items()))
+    for row in rows:
+        report_extras(row)
     result = {"ceilings": ceilings._asdict(), "rows": rows}
     if args.flat_tokens:
         result["flatness"] = flat = flatness(args)

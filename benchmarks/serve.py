@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import shlex
@@ -159,6 +160,43 @@ async def run_requests(base_url: str, headers: dict[str, str], model: str,
         return results, time.perf_counter() - started
 
 
+def _client_process(base_url: str, headers: dict[str, str], model: str,
+                    prompts: list[list[int]], args: argparse.Namespace, seed: int,
+                    start_at: float) -> tuple[list[RequestResult], float, float, float]:
+    """One client process's share: (results, wall-clock start and end, its CPU seconds)."""
+    args = argparse.Namespace(**{**vars(args), "num_prompts": len(prompts)})
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu = time.process_time()
+    started = time.time()
+    results, _ = asyncio.run(
+        run_requests(base_url, headers, model, prompts, args, random.Random(seed)))
+    return results, started, time.time(), time.process_time() - cpu
+
+
+def run_split(base_url: str, headers: dict[str, str], model: str, prompts: list[list[int]],
+              args: argparse.Namespace) -> tuple[list[RequestResult], float, float]:
+    """The requests spread over --client-processes processes (one Python process parsing
+    thousands of SSE events a second can be what limits the measurement): each gets every
+    N-th prompt, its share of the concurrency and of the request rate. Returns (results,
+    duration from the first start to the last end, client CPU seconds of all of them)."""
+    count = args.client_processes
+    share = argparse.Namespace(**{
+        **vars(args),
+        "max_concurrency": None if args.max_concurrency is None
+        else -(-args.max_concurrency // count),
+        "request_rate": args.request_rate / count,
+    })
+    start_at = time.time() + 3.0  # every process imported and waiting
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(count) as pool:
+        parts = pool.starmap(_client_process, [
+            (base_url, headers, model, prompts[i::count], share, args.seed + i, start_at)
+            for i in range(count)])
+    results = [r for part in parts for r in part[0]]
+    duration = max(p[2] for p in parts) - min(p[1] for p in parts)
+    return results, duration, sum(p[3] for p in parts)
+
+
 # ----- server metrics ---------------------------------------------------------------------
 
 
@@ -289,7 +327,8 @@ def print_table(s: dict) -> None:
         ("  as share of decode step (%)", extra.get("http_only_ratio"), 100),
         # Near 100 %: that process is the bottleneck (one Python thread at a time).
         ("Server front end CPU busy (%)", server["frontend_cpu_s"] / s["duration_s"], 100),
-        ("Benchmark client CPU busy (%)", s["client_cpu_s"] / s["duration_s"], 100),
+        ("Benchmark client CPU busy (%, per process)",
+         s["client_cpu_s"] / s["duration_s"] / s["config"]["client_processes"], 100),
     ):
         rows.append((label, None if value is None else value * scale))
     print(f"{' Serving Benchmark Result ':=^60}")
@@ -357,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-warmups", type=int, default=0,
                    help="requests run (at --max-concurrency) and discarded before measuring")
     p.add_argument("--result-file", default=None, help="write the results as JSON here")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="spread the requests over this many client processes")
     p.add_argument("--launch", default=None, metavar="SERVER_FLAGS",
                    help="start `python -m server SERVER_FLAGS` on --base-url's port first")
     args = p.parse_args(argv)
@@ -364,6 +405,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--num-prompts, --input-len and --output-len must be >= 1")
     if args.num_warmups < 0:
         p.error("--num-warmups must be >= 0")
+    if args.client_processes < 1:
+        p.error("--client-processes must be >= 1")
     if args.request_rate <= 0 or args.burstiness <= 0:
         p.error("--request-rate and --burstiness must be > 0")
     return args
@@ -386,10 +429,14 @@ def main(argv: list[str] | None = None) -> dict:
             asyncio.run(run_requests(args.base_url, headers, model,
                                      make_prompts(tokens, warmup, rng), warmup, rng))
         before = scrape(client)
-        cpu_before = time.process_time()
-        results, duration = asyncio.run(
-            run_requests(args.base_url, headers, model, prompts, args, rng))
-        client_cpu_s = time.process_time() - cpu_before
+        if args.client_processes > 1:
+            results, duration, client_cpu_s = run_split(
+                args.base_url, headers, model, prompts, args)
+        else:
+            cpu_before = time.process_time()
+            results, duration = asyncio.run(
+                run_requests(args.base_url, headers, model, prompts, args, rng))
+            client_cpu_s = time.process_time() - cpu_before
         summary = summarize(results, duration, server_view(before, scrape(client)), args)
         summary["client_cpu_s"] = client_cpu_s
     print_table(summary)

@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, default=256)
     p.add_argument("--num-warmups", type=int, default=0)
     p.add_argument("--port", type=int, default=8199)
+    p.add_argument("--client-processes", type=int, default=1)
     p.add_argument("--server-flags", default="", help="more flags for the launched server")
     p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--skip-offline", action="store_true")
@@ -103,7 +104,7 @@ def served(args: argparse.Namespace) -> dict:
         "--launch", flags, "--base-url", f"http://127.0.0.1:{args.port}",
         "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
         "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-        "--num-warmups", str(args.num_warmups),
+        "--num-warmups", str(args.num_warmups), "--client-processes", str(args.client_processes),
     ])
 
 

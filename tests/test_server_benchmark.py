@@ -56,3 +56,22 @@ def test_benchmark_with_text_prompts_and_request_rate(bench, smol_server, tmp_pa
     ])
     assert summary["completed"] == 4
     assert summary["total_input_tokens"] == 4 * 24 and summary["total_output_tokens"] == 12
+
+
+def test_benchmark_spread_over_client_processes(smol_server, tmp_path):
+    """Run as a script (spawned client processes import it as the main module): every
+    request is counted once, whichever process sent it."""
+    import subprocess
+
+    result_file = tmp_path / "split.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--base-url", smol_server.url,
+         "--api-key", API_KEY, "--num-prompts", "5", "--max-concurrency", "4",
+         "--input-len", "8", "--output-len", "3", "--client-processes", "2",
+         "--result-file", str(result_file)],
+        check=True, capture_output=True, timeout=300,
+    )
+    summary = json.loads(result_file.read_text())
+    assert summary["completed"] == 5 and summary["failed"] == 0
+    assert summary["total_input_tokens"] == 5 * 8 and summary["total_output_tokens"] == 5 * 3
+    assert summary["duration_s"] > 0 and summary["client_cpu_s"] > 0
