@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
                    help="for the first row: time a step that also prefills this many new "
                         "--mixed-prompt-len-token prompts (each count its own step)")
     p.add_argument("--mixed-prompt-len", type=int, default=128)
+    p.add_argument("--mixed-profile", default=None,
+                   help="append the profiler's table (host time by op) of each mixed step here")
     p.add_argument("--profile", default=None,
                    help="write a torch.profiler table (host and device) of a few steps of the "
                         "first row here")
@@ -175,11 +177,34 @@ class _EventSpans:
 class _SamplerProxy:
     """Stands in for the runner's sampler so that its calls can be timed."""
 
-    def __init__(self, sampler) -> None:
+    def __init__(self, sampler, spans: _EventSpans) -> None:
         self.sampler = sampler
+        self.spans = spans
+        spans.wrap(self, "call", "sampler")
+
+    def call(self, *args, **kwargs):
+        return self.sampler(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        return self.sampler(*args, **kwargs)
+        return self.call(*args, **kwargs)
+
+
+def replay_alone_ms(runner, reps: int = 10) -> float | None:
+    """Median wall time of the decode graph replayed alone, synchronised before and after:
+    the GPU time of the forward with nothing else queued."""
+    if runner.graphs is None:
+        return None
+    slots = [int(s) for s in torch.nonzero(runner.state.num_seen > 0).flatten().tolist()]
+    slots = [s for s in slots if s != runner.state.pad_slot][: runner.graphs.max_batch_size]
+    tokens = runner.last_tokens[torch.tensor(slots, device=runner.device)]
+    times = []
+    for _ in range(reps):
+        sync()
+        started = time.perf_counter()
+        runner.graphs.run(tokens, slots)
+        sync()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
 
 
 def device_split(engine: LLMEngine, steps: int) -> dict:
@@ -191,11 +216,13 @@ def device_split(engine: LLMEngine, steps: int) -> dict:
     spans.wrap(runner, "launch", "launch: whole step on the GPU")
     if runner.graphs is not None:
         spans.wrap(runner.graphs, "run", "decode graph replay")
-    runner.sampler = _SamplerProxy(original_sampler)
-    spans.wrap(runner.sampler, "__call__", "sampler")
+    runner.sampler = _SamplerProxy(original_sampler, spans)
     for _ in range(steps):
         engine.step()
     result = {"event_ms": spans.ms()}
+    engine.step()  # nothing launched ahead: the replay below runs alone
+    result["event_ms"]["decode graph replayed alone, synchronised (wall)"] = replay_alone_ms(
+        runner)
     del runner.launch
     runner.sampler = original_sampler
     if original_graphs is not None:
@@ -223,7 +250,8 @@ def device_split(engine: LLMEngine, steps: int) -> dict:
     return result
 
 
-def mixed_prefill(engine: LLMEngine, counts: list[int], prompt_len: int, reps: int = 5) -> dict:
+def mixed_prefill(engine: LLMEngine, counts: list[int], prompt_len: int, reps: int = 5,
+                  profile_to: str | None = None) -> dict:
     """Wall and GPU time of a step that decodes the running batch and also prefills `count`
     new prompts, against a plain decode step right before it."""
     rng = random.Random(1)
@@ -242,10 +270,15 @@ def mixed_prefill(engine: LLMEngine, counts: list[int], prompt_len: int, reps: i
             sync()
             begin.record()
             if rep == reps - 1:
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     mixed.append(timed(engine))
                 launches.append(sum(1 for e in prof.events()
                                     if e.device_type == torch.autograd.DeviceType.CUDA))
+                if profile_to:
+                    with open(profile_to, "a") as f:
+                        f.write(f"\n# step with {count} new prompt(s)\n")
+                        f.write(prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                          row_limit=40))
             else:
                 mixed.append(timed(engine))
             end.record()
@@ -253,8 +286,11 @@ def mixed_prefill(engine: LLMEngine, counts: list[int], prompt_len: int, reps: i
             mixed_gpu.append(begin.elapsed_time(end))
             while len(engine.core.scheduler.running) > running or engine.num_waiting:
                 engine.step()
+        # With prefill graphs a shape runs eagerly when first seen, is captured the second
+        # time and replayed from then on: the first step and the last three, apart.
         result[count] = {"plain_step_ms": 1e3 * statistics.median(plain),
-                         "mixed_step_ms": 1e3 * statistics.median(mixed),
+                         "first_mixed_step_ms": 1e3 * mixed[0],
+                         "mixed_step_ms": 1e3 * statistics.median(mixed[-3:]),
                          "kernels_in_mixed_step": launches[-1]}
     return result
 
@@ -277,7 +313,7 @@ def profile_table(engine: LLMEngine, steps: int) -> str:
 def roofline_row(args, ceilings, batch: int, state_size: int, first: bool) -> dict:
     spare = max(args.mixed_prefill, default=0) if first else 0
     engine = make_engine(args, batch, state_size, spare)
-    start(engine, batch, state_size, max_tokens=args.steps * 3 + 40)
+    start(engine, batch, state_size, max_tokens=args.steps * 5 + 300)
     for _ in range(10):  # warm-up at this shape
         engine.step()
     wall = statistics.median(timed(engine) for _ in range(args.steps))
@@ -289,7 +325,8 @@ def roofline_row(args, ceilings, batch: int, state_size: int, first: bool) -> di
     if first and args.device_split and torch.cuda.is_available():
         extra["device_split"] = device_split(engine, args.steps)
     if first and args.mixed_prefill and torch.cuda.is_available():
-        extra["mixed_prefill"] = mixed_prefill(engine, args.mixed_prefill, args.mixed_prompt_len)
+        extra["mixed_prefill"] = mixed_prefill(engine, args.mixed_prefill, args.mixed_prompt_len,
+                                               profile_to=args.mixed_profile)
     config = engine.core.model_config
     element = torch.empty((), dtype=engine.core.dtype).element_size()
     cost = decode_step_cost(config, batch, state_size, element, ceilings)
@@ -335,7 +372,8 @@ def report_extras(row: dict) -> None:
         print(f"| all kernels | {total:.3f} | {launches:.0f} |")
     for count, m in (row.get("mixed_prefill") or {}).items():
         print(f"step with {count} new prompt(s) beside {row['batch']} decodes: "
-              f"{m['mixed_step_ms']:.2f} ms (plain decode step {m['plain_step_ms']:.2f} ms, "
+              f"{m['mixed_step_ms']:.2f} ms (first time {m['first_mixed_step_ms']:.2f} ms; "
+              f"plain decode step {m['plain_step_ms']:.2f} ms; "
               f"{m['kernels_in_mixed_step']} kernels)", flush=True)
 
 

@@ -71,7 +71,11 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kernels", default=DEFAULTS["kernels"], choices=KERNELS,
                        help="auto: fused Triton kernels on CUDA when available; torch: PyTorch")
     group.add_argument("--enforce-eager", action="store_true", default=DEFAULTS["enforce_eager"],
-                       help="CUDA: run every step eagerly, no captured decode graphs")
+                       help="CUDA: run every step eagerly, no captured decode or prefill "
+                            "graphs")
+    group.add_argument("--max-prefill-graphs", type=int, default=DEFAULTS["max_prefill_graphs"],
+                       help="CUDA: prefill chunk shapes that recur (rows, start, length) are "
+                            "captured in graphs, this many at most; 0: prefill eagerly")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        default=DEFAULTS["async_scheduling"],
                        help="launch each engine step before the previous one is read back, so "

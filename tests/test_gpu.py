@@ -70,3 +70,42 @@ def test_cuda_memory_constant_over_long_generation():
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
     assert all(len(layer) == 64 for o in out for layer in o.outputs[0].state_positions)
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "window"])
+def test_prefill_graphs_replay_equals_eager_prefill(tiny_llama, policy):
+    """Chunk shapes that recur are captured and replayed: same tokens, same retained
+    positions as prefilling eagerly (and as the CPU path)."""
+    import random
+
+    rng = random.Random(5)
+    rounds = [[[rng.randrange(3, 96) for _ in range(22)] for _ in range(3)] for _ in range(3)]
+    params = greedy(8, return_state=True)
+    outs = {}
+    for name, extra in (("graphs", {}), ("eager", {"max_prefill_graphs": 0}),
+                        ("cpu", {"device": "cpu"})):
+        llm = LLM(str(tiny_llama), state_size=8, policy=policy, dtype="float32",
+                  device=extra.pop("device", "cuda"), prefill_chunk_size=5, max_num_seqs=8,
+                  **extra)
+        outs[name] = [llm.generate(batch, params, use_tqdm=False) for batch in rounds]
+        if name == "graphs":
+            graphs = llm.engine.core.runner.prefill_graphs
+            assert graphs.captures > 0 and graphs.replays > graphs.captures
+    for name in ("eager", "cpu"):
+        for want_round, got_round in zip(outs[name], outs["graphs"], strict=True):
+            for want, got in zip(want_round, got_round, strict=True):
+                assert got.outputs[0].token_ids == want.outputs[0].token_ids
+                assert got.outputs[0].state_positions == want.outputs[0].state_positions
+
+
+def test_sampler_flags_broken_rows_on_cuda():
+    """A row with a NaN, a +inf or nothing samplable is reported, on the device's kernels."""
+    from tova_engine.sampler import Sampler, SampleRow
+
+    logits = torch.zeros(4, 50, device="cuda")
+    logits[0, 3] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2] = float("-inf")
+    rows = [SampleRow(SamplingParams(temperature=0), [1], [], None)] * 4
+    out = Sampler(device="cuda")(logits, rows)
+    assert out.finite.tolist() == [False, False, False, True]

@@ -56,6 +56,9 @@ class EngineConfig:
     # CUDA: decode batch sizes to capture (None: 1, 2, 4, 8, then every 16 up to
     # max_num_seqs); a batch is padded to the next size, larger ones run eagerly.
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
+    # CUDA: prefill chunk shapes that recur are captured in graphs, this many at most (least
+    # recently used out first); 0 = every prefill runs eagerly.
+    max_prefill_graphs: int = 16
     # Launch step N+1 before reading step N back, so the host's work overlaps the device's.
     # None: on with CUDA, off on CPU (where nothing runs concurrently to overlap with).
     async_scheduling: bool | None = None
@@ -71,6 +74,10 @@ class EngineConfig:
             )
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool; got {self.enforce_eager!r}")
+        if not isinstance(self.max_prefill_graphs, int) or self.max_prefill_graphs < 0:
+            raise ValueError(
+                f"max_prefill_graphs must be an integer >= 0; got {self.max_prefill_graphs!r}"
+            )
         if self.cuda_graph_batch_sizes is not None:
             sizes = self.cuda_graph_batch_sizes
             if not isinstance(sizes, (tuple, list)) or not sizes:

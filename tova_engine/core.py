@@ -36,6 +36,7 @@ from tova_engine.messages import (
 )
 from tova_engine.model.llama import LlamaModel
 from tova_engine.policies import make_policy
+from tova_engine.prefill_graphs import PrefillGraphs
 from tova_engine.request import Request, Sequence
 from tova_engine.runner import InFlight, ModelRunner, SampledTokens, requests_of
 from tova_engine.sampler import Sampler, make_generator
@@ -82,9 +83,17 @@ class EngineCore:
             pad_slot=use_graphs,
         )
         self.eos_token_ids = self._eos_token_ids()
-        graphs = None
+        graphs = prefill_graphs = None
         if use_graphs:
             graphs = DecodeGraphs(self.model, self.state, self.policy, config.graph_batch_sizes)
+            if config.max_prefill_graphs:
+                prefill_graphs = PrefillGraphs(
+                    self.model,
+                    self.state,
+                    self.policy,
+                    max_graphs=config.max_prefill_graphs,
+                    max_tokens=config.batched_token_budget,
+                )
         self.runner = ModelRunner(
             self.model,
             self.state,
@@ -93,6 +102,7 @@ class EngineCore:
             self.eos_token_ids,
             fused_attention=fused,
             graphs=graphs,
+            prefill_graphs=prefill_graphs,
         )
         self.scheduler = Scheduler(
             config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size

@@ -24,6 +24,7 @@ from tova_engine.logprobs import TokenLogprobs, TokenLogprobTensors, token_logpr
 from tova_engine.model.llama import LlamaModel
 from tova_engine.penalty_counts import PenaltyCounts
 from tova_engine.policies import Policy
+from tova_engine.prefill_graphs import PrefillGraphs
 from tova_engine.request import Request, Sequence
 from tova_engine.sampler import Sampler, SamplerOutput, SampleRow, uses_penalties
 from tova_engine.scheduler import PrefillChunk, SchedulerOutput
@@ -96,9 +97,11 @@ class ModelRunner:
         eos_token_ids: frozenset[int],
         fused_attention: bool = False,
         graphs: DecodeGraphs | None = None,
+        prefill_graphs: PrefillGraphs | None = None,
     ) -> None:
         """fused_attention: decode rows through the Triton kernels (CUDA); graphs: replay
-        captured decode steps for batches up to their largest size."""
+        captured decode steps for batches up to their largest size; prefill_graphs: replay
+        prefill chunk groups whose shape recurs."""
         self.model = model
         self.state = state
         self.policy = policy
@@ -106,6 +109,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.fused_attention = fused_attention
         self.graphs = graphs
+        self.prefill_graphs = prefill_graphs
         self.device = state.num_seen.device
         # One row per state slot, allocated by the first request with penalties.
         self.penalty_counts = PenaltyCounts(
@@ -186,6 +190,14 @@ class ModelRunner:
         """One forward for chunks at the same point of their prompts; returns each chunk's
         logits: [C, V] for every position when it wants prompt log-probs, else [1, V]."""
         first = chunks[0]
+        wants_all = first.request.params.prompt_logprobs is not None  # such a chunk runs alone
+        if self.prefill_graphs is not None and not wants_all:
+            replayed = self.prefill_graphs.run(chunks)
+            if replayed is not None:
+                logits, ages = replayed
+                if ages is not None:
+                    step.ages.append(ages)
+                return [logits[i : i + 1] for i in range(len(chunks))]
         capacity = first.request.capacity
         attend = ChunkAttention(
             self.state,
@@ -204,7 +216,7 @@ class ModelRunner:
         hidden = self.model(self._ids(token_ids), attend.positions, attend)  # [R*C, hidden]
         attend.finish()
         step.ages.extend(attend.evicted_ages)
-        if first.request.params.prompt_logprobs is not None:  # such a chunk runs alone
+        if wants_all:
             return [self.model.compute_logits(hidden)]
         # Logits only where they are used: the last position of each chunk.
         logits = self.model.compute_logits(hidden.view(len(chunks), first.length, -1)[:, -1])

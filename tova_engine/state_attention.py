@@ -120,21 +120,25 @@ class ChunkAttention:
         self,
         state: KVState,
         policy: Policy,
-        slots: list[int],
+        slots: list[int] | torch.Tensor,
         entries: int,
         start: int,
         length: int,
         capacity: int,
     ) -> None:
-        """entries: valid entries every row holds before the chunk; capacity: the rows'
+        """slots: the rows' slots, a list or a device tensor (a captured graph's input);
+        entries: valid entries every row holds before the chunk; capacity: the rows'
         state size, as the host knows it (reading it back would be a host-device sync)."""
         self.state = state
         self.policy = policy
         device = state.num_seen.device
         self.num_rows = len(slots)
-        # One row reads its slot through a view; several are gathered.
-        self.rows = slots[0] if len(slots) == 1 else to_device(slots, torch.int64, device)
-        self.slots = to_device(slots, torch.int64, device)  # [R]
+        if isinstance(slots, torch.Tensor):
+            self.slots = self.rows = slots  # [R]
+        else:
+            self.slots = to_device(slots, torch.int64, device)  # [R]
+            # One row reads its slot through a view; several are gathered.
+            self.rows = slots[0] if len(slots) == 1 else self.slots
         self.entries = entries
         self.start = start
         self.length = length
