@@ -73,6 +73,16 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enforce-eager", action="store_true", default=DEFAULTS["enforce_eager"],
                        help="CUDA: run every step eagerly, no captured decode or prefill "
                             "graphs")
+    group.add_argument("--state-store-memory-bytes", type=int,
+                       default=DEFAULTS["state_store_memory_bytes"],
+                       help="host memory for saved states (stored responses); the least "
+                            "recently used spill to --state-store-dir")
+    group.add_argument("--state-store-dir", default=DEFAULTS["state_store_dir"],
+                       help="directory saved states spill to and survive restarts in "
+                            "(default: none, host memory only)")
+    group.add_argument("--state-store-disk-bytes", type=int,
+                       default=DEFAULTS["state_store_disk_bytes"],
+                       help="disk space for saved states; the least recently used are deleted")
     group.add_argument("--max-prefill-graphs", type=int, default=DEFAULTS["max_prefill_graphs"],
                        help="CUDA: prefill chunk shapes that recur (rows, start, length) are "
                             "captured in graphs, this many at most; 0: prefill eagerly")

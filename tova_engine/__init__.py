@@ -8,6 +8,7 @@ from tova_engine.llm import LLM
 from tova_engine.messages import EngineInfo, StepStats
 from tova_engine.outputs import CompletionOutput, Logprob, RequestOutput
 from tova_engine.sampling_params import SamplingParams
+from tova_engine.snapshots import SnapshotSpec, StateSnapshot
 
 __all__ = [
     "LLM",
@@ -22,6 +23,8 @@ __all__ = [
     "RequestFailedError",
     "RequestOutput",
     "SamplingParams",
+    "SnapshotSpec",
+    "StateSnapshot",
     "StepStats",
 ]
 __version__ = "0.1.0"

@@ -26,12 +26,26 @@ from dataclasses import dataclass
 
 from tova_engine.config import EngineConfig
 from tova_engine.core_client import CoreClient, CoreStartError, RestartPolicy, load_tokenizer
-from tova_engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
-from tova_engine.messages import Abort, AddRequest, CoreReady, EngineInfo, StepOutputs, StepStats
+from tova_engine.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    RequestFailedError,
+    UnknownStateError,
+)
+from tova_engine.messages import (
+    Abort,
+    AddRequest,
+    CoreReady,
+    DropStates,
+    EngineInfo,
+    StepOutputs,
+    StepStats,
+)
 from tova_engine.output_processor import OutputProcessor, merge_delta
 from tova_engine.outputs import RequestOutput
 from tova_engine.request_builder import PreparedRequest, RequestBuilder
 from tova_engine.sampling_params import SamplingParams
+from tova_engine.state_store import SavedState, StoreStats
 
 logger = logging.getLogger("tova_engine")
 _IDLE = StepStats("decode", 0.0, 0, 0, 0, [], 0, 0, 0)
@@ -78,6 +92,9 @@ class AsyncEngine:
         self._stats_callbacks = [] if stats_callback is None else [stats_callback]
         self._restart_callbacks: list[Callable[[], None]] = []
         self.last_stats = _IDLE
+        # The core's stored states (keep_state), as the core last reported them.
+        self.saved_states: dict[str, SavedState] = {}
+        self.store_stats = StoreStats()
         self._started = False  # the first CoreReady is the start, later ones are restarts
         self._client = CoreClient(
             config, self._on_step, self._on_lost, self._on_ready, restart_policy
@@ -123,10 +140,29 @@ class AsyncEngine:
         return self._builder.tokenize(prompt)
 
     def prepare(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        resume_key: str | None = None,
     ) -> PreparedRequest:
-        """Validate and tokenize (raises InvalidRequestError) without queueing anything."""
-        return self._builder.build(request_id or uuid.uuid4().hex, prompt, params)
+        """Validate and tokenize (raises InvalidRequestError) without queueing anything.
+        resume_key: continue from the state a request with `keep_state` saved under its id
+        (UnknownStateError if the core holds none under that key)."""
+        resume = None
+        if resume_key is not None:
+            resume = self.saved_states.get(resume_key)
+            if resume is None:
+                raise UnknownStateError(
+                    "previous_response_id", f"no stored state {resume_key!r}"
+                )
+        return self._builder.build(request_id or uuid.uuid4().hex, prompt, params, None, resume)
+
+    def drop_states(self, keys: list[str]) -> None:
+        """Delete stored states (thread-safe; gone from `saved_states` at once)."""
+        for key in keys:
+            self.saved_states.pop(key, None)
+        self._client.send(DropStates(keys=list(keys)))
 
     async def generate(
         self,
@@ -218,6 +254,12 @@ class AsyncEngine:
 
     def _process_step(self, step: StepOutputs) -> None:
         self._apply_changes()
+        for saved in step.saved:  # before the outputs: a finished caller can continue at once
+            self.saved_states[saved.key] = saved
+        for key in step.dropped:
+            self.saved_states.pop(key, None)
+        if step.store is not None:
+            self.store_stats = step.store
         processed = self._outputs.process(step)
         deliveries = [(self._streams.get(o.request_id), o) for o in processed.outputs]
         if processed.stops:
@@ -245,6 +287,9 @@ class AsyncEngine:
         self._fail_all(EngineDeadError(f"the engine core stopped ({reason}); restarting it"))
 
     def _on_ready(self, ready: CoreReady) -> None:
+        # What the (new) core's store holds: its disk tier survives a restart, its host tier
+        # does not.
+        self.saved_states = {saved.key: saved for saved in ready.stored}
         if not self._started:
             self._started = True
             return

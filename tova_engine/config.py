@@ -59,6 +59,11 @@ class EngineConfig:
     # CUDA: prefill chunk shapes that recur are captured in graphs, this many at most (least
     # recently used out first); 0 = every prefill runs eagerly.
     max_prefill_graphs: int = 16
+    # Saved states (keep_state, the Responses API's stored responses): host memory for them
+    # (page-locked on CUDA), then a directory they spill to and survive restarts in.
+    state_store_memory_bytes: int = 4 * 2**30
+    state_store_dir: str | None = None
+    state_store_disk_bytes: int = 64 * 2**30
     # Launch step N+1 before reading step N back, so the host's work overlaps the device's.
     # None: on with CUDA, off on CPU (where nothing runs concurrently to overlap with).
     async_scheduling: bool | None = None
@@ -74,6 +79,10 @@ class EngineConfig:
             )
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool; got {self.enforce_eager!r}")
+        for name in ("state_store_memory_bytes", "state_store_disk_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
         if not isinstance(self.max_prefill_graphs, int) or self.max_prefill_graphs < 0:
             raise ValueError(
                 f"max_prefill_graphs must be an integer >= 0; got {self.max_prefill_graphs!r}"

@@ -41,7 +41,9 @@ from tova_engine.request import Request, Sequence
 from tova_engine.runner import InFlight, ModelRunner, SampledTokens, requests_of
 from tova_engine.sampler import Sampler, make_generator
 from tova_engine.scheduler import Scheduler, SchedulerOutput
+from tova_engine.snapshots import SnapshotSpec, StateSnapshot
 from tova_engine.state import KVState
+from tova_engine.state_store import SavedState, StateStore
 from tova_engine.threads import configure_cpu_threads
 
 logger = logging.getLogger("tova_engine")
@@ -108,6 +110,11 @@ class EngineCore:
             config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size
         )
         self._requests: dict[str, Request] = {}
+        self.store = StateStore(
+            config.state_store_memory_bytes, config.state_store_dir, config.state_store_disk_bytes
+        )
+        self._saved: list[SavedState] = []
+        self._store_changed = False
         self.async_scheduling = config.overlap_steps
         self._in_flight: _Launched | None = None
         self._exact: set[str] = set()  # requests that need the host current (see `step`)
@@ -170,7 +177,9 @@ class EngineCore:
 
     # ----- requests -----------------------------------------------------------------------
 
-    def add(self, core_request: CoreRequest) -> None:
+    def add(self, core_request: CoreRequest, resume: StateSnapshot | None = None) -> None:
+        """resume: the state to continue from, given in process (`LLM`); a request from the
+        front end names a stored one instead (`CoreRequest.resume_key`)."""
         if core_request.request_id in self._requests:
             raise InvalidRequestError(
                 "request_id", f"request_id {core_request.request_id!r} is already in use"
@@ -181,10 +190,56 @@ class EngineCore:
             for i in range(params.n)
         ]
         request = Request.of(core_request, generators)
+        if resume is not None:
+            request.continue_from(self._checked(resume, core_request, "resume_from"))
+        elif core_request.resume_key is not None:
+            request.continue_from(self._stored_state(core_request))
         self._requests[request.request_id] = request
-        if params.logits_processors or params.return_state:
+        # The state is read at the end: no step may run ahead of the host (see `step`).
+        if params.logits_processors or params.return_state or params.keep_state:
             self._exact.add(request.request_id)
         self.scheduler.add(request)
+
+    def snapshot_spec(self, capacity: int) -> SnapshotSpec:
+        return SnapshotSpec(
+            self.model_name, self.info.dtype, self.config.state_size, capacity, self.config.policy
+        )
+
+    def _stored_state(self, core_request: CoreRequest) -> StateSnapshot:
+        key = core_request.resume_key
+        started = time.perf_counter()
+        snapshot = self.store.get(key)
+        self._store_changed = True
+        if snapshot is None:
+            raise InvalidRequestError(
+                "previous_response_id", f"no stored state {key!r}: it was deleted or expired"
+            )
+        snapshot = self._checked(snapshot, core_request, "previous_response_id", repr(key))
+        self.store.note_restore(time.perf_counter() - started)
+        return snapshot
+
+    def _checked(
+        self, snapshot: StateSnapshot, core_request: CoreRequest, param: str, name: str = ""
+    ) -> StateSnapshot:
+        why = snapshot.spec.mismatch(self.snapshot_spec(core_request.capacity))
+        if why is not None:
+            state = f"the stored state {name}" if name else "the state"
+            raise InvalidRequestError(param, f"{state} cannot be continued: {why}")
+        return snapshot
+
+    def drop_states(self, keys: list[str]) -> None:
+        for key in keys:
+            self.store.delete(key)
+        self._store_changed = True
+
+    def take_store_updates(self, out: StepOutputs) -> None:
+        """Put the states saved and dropped since the last call, and the store's figures
+        when they changed, on `out`."""
+        out.saved, self._saved = self._saved, []
+        out.dropped = self.store.take_dropped()
+        if self._store_changed or out.saved or out.dropped:
+            out.store = self.store.stats()
+            self._store_changed = False
 
     def abort(
         self, request_ids: list[str], sequences: list[SequenceRef] = ()
@@ -248,12 +303,14 @@ class EngineCore:
             logger.error("engine step failed", exc_info=error)
             self._fail_step(scheduled, error, out)
             out.stats = self.stats(scheduled, started, 0, [])
+            self.take_store_updates(out)
             return out
         self._apply_prompt_progress(scheduled, result.prompt_logprobs, out)
         self._apply_samples(result.sampled, out)
         out.stats = self.stats(
             scheduled, started, len(result.sampled.sequences), result.evicted_ages
         )
+        self.take_store_updates(out)
         return out
 
     def _apply_prompt_progress(self, scheduled: SchedulerOutput, prompt_logprobs, out) -> None:
@@ -309,7 +366,8 @@ class EngineCore:
             elif token in params.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
         if seq.finish_reason is None and (
-            generated >= request.max_tokens or request.prompt_len + generated >= self.max_model_len
+            generated >= request.max_tokens
+            or request.position_offset + request.prompt_len + generated >= self.max_model_len
         ):
             seq.finish_reason = "length"
 
@@ -322,6 +380,8 @@ class EngineCore:
             positions = None
             if seq.slot >= 0 and request.params.return_state:
                 positions = self.state.retained_positions(seq.slot)
+            if seq.slot >= 0 and request.params.keep_state and seq.finish_reason != "error":
+                self._save_state(request, seq)
             self.scheduler.release_sequence(seq)
             seq.reported = True
             finished.append(
@@ -333,6 +393,17 @@ class EngineCore:
             self.scheduler.remove(request)
             self._requests.pop(request.request_id, None)
             self._exact.discard(request.request_id)
+
+    def _save_state(self, request: Request, seq: Sequence) -> None:
+        """Keep the slot's state under the request's id. The last sampled token was never
+        fed to the state: a continuation feeds it first."""
+        pending = seq.output_token_ids[-1:]
+        snapshot = self.state.snapshot(seq.slot, self.snapshot_spec(request.capacity), pending)
+        if self.store.put(request.request_id, snapshot):
+            self._saved.append(
+                SavedState(request.request_id, snapshot.num_tokens, snapshot.nbytes)
+            )
+        self._store_changed = True
 
     def _fail(self, request: Request, message: str, out: StepOutputs) -> None:
         request.error = message

@@ -28,6 +28,7 @@ from tova_engine.messages import (
     AddRequest,
     CoreFailed,
     CoreReady,
+    DropStates,
     RequestFailure,
     SequenceFinish,
     Shutdown,
@@ -63,7 +64,7 @@ def run_core(
         outputs.close(linger=5000)
         sys.exit(1)
     tokenizer = b"" if core.tokenizer is None else pickle.dumps(core.tokenizer)
-    outputs.send(wire.encoder.encode(CoreReady(core.info, tokenizer)))
+    outputs.send(wire.encoder.encode(CoreReady(core.info, tokenizer, core.store.saved())))
     code = CoreLoop(core, inputs, outputs).run()
     outputs.close(linger=5000)
     inputs.close(linger=0)
@@ -121,6 +122,11 @@ class CoreLoop:
                 self._add(message)
             elif isinstance(message, Abort):
                 self._abort(message)
+            elif isinstance(message, DropStates):
+                self.core.drop_states(message.keys)
+                step = StepOutputs.empty(0.0)
+                self.core.take_store_updates(step)
+                self._outbox.put(step)
 
     def _add(self, message: AddRequest) -> None:
         request = message.to_request()
@@ -131,6 +137,7 @@ class CoreLoop:
             step = StepOutputs.empty(0.0)
             step.failed = [RequestFailure(rid, str(exc))]
             step.finished = [SequenceFinish(rid, i, "error") for i in range(request.params.n)]
+            self.core.take_store_updates(step)
             self._outbox.put(step)
 
     def _abort(self, message: Abort) -> None:
@@ -138,6 +145,7 @@ class CoreLoop:
         step = StepOutputs.empty(0.0)
         step.finished = finished
         step.stats = self.core.stats()  # slots freed while idle must show in the gauges
+        self.core.take_store_updates(step)  # an aborted request may have saved its state
         self._outbox.put(step)
 
     # ----- I/O threads --------------------------------------------------------------------

@@ -10,11 +10,14 @@ from collections.abc import Callable
 
 from tova_engine.config import EngineConfig
 from tova_engine.core import EngineCore
+from tova_engine.errors import InvalidRequestError
 from tova_engine.messages import EngineInfo, StepOutputs, StepStats
 from tova_engine.output_processor import OutputProcessor
 from tova_engine.outputs import RequestOutput
 from tova_engine.request_builder import PreparedRequest, RequestBuilder
 from tova_engine.sampling_params import SamplingParams
+from tova_engine.snapshots import StateSnapshot
+from tova_engine.state_store import SavedState
 
 StatsCallback = Callable[[StepStats], None]
 
@@ -54,14 +57,24 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        resume_from: StateSnapshot | None = None,
     ) -> PreparedRequest:
         """Validate and tokenize without queueing anything."""
-        return self.request_builder.build(request_id, prompt, params, arrival_time)
+        saved = None
+        if resume_from is not None:
+            if not isinstance(resume_from, StateSnapshot):
+                raise InvalidRequestError(
+                    "resume_from",
+                    f"resume_from must be a StateSnapshot, got {type(resume_from).__name__}",
+                )
+            saved = SavedState("", resume_from.num_tokens, resume_from.nbytes)
+        request = self.request_builder.build(request_id, prompt, params, arrival_time, saved)
+        return request._replace(resume=resume_from)
 
     def enqueue(self, request: PreparedRequest) -> None:
         self.outputs.add(request.state)
         try:
-            self.core.add(request.core)
+            self.core.add(request.core, request.resume)
         except ValueError:
             self.outputs.abort(request.request_id)
             raise
@@ -99,6 +112,10 @@ class LLMEngine:
             outputs += self.outputs.process(freed).outputs
         if self.stats_callback is not None and step.stats is not None:
             self.stats_callback(step.stats)
+        for saved in step.saved:  # keep_state: the caller holds the state, not the store
+            for output in outputs:
+                if output.request_id == saved.key:
+                    output.state = self.core.store.pop(saved.key)
         return outputs
 
     # ----- introspection for tests and benchmarks -----------------------------------------

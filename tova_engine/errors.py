@@ -19,3 +19,8 @@ class EngineDeadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """This request failed inside the engine (the engine and other requests go on)."""
+
+
+class UnknownStateError(InvalidRequestError):
+    """The stored state a request names does not exist (never saved, deleted or expired):
+    a server answers 404."""

@@ -10,8 +10,10 @@ from tqdm.auto import tqdm
 
 from tova_engine.config import EngineConfig
 from tova_engine.engine import LLMEngine
+from tova_engine.errors import InvalidRequestError
 from tova_engine.outputs import RequestOutput
 from tova_engine.sampling_params import SamplingParams
+from tova_engine.snapshots import StateSnapshot
 
 PromptInput = str | list[int]
 Message = dict[str, str]
@@ -61,17 +63,26 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        resume_from: StateSnapshot | Sequence[StateSnapshot | None] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in the order of the prompts. A request that fails inside the engine comes
-        back with `error` set and finish_reason "error"; the others are unaffected."""
+        back with `error` set and finish_reason "error"; the others are unaffected.
+
+        resume_from: a state saved by an earlier request (`SamplingParams(keep_state=True)`
+        gives it as `RequestOutput.state`), one per prompt or one for all: each prompt
+        continues from it, and only the prompt is prefilled."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
+        resume_list = _as_resume_list(resume_from, len(prompt_list))
         # Validate every prompt before queueing any, so bad input leaves nothing behind.
         requests = [
             self.engine.build_request(
-                str(next(self._ids)), prompt, dataclasses.replace(params, output_kind="final")
+                str(next(self._ids)),
+                prompt,
+                dataclasses.replace(params, output_kind="final"),
+                resume_from=resume,
             )
-            for prompt, params in zip(prompt_list, params_list, strict=True)
+            for prompt, params, resume in zip(prompt_list, params_list, resume_list, strict=True)
         ]
         for request in requests:
             self.engine.enqueue(request)
@@ -135,3 +146,15 @@ def _as_params_list(
             f"got {len(params)}"
         )
     return params
+
+
+def _as_resume_list(resume_from, count: int) -> list:
+    if resume_from is None or isinstance(resume_from, StateSnapshot):
+        return [resume_from] * count
+    resume_list = list(resume_from)
+    if len(resume_list) != count:
+        raise InvalidRequestError(
+            "resume_from",
+            f"resume_from has {len(resume_list)} entries for {count} prompts",
+        )
+    return resume_list

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import msgspec
 
 from tova_engine.sampling_params import SamplingParams
+from tova_engine.state_store import SavedState, StoreStats
 
 
 class EngineInfo(msgspec.Struct, frozen=True):
@@ -43,6 +44,8 @@ class CoreRequest:
     params: SamplingParams
     capacity: int  # this request's state size (at most the engine's)
     max_tokens: int  # resolved output limit
+    # Continue from this stored state (its pending tokens are fed before the prompt).
+    resume_key: str | None = None
 
 
 class SequenceRef(msgspec.Struct, array_like=True, frozen=True):
@@ -109,6 +112,10 @@ class StepOutputs(msgspec.Struct, tag="step", array_like=True):
     prompt_logprobs: list[PromptLogprobs] = []
     failed: list[RequestFailure] = []
     stats: StepStats | None = None
+    # States saved this step (keep_state), and stored ones that left the store.
+    saved: list[SavedState] = []
+    dropped: list[str] = []
+    store: StoreStats | None = None  # the state store's figures, when they changed
 
     @classmethod
     def empty(cls, started_at: float) -> StepOutputs:
@@ -124,6 +131,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     params: bytes  # pickled SamplingParams
     capacity: int
     max_tokens: int
+    resume_key: str | None = None
 
     @classmethod
     def of(cls, request: CoreRequest) -> AddRequest:
@@ -133,12 +141,18 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
             pickle.dumps(request.params, protocol=pickle.HIGHEST_PROTOCOL),
             request.capacity,
             request.max_tokens,
+            request.resume_key,
         )
 
     def to_request(self) -> CoreRequest:
         params = pickle.loads(self.params)  # bytes from this process's own front end
         return CoreRequest(
-            self.request_id, self.prompt_token_ids, params, self.capacity, self.max_tokens
+            self.request_id,
+            self.prompt_token_ids,
+            params,
+            self.capacity,
+            self.max_tokens,
+            self.resume_key,
         )
 
 
@@ -153,9 +167,16 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
+class DropStates(msgspec.Struct, tag="drop", array_like=True):
+    """Delete stored states (a deleted response)."""
+
+    keys: list[str]
+
+
 class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     info: EngineInfo
     tokenizer: bytes  # pickled tokenizer (b"" when the model has none)
+    stored: list[SavedState] = []  # states the store holds already (its disk tier)
 
 
 class CoreFailed(msgspec.Struct, tag="failed", array_like=True):
@@ -165,7 +186,7 @@ class CoreFailed(msgspec.Struct, tag="failed", array_like=True):
     during_startup: bool
 
 
-ToCore = AddRequest | Abort | Shutdown
+ToCore = AddRequest | Abort | Shutdown | DropStates
 FromCore = CoreReady | StepOutputs | CoreFailed
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tova_engine.snapshots import StateSnapshot
 
 
 @dataclass(slots=True)
@@ -54,3 +58,5 @@ class RequestOutput:
     metrics: RequestMetrics
     # Set when the request failed inside the engine; it failed alone.
     error: str | None = None
+    # With keep_state (offline): the state at the end, for `LLM.generate(resume_from=...)`.
+    state: StateSnapshot | None = None

@@ -57,7 +57,8 @@ def shape_of(chunks: list[PrefillChunk]) -> ChunkShape:
     first = chunks[0]
     capacity = first.request.capacity
     rows = 1 << (len(chunks) - 1).bit_length()
-    return ChunkShape(rows, first.start, min(first.start, capacity), first.length, capacity)
+    position = first.position
+    return ChunkShape(rows, position, min(position, capacity), first.length, capacity)
 
 
 class PrefillGraphs:

@@ -17,6 +17,8 @@ from tova_engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from tova_engine.snapshots import StateSnapshot
+
 
 @dataclass(slots=True, eq=False)
 class Sequence:
@@ -51,6 +53,10 @@ class Request:
     # Prompt tokens already run through the model (in the first sequence's slot).
     num_computed: int = 0
     error: str | None = None
+    # A continued conversation: the state its slot starts from, and the tokens that state
+    # has read (the prompt's first token goes at this position).
+    resume: StateSnapshot | None = None
+    position_offset: int = 0
 
     @classmethod
     def of(cls, core: CoreRequest, generators: list[torch.Generator | None]) -> Request:
@@ -63,6 +69,12 @@ class Request:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    def continue_from(self, snapshot: StateSnapshot) -> None:
+        """Start from `snapshot`: its pending tokens are fed first, then the prompt."""
+        self.resume = snapshot
+        self.position_offset = snapshot.num_seen
+        self.prompt_token_ids = [*snapshot.pending_token_ids, *self.prompt_token_ids]
 
     @property
     def prefilling(self) -> bool:

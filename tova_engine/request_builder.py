@@ -17,11 +17,15 @@ from tova_engine.messages import CoreRequest, EngineInfo
 from tova_engine.output_processor import RequestState, SequenceState
 from tova_engine.outputs import RequestMetrics
 from tova_engine.sampling_params import SamplingParams
+from tova_engine.snapshots import StateSnapshot
+from tova_engine.state_store import SavedState
 
 
 class PreparedRequest(NamedTuple):
     core: CoreRequest
     state: RequestState
+    # In process only (`LLM`): the state to continue from, handed to the core as an object.
+    resume: StateSnapshot | None = None
 
     @property
     def request_id(self) -> str:
@@ -50,7 +54,10 @@ class RequestBuilder:
         prompt: str | list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        resume: SavedState | None = None,
     ) -> PreparedRequest:
+        """resume: continue from this stored state (its tokens count towards the length
+        limit: positions go on from where it stopped)."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(
                 "sampling_params",
@@ -58,14 +65,20 @@ class RequestBuilder:
             )
         text, token_ids = self._prompt_ids(prompt)
         capacity = self._capacity(params)
-        max_tokens = self._max_tokens(params, len(token_ids), capacity)
+        if resume is not None and params.n != 1:
+            raise InvalidRequestError("n", f"continuing a stored state needs n = 1, got {params.n}")
+        before = 0 if resume is None else resume.num_tokens
+        max_tokens = self._max_tokens(params, before + len(token_ids), capacity)
         state = RequestState(
             request_id, text, token_ids, params, [], RequestMetrics(arrival_time or time.time())
         )
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]  # the first token has nothing before it
         state.sequences = [self._new_sequence(state, i) for i in range(params.n)]
-        core = CoreRequest(request_id, token_ids, params, capacity, max_tokens)
+        core = CoreRequest(
+            request_id, token_ids, params, capacity, max_tokens,
+            None if resume is None else resume.key,
+        )
         return PreparedRequest(core, state)
 
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -124,7 +124,10 @@ class ModelRunner:
         """Queue the step's work and its read-back; returns before the device is done."""
         for request in scheduled.admitted:
             for seq in request.sequences:
-                self.state.reset_slot(seq.slot, request.capacity)
+                if request.resume is not None:  # n = 1
+                    self.state.restore(seq.slot, request.resume)
+                else:
+                    self.state.reset_slot(seq.slot, request.capacity)
             params = request.params
             if uses_penalties(params):  # the other choices' counts are copied at the fork
                 prompt = request.prompt_token_ids if params.repetition_penalty != 1.0 else None
@@ -179,8 +182,11 @@ class ModelRunner:
             )
         # Tokens already in each row (the newest sampled token is not fed yet), from the
         # host-side counters: attention then spans only the entries in use.
-        seen = [seq.request.prompt_len + seq.num_sampled - 1 for seq in decodes]
-        seen += [c.start for c in chunks]
+        seen = [
+            seq.request.position_offset + seq.request.prompt_len + seq.num_sampled - 1
+            for seq in decodes
+        ]
+        seen += [c.position for c in chunks]
         capacities = [seq.request.capacity for seq in decodes]
         capacities += [c.request.capacity for c in chunks]
         width = max(min(n, cap) for n, cap in zip(seen, capacities, strict=True)) + 1
@@ -203,8 +209,8 @@ class ModelRunner:
             self.state,
             self.policy,
             [c.request.leader.slot for c in chunks],
-            min(first.start, capacity),
-            first.start,
+            min(first.position, capacity),
+            first.position,
             first.length,
             capacity,
         )
@@ -312,7 +318,7 @@ def _chunk_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
     groups: dict[tuple[int, ...], list[PrefillChunk]] = {}
     for chunk in chunks:
         request = chunk.request
-        key = (chunk.start, chunk.length, request.capacity)
+        key = (chunk.position, chunk.length, request.capacity)
         if request.params.prompt_logprobs is not None:
             key = (id(chunk),)
         groups.setdefault(key, []).append(chunk)

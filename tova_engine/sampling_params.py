@@ -105,6 +105,9 @@ class SamplingParams:
     # The engine checks the upper bound (its configured state buffers).
     state_size: int | None = None
     return_state: bool = False
+    # Save the state at the end (n = 1): RequestOutput.state offline, a stored response
+    # the next turn continues from in the server.
+    keep_state: bool = False
     output_kind: str = "cumulative"
     logits_processors: Sequence[LogitsProcessor] | None = None
 
@@ -159,8 +162,11 @@ class SamplingParams:
             "skip_special_tokens",
             "spaces_between_special_tokens",
             "return_state",
+            "keep_state",
         ):
             _check_bool(name, getattr(self, name))
+        if self.keep_state and self.n != 1:
+            raise InvalidRequestError("n", f"keep_state needs n = 1, got n = {self.n}")
         if self.output_kind not in OUTPUT_KINDS:
             raise InvalidRequestError(
                 "output_kind",

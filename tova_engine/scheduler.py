@@ -18,6 +18,12 @@ class PrefillChunk(NamedTuple):
     def completes_prompt(self) -> bool:
         return self.start + self.length == self.request.prompt_len
 
+    @property
+    def position(self) -> int:
+        """The chunk's first token's position in the sequence (a continued conversation's
+        prompt starts where its saved state stopped)."""
+        return self.request.position_offset + self.start
+
 
 class SchedulerOutput(NamedTuple):
     # Requests that took slots this step: their slots must be reset before running.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from tova_engine.model.config import ModelConfig
+from tova_engine.snapshots import SnapshotSpec, StateSnapshot
 
 
 class KVState:
@@ -85,3 +86,38 @@ class KVState:
         count = int(self.num_entries[slot])
         held = self.positions[:, slot, :count].sort(dim=-1).values
         return held.tolist()
+
+    def snapshot(
+        self, slot: int, spec: SnapshotSpec, pending_token_ids: list[int]
+    ) -> StateSnapshot:
+        """A host copy of the slot's state (its valid entries only)."""
+        count = int(self.num_entries[slot])
+
+        def host(t: torch.Tensor) -> torch.Tensor:  # a copy: on CPU .cpu() would be a view
+            return t.to("cpu", copy=True)
+
+        k = host(torch.stack([layer[slot, :, :count] for layer in self.k]))
+        v = host(torch.stack([layer[slot, :, :count] for layer in self.v]))
+        stats = None if self.stats is None else host(self.stats[:, slot, :count])
+        positions = host(self.positions[:, slot, :count])
+        return StateSnapshot(
+            spec, int(self.num_seen[slot]), list(pending_token_ids), k, v, positions, stats
+        )
+
+    def restore(self, slot: int, snapshot: StateSnapshot) -> None:
+        """Put a snapshot's state in a slot (device copies; nothing is recomputed)."""
+        count = snapshot.num_entries
+        device = self.num_seen.device
+        k = snapshot.k.to(device, non_blocking=True)
+        v = snapshot.v.to(device, non_blocking=True)
+        for layer in range(self.num_layers):
+            self.k[layer][slot, :, :count] = k[layer]
+            self.v[layer][slot, :, :count] = v[layer]
+        self.positions[:, slot, :count] = snapshot.positions.to(device, non_blocking=True)
+        if self.stats is not None:
+            self.stats[:, slot] = 0
+            if snapshot.stats is not None:
+                self.stats[:, slot, :count] = snapshot.stats.to(device, non_blocking=True)
+        self.num_entries[slot] = count
+        self.num_seen[slot] = snapshot.num_seen
+        self.capacity[slot] = snapshot.spec.capacity

@@ -1,0 +1,130 @@
+"""Saved states: a conversation continued from a request's saved state equals one request over
+the whole token stream (prefill chunks breaking at the same places); the state stays the
+same size however long the conversation; only new tokens are prefilled; snapshots survive a
+round trip through their files; a state is refused under another configuration."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tova_engine import LLM, InvalidRequestError, SamplingParams, StateSnapshot
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def make_llm(model, policy: str, chunk: int, **extra) -> LLM:
+    return LLM(
+        str(model), state_size=8, policy=policy, dtype="float64", device="cpu",
+        prefill_chunk_size=chunk, max_num_seqs=4, **extra,
+    )
+
+
+def tokens(count: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 96) for _ in range(count)]
+
+
+def run(llm: LLM, prompt, max_tokens: int, resume=None, keep=True):
+    params = SamplingParams(max_tokens=max_tokens, keep_state=keep, return_state=True, **GREEDY)
+    return llm.generate([prompt], params, use_tqdm=False, resume_from=resume)[0]
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
+def test_three_turns_equal_one_request_over_the_whole_stream(tiny_llama, policy):
+    """Token by token (chunk 1) every break is the same: turn after turn, the continued
+    conversation's tokens and retained positions equal those of one request that reads
+    everything said so far."""
+    llm = make_llm(tiny_llama, policy, chunk=1)
+    stream: list[int] = []
+    state = None
+    for turn in range(3):
+        new = tokens(5 + turn, seed=turn)
+        out = run(llm, new, max_tokens=6, resume=state)
+        whole = run(llm, stream + new, max_tokens=6, keep=False)
+        assert out.outputs[0].token_ids == whole.outputs[0].token_ids, turn
+        assert out.outputs[0].state_positions == whole.outputs[0].state_positions, turn
+        stream += new + out.outputs[0].token_ids
+        state = out.state
+        assert state.num_tokens == len(stream)
+        assert state.pending_token_ids == out.outputs[0].token_ids[-1:]
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
+def test_chunked_continuation_equals_the_whole_stream_at_the_same_breaks(tiny_llama, policy):
+    """Chunks of 4: turn 1 is 8 prompt tokens and one sampled token, turn 2 that token and 3
+    more: the whole stream (12 tokens) chunks at 0, 4, 8 either way, with eviction."""
+    llm = make_llm(tiny_llama, policy, chunk=4)
+    first, second = tokens(8, 1), tokens(3, 2)
+    turn1 = run(llm, first, max_tokens=1)
+    turn2 = run(llm, second, max_tokens=5, resume=turn1.state)
+    whole = run(llm, first + turn1.outputs[0].token_ids + second, max_tokens=5, keep=False)
+    assert turn2.outputs[0].token_ids == whole.outputs[0].token_ids
+    assert turn2.outputs[0].state_positions == whole.outputs[0].state_positions
+
+
+def test_fifty_turns_keep_the_state_size_and_prefill_only_new_tokens(tiny_llama):
+    prefilled: list[int] = []
+    llm = make_llm(tiny_llama, "tova", chunk=4)
+    llm.engine.stats_callback = lambda s: prefilled.append(s.prompt_tokens)
+    state, sizes = None, set()
+    for turn in range(50):
+        new = tokens(3 + turn % 4, seed=100 + turn)
+        prefilled.clear()
+        out = run(llm, new, max_tokens=3, resume=state)
+        # The new turn and the one token sampled last turn that the state had not read.
+        assert sum(prefilled) == len(new) + (0 if state is None else 1), turn
+        state = out.state
+        if turn:  # the first turn's 6 tokens do not fill the 8 entries yet
+            sizes.add((state.nbytes, tuple(state.k.shape)))
+    assert sizes == {(state.nbytes, (2, 2, 8, 16))}  # full: 8 entries whatever the length
+    assert state.num_tokens > 50 * 6
+    assert llm.engine.slots_used == 0
+
+
+def test_a_snapshot_survives_its_file(tiny_llama, tmp_path):
+    llm = make_llm(tiny_llama, "h2o", chunk=3)
+    turn1 = run(llm, tokens(9, 3), max_tokens=4)
+    path = tmp_path / "state.safetensors"
+    turn1.state.save(path, key="resp_1")
+    loaded = StateSnapshot.load(path)
+    assert loaded.spec == turn1.state.spec and loaded.num_seen == turn1.state.num_seen
+    assert loaded.pending_token_ids == turn1.state.pending_token_ids
+    for name in ("k", "v", "positions", "stats"):
+        assert torch.equal(getattr(loaded, name), getattr(turn1.state, name))
+    follow = tokens(4, 5)
+    from_memory = run(llm, follow, max_tokens=5, resume=turn1.state, keep=False)
+    from_file = run(llm, follow, max_tokens=5, resume=loaded, keep=False)
+    assert from_file.outputs[0].token_ids == from_memory.outputs[0].token_ids
+
+
+def test_a_state_is_refused_under_another_configuration(tiny_llama):
+    llm = make_llm(tiny_llama, "tova", chunk=4)
+    state = run(llm, tokens(6, 1), max_tokens=2).state
+    with pytest.raises(InvalidRequestError, match="state_size") as info:
+        llm.generate([tokens(3, 2)], SamplingParams(max_tokens=2, state_size=6),
+                     use_tqdm=False, resume_from=state)
+    assert info.value.param == "resume_from"
+    other = make_llm(tiny_llama, "window", chunk=4)
+    with pytest.raises(InvalidRequestError, match="policy") as info:
+        other.generate([tokens(3, 2)], SamplingParams(max_tokens=2), use_tqdm=False,
+                       resume_from=state)
+    assert info.value.param == "resume_from"
+    assert other.engine.slots_used == 0 and not other.engine.has_unfinished_requests()
+
+
+def test_bad_resume_input_names_its_parameter(tiny_llama):
+    llm = make_llm(tiny_llama, "tova", chunk=4)
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(n=2, keep_state=True)
+    assert info.value.param == "n"
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate([tokens(3, 1)], SamplingParams(), use_tqdm=False, resume_from="resp_1")
+    assert info.value.param == "resume_from"
+    state = run(llm, tokens(6, 1), max_tokens=2).state
+    with pytest.raises(InvalidRequestError) as info:  # positions past the length limit
+        llm.generate([tokens(3, 2)], SamplingParams(max_tokens=1020), use_tqdm=False,
+                     resume_from=state)
+    assert info.value.param == "max_tokens"
