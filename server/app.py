@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
 
 from server.admission import Admission
@@ -12,9 +14,12 @@ from server.drain import Drain, DrainMiddleware
 from server.errors import install_error_handlers
 from server.http_metrics import HTTPMetricsMiddleware
 from server.metrics import ServerMetrics
+from server.metrics.state_store import StateStoreCollector
 from server.openapi import install_openapi
 from server.request_log import RequestLogMiddleware
+from server.responses_store import ResponseStore
 from server.routes import chat, completions, models, system, tokenize
+from server.routes import responses as responses_route
 from server.settings import ServerSettings
 from tova_engine import AsyncEngine, __version__
 
@@ -33,14 +38,19 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         memory_bytes=info.state_total_bytes,
     )
     app = FastAPI(title="tova-server", version=__version__)
-    app.state.context = ServerContext(engine, settings, metrics, admission, names, Drain())
+    store_dir = engine.config.state_store_dir
+    responses = ResponseStore(None if store_dir is None else Path(store_dir) / "responses")
+    app.state.context = ServerContext(engine, settings, metrics, admission, names, Drain(),
+                                      responses)
     install_error_handlers(app)
     install_openapi(app, names, {
         "n": info.max_num_seqs, "state_size": info.state_size,
         # A prompt has at least one token.
         "max_tokens": info.max_model_len - 1, "max_completion_tokens": info.max_model_len - 1,
+        "max_output_tokens": info.max_model_len - 1,
     }, info.vocab_size)
-    routers = [module.router for module in (completions, chat, models, tokenize, system)]
+    routers = [module.router
+               for module in (completions, chat, responses_route, models, tokenize, system)]
     for router in routers:
         app.include_router(router)
     _add_middleware(app, settings, metrics, [route for r in routers for route in r.routes])
@@ -70,5 +80,6 @@ def _metrics(engine: AsyncEngine, model_name: str) -> ServerMetrics:
         dtype=info.dtype, device=info.device,
     )
     engine.on_stats(metrics.observe_step)
+    metrics.registry.register(StateStoreCollector(engine, model_name))
     engine.on_restart(metrics.engine_restarts.inc)
     return metrics

@@ -11,6 +11,7 @@ from server.admission import Admission
 from server.drain import Drain
 from server.errors import APIError
 from server.metrics import ServerMetrics
+from server.responses_store import ResponseStore
 from server.settings import ServerSettings
 from tova_engine import AsyncEngine
 
@@ -23,6 +24,7 @@ class ServerContext:
     admission: Admission
     served_model_names: tuple[str, ...]
     drain: Drain
+    responses: ResponseStore = field(default_factory=ResponseStore)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.protocol.common import ErrorInfo, ErrorResponse
 from tova_engine import EngineDeadError, InvalidRequestError, RequestFailedError
+from tova_engine.errors import UnknownStateError
 
 logger = logging.getLogger("server")
 
@@ -74,6 +75,8 @@ def from_value_error(exc: ValueError, params: dict[str, str]) -> APIError:
     """The engine names the parameter it refuses (`InvalidRequestError.param`); `params`
     maps the engine's name to this request's field."""
     message = str(exc)
+    if isinstance(exc, UnknownStateError):
+        return not_found_response(exc.param)
     name = exc.param if isinstance(exc, InvalidRequestError) else None
     param = params.get(name) if name else None
     if param is not None and param != name:
@@ -83,6 +86,13 @@ def from_value_error(exc: ValueError, params: dict[str, str]) -> APIError:
         else:
             message = param + message[len(name):]
     return bad_request(message, param)
+
+
+def not_found_response(param: str | None = "previous_response_id",
+                       response_id: str | None = None) -> APIError:
+    what = f"Response with id '{response_id}'" if response_id else "That response"
+    return APIError(404, f"{what} not found (never stored, deleted or expired).", param,
+                    "not_found")
 
 
 def from_engine_error(exc: Exception) -> APIError:

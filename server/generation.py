@@ -23,13 +23,17 @@ _DONE = object()
 
 
 def prepare_run(ctx: ServerContext, request_id: str, prompts: list[list[int]],
-                params: SamplingParams, error_names: dict[str, str]) -> GenerationRun:
-    """Validate every prompt against the engine's limits, then take queue places (429)."""
+                params: SamplingParams, error_names: dict[str, str],
+                resume_key: str | None = None, single_id: bool = False) -> GenerationRun:
+    """Validate every prompt against the engine's limits, then take queue places (429).
+    resume_key: the prompt continues from that saved state; single_id: the one prompt's
+    engine request is `request_id` itself (a saved state is kept under it)."""
     ctx.require_engine()
     prepared = []
     for index, prompt in enumerate(prompts):
+        engine_id = request_id if single_id else f"{request_id}-{index}"
         try:
-            prepared.append(ctx.engine.prepare(prompt, params, f"{request_id}-{index}"))
+            prepared.append(ctx.engine.prepare(prompt, params, engine_id, resume_key))
         except ValueError as exc:
             raise from_value_error(exc, error_names) from None
     return GenerationRun(ctx, request_id, prepared, params)

@@ -18,12 +18,13 @@ from pydantic.json_schema import models_json_schema
 
 from server.protocol.chat import ChatCompletionChunk
 from server.protocol.common import ErrorResponse
+from server.protocol.responses import ResponseStreamEvent
 from server.protocol.schema import TOKEN_ID_MARK
 
 _WHEN = {
     400: "Invalid input; `param` names the field",
     401: "Missing or wrong API key (with `--api-key`)",
-    404: "Unknown model",
+    404: "Unknown model, or unknown (deleted, expired) response",
     413: "Request body over `--max-request-body-bytes`",
     429: "`--max-queue-len` requests already wait for a slot (`Retry-After` says when to retry)",
     500: "The request failed inside the engine",
@@ -35,7 +36,7 @@ _WITH_BODY = (400, 413)
 _UNUSED_SCHEMAS = ("HTTPValidationError", "ValidationError")
 _COMPONENTS = "#/components/schemas/{model}"
 # Stream chunks no route returns as a whole body, so FastAPI does not list them by itself.
-_CHUNK_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionChunk,)
+_CHUNK_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionChunk, ResponseStreamEvent)
 
 Responses = dict[int | str, dict[str, Any]]
 

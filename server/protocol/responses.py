@@ -1,0 +1,172 @@
+"""POST /v1/responses: OpenAI's Responses API, text in and text out, with `previous_response_id`
+continuing from the previous response's saved state."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+
+from server.protocol.chat import _content_text
+from server.protocol.common import RequestModel, ResponseModel, StrictModel
+from server.protocol.schema import count, number
+
+
+def _input_text(value: Any) -> Any:
+    """Responses content parts are `input_text` (user, system) or `output_text` (assistant)."""
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if isinstance(part, dict) and part.get("type") in ("input_text", "output_text"):
+                part = {**part, "type": "text"}
+            parts.append(part)
+        value = parts
+    return _content_text(value)
+
+
+class InputMessage(StrictModel):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+    # Accepted as the client sends them back from an earlier output; not used.
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        text = _input_text(value)
+        if text is None:
+            raise ValueError("content must be a string or a list of text parts")
+        return text
+
+    def for_template(self) -> dict[str, str]:
+        return {"role": "system" if self.role == "developer" else self.role,
+                "content": self.content}
+
+
+_MESSAGE_SCHEMA = {
+    "type": "object",
+    "required": ["role", "content"],
+    "additionalProperties": False,
+    "properties": {
+        "type": {"enum": ["message"]},
+        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "content": {"anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": {
+                "type": "object", "required": ["type", "text"],
+                "properties": {"type": {"enum": ["input_text", "output_text", "text"]},
+                               "text": {"type": "string"}}}},
+        ]},
+        "id": {"type": "string"},
+        "status": {"type": "string"},
+    },
+}
+_INPUT_SCHEMA = {
+    "anyOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "minItems": 1, "items": _MESSAGE_SCHEMA}],
+    "description": "A user message as a string, or a list of messages",
+}
+
+
+class ResponseObject(ResponseModel):
+    """The Responses API object (the fields this server fills; see `serving.responses`)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
+class ResponseStreamEvent(ResponseModel):
+    """One event of a streamed response: `type` says which (response.created, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    sequence_number: int
+
+
+class DeletedResponse(ResponseModel):
+    id: str
+    object: Literal["response"]
+    deleted: bool
+
+
+class ResponsesRequest(RequestModel):
+    model: str | None = None
+    # A string (one user message) or a list of messages; checked by `_input`, so that every
+    # error about it names `input`.
+    input: Annotated[Any, WithJsonSchema(_INPUT_SCHEMA)]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int | None, count(1)] = None
+    temperature: Annotated[float | None, number(0, 2)] = None
+    top_p: Annotated[float | None, number(maximum=1, above=0)] = None
+    stream: bool | None = False
+    store: bool | None = True
+    previous_response_id: str | None = None
+    metadata: Annotated[dict[str, str] | None, Field(max_length=16)] = None
+    user: str | None = None
+    # Accepted when they ask for nothing this server would do differently.
+    truncation: Literal["disabled"] | None = None
+    parallel_tool_calls: bool | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, Field(max_length=0)] = None
+    # This server's and vLLM's extras.
+    state_size: Annotated[int | None, count(1)] = None
+    seed: int | None = None
+    top_k: Annotated[int | None, count(-1)] = None
+    min_p: Annotated[float | None, number(0, 1)] = None
+    presence_penalty: Annotated[float | None, number(-2, 2)] = None
+    frequency_penalty: Annotated[float | None, number(-2, 2)] = None
+    repetition_penalty: Annotated[float | None, number(0.01)] = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, count(nullable=False)] = 0
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: Any) -> str | list[InputMessage]:
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("input must not be empty")
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError("input must be a non-empty string or a non-empty list of messages")
+        messages = []
+        for index, item in enumerate(value):
+            try:
+                messages.append(InputMessage.model_validate(item))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(
+                    f"input[{index}]{'.' + where if where else ''}: {first['msg']}") from None
+        return messages
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, text in (value or {}).items():
+            if len(key) > 64 or len(text) > 512:
+                raise ValueError("metadata keys are at most 64 characters, values 512")
+        return value
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The new turn's messages for the chat template: instructions first (as a system
+        message), then the input."""
+        messages = []
+        if self.instructions:
+            messages.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            messages.append({"role": "user", "content": self.input})
+        else:
+            messages += [m.for_template() for m in self.input]
+        return messages
