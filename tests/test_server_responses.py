@@ -187,3 +187,27 @@ def test_full_disk_tier_drops_the_least_recently_used(chat_model, tmp_path):
         assert metrics.get("tova_state_store_evictions_total", model_name=MODEL) >= 1
     finally:
         server.stop()
+
+
+def test_fifty_turns_prefill_only_each_new_turn_in_a_constant_state(server, client):
+    """Through previous_response_id: each turn the engine computes the new turn's tokens and
+    the one answer token its state had not read, however long the conversation; keeping only
+    the latest response, the store holds one state of one size."""
+    previous, sizes = None, set()
+    for turn in range(50):
+        before = prompt_tokens(server)
+        response = client.responses.create(input=f"turn {turn}", previous_response_id=previous,
+                                           max_output_tokens=3, temperature=0,
+                                           model=MODEL, extra_body={"ignore_eos": True})
+        computed = prompt_tokens(server) - before
+        usage = response.usage
+        new = usage.input_tokens - usage.input_tokens_details.cached_tokens
+        assert computed == new + (0 if previous is None else 1), turn
+        if previous is not None:
+            client.responses.delete(previous)
+            metrics = scrape(server.url)
+            sizes.add(metrics.get("tova_state_store_bytes", model_name=MODEL, tier="host")
+                      / metrics.get("tova_state_store_snapshots", model_name=MODEL, tier="host"))
+        previous = response.id
+    assert usage.input_tokens > 50 * 10
+    assert len(sizes) == 1
