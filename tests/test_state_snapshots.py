@@ -128,3 +128,15 @@ def test_bad_resume_input_names_its_parameter(tiny_llama):
         llm.generate([tokens(3, 2)], SamplingParams(max_tokens=1020), use_tqdm=False,
                      resume_from=state)
     assert info.value.param == "max_tokens"
+
+
+def test_an_aborted_request_saves_no_state(tiny_llama):
+    llm = make_llm(tiny_llama, "tova", chunk=4)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=50, keep_state=True, **GREEDY)
+    engine.add_request("gone", tokens(6, 1), params)
+    engine.step()
+    engine.step()
+    final = engine.abort_request("gone")
+    assert final.outputs[0].finish_reason == "abort" and final.state is None
+    assert "gone" not in engine.core.store and engine.core.store.saved() == []

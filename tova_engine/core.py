@@ -380,7 +380,11 @@ class EngineCore:
             positions = None
             if seq.slot >= 0 and request.params.return_state:
                 positions = self.state.retained_positions(seq.slot)
-            if seq.slot >= 0 and request.params.keep_state and seq.finish_reason != "error":
+            # A failed or abandoned (aborted) request leaves no state behind.
+            if seq.slot >= 0 and request.params.keep_state and seq.finish_reason in (
+                "stop",
+                "length",
+            ):
                 self._save_state(request, seq)
             self.scheduler.release_sequence(seq)
             seq.reported = True
