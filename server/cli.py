@@ -73,6 +73,10 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enforce-eager", action="store_true", default=DEFAULTS["enforce_eager"],
                        help="CUDA: run every step eagerly, no captured decode or prefill "
                             "graphs")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int,
+                       default=DEFAULTS["tensor_parallel_size"],
+                       help="split the model over this many devices (processes; one GPU each "
+                            "on CUDA); must divide the model's key/value heads")
     group.add_argument("--state-store-memory-bytes", type=int,
                        default=DEFAULTS["state_store_memory_bytes"],
                        help="host memory for saved states (stored responses); the least "

@@ -111,3 +111,28 @@ def test_sampler_flags_broken_rows_on_cuda():
     rows = [SampleRow(SamplingParams(temperature=0), [1], [], None)] * 4
     out = Sampler(device="cuda")(logits, rows)
     assert out.finite.tolist() == [False, False, False, True]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
+def test_tensor_parallel_over_two_gpus_equals_one(tmp_path, policy):
+    """NCCL, one process per GPU: the same tokens and retained positions as one GPU."""
+    import random
+
+    from tests.conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tp", num_attention_heads=8, num_key_value_heads=4)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 96) for _ in range(n)] for n in (13, 30, 7)]
+    params = greedy(24, return_state=True)
+    outs = {}
+    for size in (1, 2):
+        llm = LLM(str(model), state_size=8, policy=policy, dtype="float64", device="cuda",
+                  kernels="torch", prefill_chunk_size=5, tensor_parallel_size=size)
+        try:
+            outs[size] = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.close()
+    for a, b in zip(outs[1], outs[2], strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert b.outputs[0].state_positions == a.outputs[0].state_positions

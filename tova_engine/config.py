@@ -56,6 +56,9 @@ class EngineConfig:
     # CUDA: decode batch sizes to capture (None: 1, 2, 4, 8, then every 16 up to
     # max_num_seqs); a batch is padded to the next size, larger ones run eagerly.
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
+    # Devices (processes) the model is split over, Megatron-style: it must divide the model's
+    # key/value heads; on CUDA one GPU per rank, on CPU (gloo) one process per rank.
+    tensor_parallel_size: int = 1
     # CUDA: prefill chunk shapes that recur are captured in graphs, this many at most (least
     # recently used out first); 0 = every prefill runs eagerly.
     max_prefill_graphs: int = 16
@@ -83,6 +86,14 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+        _require_positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size > 1 and self.torch_device.type == "cuda":
+            visible = torch.cuda.device_count()
+            if self.tensor_parallel_size > visible:
+                raise ValueError(
+                    f"tensor_parallel_size ({self.tensor_parallel_size}) exceeds the visible "
+                    f"GPUs ({visible})"
+                )
         if not isinstance(self.max_prefill_graphs, int) or self.max_prefill_graphs < 0:
             raise ValueError(
                 f"max_prefill_graphs must be an integer >= 0; got {self.max_prefill_graphs!r}"

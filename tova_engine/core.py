@@ -19,11 +19,8 @@ import time
 from typing import NamedTuple
 
 from tova_engine.config import EngineConfig
-from tova_engine.cuda_graphs import DecodeGraphs
 from tova_engine.errors import InvalidRequestError
-from tova_engine.fused_attention import fused_policy_supported
-from tova_engine.loader import load_source
-from tova_engine.memory import resolve_config, weight_bytes
+from tova_engine.executor import build_executor
 from tova_engine.messages import (
     CoreRequest,
     EngineInfo,
@@ -34,17 +31,16 @@ from tova_engine.messages import (
     StepOutputs,
     StepStats,
 )
-from tova_engine.model.llama import LlamaModel
-from tova_engine.policies import make_policy
-from tova_engine.prefill_graphs import PrefillGraphs
+from tova_engine.parallel import TensorParallel
+from tova_engine.parallel.launch import start_workers
+from tova_engine.parallel.worker import plan_of
 from tova_engine.request import Request, Sequence
-from tova_engine.runner import InFlight, ModelRunner, SampledTokens, requests_of
-from tova_engine.sampler import Sampler, make_generator
+from tova_engine.runner import InFlight, SampledTokens, requests_of
+from tova_engine.sampler import make_generator
 from tova_engine.scheduler import Scheduler, SchedulerOutput
 from tova_engine.snapshots import SnapshotSpec, StateSnapshot
 from tova_engine.state import KVState
 from tova_engine.state_store import SavedState, StateStore
-from tova_engine.threads import configure_cpu_threads
 
 logger = logging.getLogger("tova_engine")
 
@@ -61,51 +57,24 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.device = config.torch_device
         self.dtype = config.torch_dtype
-        configure_cpu_threads(self.device)  # before loading: GGUF dequantization uses threads
-        source = load_source(config.model, config.load_format, self.dtype)
-        self.model_config = source.config
-        self.model_name = source.name
-        self.tokenizer = source.tokenizer
-        self.max_model_len = _resolve_max_model_len(config, self.model_config)
-        self.policy = make_policy(config.policy)
-        # The fused kernels implement the built-in policies; a custom one runs in PyTorch.
-        fused = config.triton_kernels and fused_policy_supported(self.policy)
-        self.model = self._build_model(config, source.weights, fused)
-        # Before the state is allocated: refuse one that cannot fit, size max_num_seqs="auto".
-        config = resolve_config(config, self.model_config, weight_bytes(self.model))
-        self.config = config
-        use_graphs = fused and config.use_cuda_graphs
-        self.state = KVState(
-            self.model_config,
-            config.max_num_seqs,
-            config.state_size,
-            self.dtype,
-            self.device,
-            track_stats=self.policy.uses_stats,
-            pad_slot=use_graphs,
-        )
-        self.eos_token_ids = self._eos_token_ids()
-        graphs = prefill_graphs = None
-        if use_graphs:
-            graphs = DecodeGraphs(self.model, self.state, self.policy, config.graph_batch_sizes)
-            if config.max_prefill_graphs:
-                prefill_graphs = PrefillGraphs(
-                    self.model,
-                    self.state,
-                    self.policy,
-                    max_graphs=config.max_prefill_graphs,
-                    max_tokens=config.batched_token_budget,
-                )
-        self.runner = ModelRunner(
-            self.model,
-            self.state,
-            self.policy,
-            Sampler(config.seed, self.device),
-            self.eos_token_ids,
-            fused_attention=fused,
-            graphs=graphs,
-            prefill_graphs=prefill_graphs,
-        )
+        size = config.tensor_parallel_size
+        self.tp = TensorParallel(0, size)
+        executor = build_executor(config, self.tp)
+        self.model_config = executor.model_config
+        self.model_name = executor.model_name
+        self.tokenizer = executor.tokenizer
+        self.max_model_len = executor.max_model_len
+        self.policy = executor.policy
+        self.model = executor.model
+        self.config = config = executor.config
+        self.state = executor.state
+        self.eos_token_ids = executor.eos_token_ids
+        self.runner = executor.runner
+        # Under tensor parallelism the other ranks start once this one knows the resolved
+        # configuration; each step's plan goes to them before the step is launched.
+        self._workers = start_workers(config, size) if self.tp.enabled else None
+        self._retired: list[str] = []  # requests gone since the last plan
+        self._core_requests: dict[str, CoreRequest] = {}
         self.scheduler = Scheduler(
             config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size
         )
@@ -123,23 +92,6 @@ class EngineCore:
         self._log_startup()
 
     # ----- set-up -------------------------------------------------------------------------
-
-    def _build_model(self, config: EngineConfig, weights, fused_kernels: bool) -> LlamaModel:
-        model = LlamaModel.empty(self.model_config, self.device, self.dtype)
-        if weights is None:
-            model.init_random_weights(config.seed)
-        else:
-            model.load_hf_weights(weights)
-        model.requires_grad_(False)
-        if fused_kernels:
-            model.use_triton_kernels()
-        return model.eval()
-
-    def _eos_token_ids(self) -> frozenset[int]:
-        ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return frozenset(ids)
 
     def _info(self) -> EngineInfo:
         config = self.config
@@ -189,12 +141,19 @@ class EngineCore:
             None if params.seed is None else make_generator(params.seed, i, self.device)
             for i in range(params.n)
         ]
+        if self.tp.enabled and (params.keep_state or resume or core_request.resume_key):
+            raise InvalidRequestError(
+                "keep_state" if params.keep_state else "previous_response_id",
+                "saved states are not supported with tensor_parallel_size > 1 yet",
+            )
         request = Request.of(core_request, generators)
         if resume is not None:
             request.continue_from(self._checked(resume, core_request, "resume_from"))
         elif core_request.resume_key is not None:
             request.continue_from(self._stored_state(core_request))
         self._requests[request.request_id] = request
+        if self.tp.enabled:
+            self._core_requests[request.request_id] = core_request
         # The state is read at the end: no step may run ahead of the host (see `step`).
         if params.logits_processors or params.return_state or params.keep_state:
             self._exact.add(request.request_id)
@@ -259,6 +218,11 @@ class EngineCore:
             self._release_finished(request, finished)
         return finished
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do on one device)."""
+        if self._workers is not None:
+            self._workers.stop()
+
     def has_unfinished_requests(self) -> bool:
         return self._in_flight is not None or self.scheduler.has_unfinished()
 
@@ -287,6 +251,9 @@ class EngineCore:
         started = time.perf_counter()
         out = StepOutputs.empty(time.time())
         out.admitted = [request.request_id for request in scheduled.admitted]
+        if self.tp.enabled:  # the other ranks run the same step on their shards
+            self.tp.broadcast_object(plan_of(scheduled, self._core_requests, self._retired))
+            self._retired.clear()
         try:
             return _Launched(scheduled, self.runner.launch(scheduled), out, started, None)
         except Exception as exc:  # failed when launched: fails when finished
@@ -396,6 +363,8 @@ class EngineCore:
         if request.finished:
             self.scheduler.remove(request)
             self._requests.pop(request.request_id, None)
+            if self._core_requests.pop(request.request_id, None) is not None:
+                self._retired.append(request.request_id)
             self._exact.discard(request.request_id)
 
     def _save_state(self, request: Request, seq: Sequence) -> None:
@@ -451,20 +420,3 @@ class EngineCore:
             num_waiting=self.scheduler.num_waiting,
             slots_used=self.scheduler.slots_used,
         )
-
-
-def _resolve_max_model_len(config: EngineConfig, model_config) -> int:
-    limit = model_config.max_position_embeddings
-    wanted = config.max_model_len or limit
-    if wanted > limit:
-        logger.warning(
-            "max_model_len %d exceeds the model's %d positions; quality past them is untested",
-            wanted,
-            limit,
-        )
-    if config.state_size > wanted:
-        raise ValueError(
-            f"state_size ({config.state_size}) must not exceed the model's length "
-            f"limit ({wanted} positions)"
-        )
-    return wanted

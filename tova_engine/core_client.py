@@ -66,7 +66,10 @@ class _Generation:
             target=run_core,
             args=(config, f"ipc://{base}-in", f"ipc://{base}-out", logging.getLogger().level),
             name="tova-engine-core",
-            daemon=True,
+            # A daemon dies with the front end, but may not start processes of its own: the
+            # tensor-parallel ranks. Without daemon, the core still exits when its parent is
+            # gone (core_process watches it) and on Shutdown.
+            daemon=config.tensor_parallel_size == 1,
         )
         self.process.start()
         self.started = time.monotonic()

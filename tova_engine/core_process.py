@@ -66,6 +66,8 @@ def run_core(
     tokenizer = b"" if core.tokenizer is None else pickle.dumps(core.tokenizer)
     outputs.send(wire.encoder.encode(CoreReady(core.info, tokenizer, core.store.saved())))
     code = CoreLoop(core, inputs, outputs).run()
+    if not code:
+        core.close()  # the other tensor-parallel ranks, if any
     outputs.close(linger=5000)
     inputs.close(linger=0)
     if code:  # a broken loop may have left the device unusable: skip the interpreter's exit

@@ -109,6 +109,10 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (also done at exit)."""
+        self.engine.core.close()
+
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="requests", disable=not use_tqdm)

@@ -22,6 +22,7 @@ from tova_engine.cuda_graphs import DecodeGraphs
 from tova_engine.fused_attention import FusedDecodeAttention
 from tova_engine.logprobs import TokenLogprobs, TokenLogprobTensors, token_logprob_tensors
 from tova_engine.model.llama import LlamaModel
+from tova_engine.parallel import SINGLE, TensorParallel
 from tova_engine.penalty_counts import PenaltyCounts
 from tova_engine.policies import Policy
 from tova_engine.prefill_graphs import PrefillGraphs
@@ -98,6 +99,7 @@ class ModelRunner:
         fused_attention: bool = False,
         graphs: DecodeGraphs | None = None,
         prefill_graphs: PrefillGraphs | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         """fused_attention: decode rows through the Triton kernels (CUDA); graphs: replay
         captured decode steps for batches up to their largest size; prefill_graphs: replay
@@ -110,6 +112,8 @@ class ModelRunner:
         self.fused_attention = fused_attention
         self.graphs = graphs
         self.prefill_graphs = prefill_graphs
+        # Under tensor parallelism rank 0 samples and sends the tokens to the other ranks.
+        self.tp = tp
         self.device = state.num_seen.device
         # One row per state slot, allocated by the first request with penalties.
         self.penalty_counts = PenaltyCounts(
@@ -251,12 +255,17 @@ class ModelRunner:
         """Sample, keep each row's token as its slot's next input, and start bringing every
         result of the step to the host in one copy."""
         sequences = [seq for p in step.pending for seq in p.sequences]
-        sampled = self._sample(step.pending, sequences)
+        sampled = self._sample(step.pending, sequences) if self.tp.rank == 0 else None
         tensors = []
-        if sampled is not None:
-            tensors = _sampler_tensors(sampled)
+        if sequences:
+            if sampled is not None:
+                tensors = _sampler_tensors(sampled)
+                token_ids = sampled.token_ids
+            else:
+                token_ids = torch.empty(len(sequences), dtype=torch.int64, device=self.device)
+            self.tp.broadcast(token_ids)  # every rank feeds the same tokens next step
             slots = self._ids([seq.slot for seq in sequences])
-            self.last_tokens.index_copy_(0, slots, sampled.token_ids)
+            self.last_tokens.index_copy_(0, slots, token_ids)
             for seq in sequences:
                 seq.num_sampled += 1
         for prompt in step.prompt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from tova_engine.model.config import ModelConfig
+from tova_engine.parallel import SINGLE, TensorParallel
 from tova_engine.snapshots import SnapshotSpec, StateSnapshot
 
 
@@ -25,10 +26,15 @@ class KVState:
         device: torch.device,
         track_stats: bool,
         pad_slot: bool = False,
+        tp: TensorParallel = SINGLE,
     ) -> None:
-        """pad_slot: one more row than max_num_seqs, never given to a sequence, where the
-        padding rows of a CUDA graph's batch write (see cuda_graphs.py)."""
+        """model_config: this rank's shapes (its share of the KV heads under tensor
+        parallelism). pad_slot: one more row than max_num_seqs, never given to a sequence,
+        where the padding rows of a CUDA graph's batch write (see cuda_graphs.py)."""
         c = model_config
+        self.tp = tp
+        # Query heads of a layer across all ranks: what the policies' attention averages over.
+        self.total_heads = c.num_heads * tp.size
         self.num_layers = c.num_layers
         self.state_size = state_size
         self.dtype = dtype
@@ -48,6 +54,11 @@ class KVState:
         self.num_entries = torch.zeros(rows, dtype=torch.int64, device=device)
         self.num_seen = torch.zeros(rows, dtype=torch.int64, device=device)
         self.capacity = torch.full((rows,), state_size, dtype=torch.int64, device=device)
+
+    def head_mean(self, partial_sum: torch.Tensor) -> torch.Tensor:
+        """Per-entry attention averaged over every query head of the layer, from this rank's
+        heads' sum: all-reduced, so every rank scores (and evicts) the same entries."""
+        return self.tp.all_reduce(partial_sum) / self.total_heads
 
     @staticmethod
     def bytes_per_sequence(model_config: ModelConfig, state_size: int, dtype: torch.dtype) -> int:

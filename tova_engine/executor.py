@@ -1,0 +1,141 @@
+"""What runs a step on one device: the model (or this rank's shard of it), the state, the
+runner with its captured graphs. The engine core builds one; under tensor parallelism every
+other rank builds its own the same way (`parallel/worker.py`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tova_engine.config import EngineConfig
+from tova_engine.cuda_graphs import DecodeGraphs
+from tova_engine.fused_attention import fused_policy_supported
+from tova_engine.loader import load_source
+from tova_engine.memory import resolve_config, weight_bytes
+from tova_engine.model.config import ModelConfig
+from tova_engine.model.llama import LlamaModel
+from tova_engine.model.sharding import check_divisible
+from tova_engine.parallel import SINGLE, TensorParallel
+from tova_engine.policies import Policy, make_policy
+from tova_engine.prefill_graphs import PrefillGraphs
+from tova_engine.runner import ModelRunner
+from tova_engine.sampler import Sampler
+from tova_engine.state import KVState
+from tova_engine.threads import configure_cpu_threads
+
+logger = logging.getLogger("tova_engine")
+
+
+@dataclass(slots=True)
+class Executor:
+    config: EngineConfig  # resolved (max_num_seqs "auto" sized)
+    model_config: ModelConfig  # the whole model's
+    model_name: str
+    tokenizer: Any
+    max_model_len: int
+    policy: Policy
+    model: LlamaModel
+    state: KVState
+    eos_token_ids: frozenset[int]
+    runner: ModelRunner
+
+
+def build_executor(config: EngineConfig, tp: TensorParallel = SINGLE) -> Executor:
+    device, dtype = config.torch_device, config.torch_dtype
+    configure_cpu_threads(device)  # before loading: GGUF dequantization uses threads
+    source = load_source(config.model, config.load_format, dtype)
+    model_config = source.config
+    if tp.enabled:  # before any weight is read
+        check_divisible(model_config, tp)
+    max_model_len = resolve_max_model_len(config, model_config)
+    policy = make_policy(config.policy)
+    # The fused kernels implement the built-in policies; a custom one runs in PyTorch. Under
+    # tensor parallelism the eviction scores are all-reduced between two PyTorch steps.
+    fused = config.triton_kernels and fused_policy_supported(policy) and not tp.enabled
+    if tp.enabled and config.triton_kernels:
+        logger.info("tensor parallelism: attention runs the PyTorch path, without CUDA graphs")
+    model = _build_model(config, model_config, source.weights, fused, tp)
+    # Before the state is allocated: refuse one that cannot fit, size max_num_seqs="auto".
+    config = resolve_config(config, model.local, weight_bytes(model))
+    use_graphs = fused and config.use_cuda_graphs
+    state = KVState(
+        model.local,
+        config.max_num_seqs,
+        config.state_size,
+        dtype,
+        device,
+        track_stats=policy.uses_stats,
+        pad_slot=use_graphs,
+        tp=tp,
+    )
+    eos = _eos_token_ids(model_config, source.tokenizer)
+    graphs = prefill_graphs = None
+    if use_graphs:
+        graphs = DecodeGraphs(model, state, policy, config.graph_batch_sizes)
+        if config.max_prefill_graphs:
+            prefill_graphs = PrefillGraphs(
+                model,
+                state,
+                policy,
+                max_graphs=config.max_prefill_graphs,
+                max_tokens=config.batched_token_budget,
+            )
+    runner = ModelRunner(
+        model,
+        state,
+        policy,
+        Sampler(config.seed, device),
+        eos,
+        fused_attention=fused,
+        graphs=graphs,
+        prefill_graphs=prefill_graphs,
+        tp=tp,
+    )
+    return Executor(
+        config, model_config, source.name, source.tokenizer, max_model_len, policy, model, state,
+        eos, runner,
+    )
+
+
+def _build_model(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    weights,
+    fused_kernels: bool,
+    tp: TensorParallel,
+) -> LlamaModel:
+    model = LlamaModel.empty(model_config, config.torch_device, config.torch_dtype, tp)
+    if weights is None:
+        model.init_random_weights(config.seed)
+    else:
+        model.load_hf_weights(weights)
+    model.requires_grad_(False)
+    if fused_kernels:
+        model.use_triton_kernels()
+    return model.eval()
+
+
+def _eos_token_ids(model_config: ModelConfig, tokenizer) -> frozenset[int]:
+    ids = set(model_config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    limit = model_config.max_position_embeddings
+    wanted = config.max_model_len or limit
+    if wanted > limit:
+        logger.warning(
+            "max_model_len %d exceeds the model's %d positions; quality past them is untested",
+            wanted,
+            limit,
+        )
+    if config.state_size > wanted:
+        raise ValueError(
+            f"state_size ({config.state_size}) must not exceed the model's length "
+            f"limit ({wanted} positions)"
+        )
+    return wanted
+

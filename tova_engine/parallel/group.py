@@ -1,0 +1,59 @@
+"""The tensor-parallel group as the model sees it: rank, size and the few collectives it uses
+(torch.distributed: gloo on CPU, NCCL on CUDA). Size 1 makes every collective a no-op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    def shard(self, total: int, what: str) -> tuple[int, int]:
+        """This rank's [start, end) of `total` items split evenly (`what` names them)."""
+        if total % self.size:
+            raise ValueError(
+                f"tensor_parallel_size ({self.size}) must divide the model's {what} ({total})"
+            )
+        part = total // self.size
+        return self.rank * part, (self.rank + 1) * part
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place."""
+        if self.enabled:
+            dist.all_reduce(x)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` side by side along the last dimension (rank order)."""
+        if not self.enabled:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank, in place."""
+        if self.enabled:
+            dist.broadcast(x, src=0)
+        return x
+
+    def broadcast_object(self, obj: object = None) -> object:
+        """Rank 0's `obj` (pickled) on every rank."""
+        if not self.enabled:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+
+SINGLE = TensorParallel()

@@ -1,0 +1,63 @@
+"""Start the other ranks of a tensor-parallel engine, join them to rank 0, stop them."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import tempfile
+import uuid
+
+import torch.distributed as dist
+
+from tova_engine.parallel.group import TensorParallel
+from tova_engine.parallel.worker import STOP, init_group, run_worker
+
+logger = logging.getLogger("tova_engine")
+
+
+class Workers:
+    """Ranks 1..N-1, each in its own process (spawned: CUDA and threads need a fresh one)."""
+
+    def __init__(self, config, size: int) -> None:
+        path = os.path.join(tempfile.gettempdir(), f"tova-tp-{uuid.uuid4().hex[:12]}")
+        init_method = f"file://{path}"
+        context = multiprocessing.get_context("spawn")
+        self.processes = [
+            context.Process(
+                target=run_worker,
+                args=(config, rank, size, init_method, logging.getLogger().level),
+                name=f"tova-tp-rank-{rank}",
+                daemon=True,
+            )
+            for rank in range(1, size)
+        ]
+        for process in self.processes:
+            process.start()
+        logger.info("tensor parallelism: started ranks 1-%d, joining them", size - 1)
+        self.tp: TensorParallel = init_group(config, 0, size, init_method)
+        self._path = path
+        self._stopped = False
+        atexit.register(self.stop)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.tp.broadcast_object(STOP)
+        except Exception:  # a rank is already gone: the others exit on their own error
+            logger.warning("tensor parallelism: could not tell every rank to stop")
+        for process in self.processes:
+            process.join(timeout_s)
+            if process.is_alive():
+                process.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if os.path.exists(self._path):
+            os.unlink(self._path)
+
+
+def start_workers(config, size: int) -> Workers:
+    return Workers(config, size)
