@@ -149,8 +149,14 @@ def test_default_project_reserves_a_gpu_and_the_cpu_variant_does_not(gpu_project
 
 @pytest.mark.parametrize("variant", ["gpu_project", "cpu_project"])
 def test_services_ports_and_health_based_start_order(variant, request):
-    services = request.getfixturevalue(variant)["services"]
+    every = request.getfixturevalue(variant)["services"]
+    services = {name: s for name, s in every.items() if "profiles" not in s}
     assert set(services) == {"server", "prometheus", "grafana"}
+    # `--profile replicas`: more servers behind HAProxy (tests/test_deploy_replicas.py).
+    assert {name: s["profiles"] for name, s in every.items() if "profiles" in s} == {
+        "replica": ["replicas"], "balancer": ["replicas"]}
+    assert [(p["published"], p["target"]) for p in every["balancer"]["ports"]] == [(8080, 8080)]
+    assert "ports" not in every["replica"]  # reached through the balancer only
     published = {name: [(p["published"], p["target"]) for p in s["ports"]]
                  for name, s in services.items()}
     assert published == {"server": [(8000, 8000)], "prometheus": [(9090, 9090)],
