@@ -88,9 +88,11 @@ def bare_identifiers(expr: str) -> list[str]:
     return [name for name in names if name not in PROMQL_KEYWORDS]
 
 
-def concrete(expr: str, model_name: str) -> str:
-    """The query Grafana would send, with the test's model and rate window."""
-    return expr.replace("$__rate_interval", TEST_RATE_INTERVAL).replace("$model_name", model_name)
+def concrete(expr: str, model_name: str, instance: str = ".*") -> str:
+    """The query Grafana would send, with the test's model and rate window, and the
+    Instance picker at All (`.*`, its allValue) unless one is given."""
+    return (expr.replace("$__rate_interval", TEST_RATE_INTERVAL)
+            .replace("$model_name", model_name).replace("$instance", instance))
 
 
 # ----- docker-compose -------------------------------------------------------------------------
@@ -113,8 +115,10 @@ def compose_config(env_file: Path, *files: Path, env: dict[str, str] | None = No
 
 
 def retarget(config: dict[str, Any], target: str) -> tuple[dict[str, Any], list[str]]:
-    """The config with every static target replaced by `target`, and the targets it had."""
+    """The config with every static target replaced by `target`, and the targets it had;
+    jobs that discover their targets (the compose replicas' DNS) are left out."""
     replaced = []
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if "static_configs" in job]
     for job in config["scrape_configs"]:
         for group in job["static_configs"]:
             replaced += group["targets"]

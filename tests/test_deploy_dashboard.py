@@ -64,6 +64,17 @@ def test_model_name_variable_lists_the_served_models(board):
     assert variable["refresh"] == 2  # re-read when the time range changes: new models appear
 
 
+def test_instance_variable_picks_replicas_and_every_query_uses_it(board):
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    variable = variables["instance"]
+    assert variable["query"]["query"] == (
+        'label_values(tova_engine_info{model_name="$model_name"}, instance)')
+    assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*"
+    for title, expr in expressions(board):
+        for metric, labels in selectors(expr):
+            assert 'instance=~"$instance"' in labels, (title, metric, expr)
+
+
 def test_every_query_filters_every_metric_by_model_name(board):
     for title, expr in expressions(board):
         assert bare_identifiers(expr) == [], (title, expr)

@@ -197,9 +197,12 @@ def test_every_mounted_file_exists_and_lands_where_the_services_read_it(gpu_proj
 def test_prometheus_scrapes_the_server_service_every_five_seconds(gpu_project):
     config = read_yaml(PROMETHEUS_CONFIG)
     assert config["global"]["scrape_interval"] == "5s"
-    targets = [t for job in config["scrape_configs"] for g in job["static_configs"]
+    targets = [t for job in config["scrape_configs"] for g in job.get("static_configs", [])
                for t in g["targets"]]
     assert targets == ["server:8000"]
+    # The `replicas` profile's servers, by the compose service's DNS name and port.
+    (replicas,) = [job for job in config["scrape_configs"] if "dns_sd_configs" in job]
+    assert replicas["dns_sd_configs"] == [{"names": ["replica"], "type": "A", "port": 8000}]
     datasource = read_yaml(DATASOURCES)["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090"
     assert datasource["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]

@@ -195,6 +195,16 @@ def test_every_dashboard_query_returns_data_through_prometheus(loaded):
     assert not empty, "queries without data:\n" + "\n".join(empty)
 
 
+def test_instance_picker_selects_one_replica(loaded, server):
+    """Prometheus labels the scraped server `instance="127.0.0.1:PORT"`: picked, the panels
+    show its data; another instance shows none."""
+    exprs = [expr for title, expr in expressions(dashboard())
+             if title == "Prompt and generation tokens/s"]
+    own = f"127.0.0.1:{server.port}"  # a regex too; its dots match themselves
+    assert all(finite_values(loaded.query(concrete(e, MODEL, own))) for e in exprs)
+    assert not any(loaded.query(concrete(e, MODEL, "10.9.9.9:8000")) for e in exprs)
+
+
 def test_tova_panels_show_the_load(loaded):
     """The eviction panels are not just present but non-zero under a small state."""
     rate = f'sum(rate(tova_evicted_tokens_total{{model_name="{MODEL}"}}[30s]))'
