@@ -90,7 +90,10 @@ def start_replicas(args, workdir: Path) -> list[tuple[subprocess.Popen, int]]:
     return replicas
 
 
-def haproxy(port: int, backends: list[int], workdir: Path) -> subprocess.Popen:
+def loopback_haproxy_config(port: int, backends: list[int], log: str | None = None) -> str:
+    """docker/haproxy/haproxy.cfg for servers on this machine: its compose `server-template`
+    (Docker DNS) replaced by loopback servers, listening on `port`; logs to stderr if `log`
+    is "stderr", else nowhere."""
     lines = []
     for line in (REPO / "docker/haproxy/haproxy.cfg").read_text().splitlines():
         s = line.strip()
@@ -98,12 +101,17 @@ def haproxy(port: int, backends: list[int], workdir: Path) -> subprocess.Popen:
             lines += [f"    server r{i} 127.0.0.1:{b} check" for i, b in enumerate(backends)]
         elif s.startswith("bind :8080"):
             lines.append(f"    bind 127.0.0.1:{port}")
-        elif s.startswith(("resolvers docker", "nameserver dns", "hold valid", "log stdout")):
-            continue
-        else:
+        elif s.startswith("log stdout"):
+            if log == "stderr":
+                lines.append("    log stderr format raw local0")
+        elif not s.startswith(("resolvers docker", "nameserver dns", "hold valid")):
             lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def haproxy(port: int, backends: list[int], workdir: Path) -> subprocess.Popen:
     config = workdir / "haproxy.cfg"
-    config.write_text("\n".join(lines) + "\n")
+    config.write_text(loopback_haproxy_config(port, backends))
     return subprocess.Popen(["haproxy", "-db", "-f", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

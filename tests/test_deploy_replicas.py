@@ -1,5 +1,6 @@
 """Two real tova-server replicas behind a real HAProxy (docker/haproxy/haproxy.cfg, its
-compose `server-template` line swapped for the two loopback servers): concurrent streams all
+compose `server-template` line swapped for the two loopback servers by
+`benchmarks/balancers.py`): concurrent streams all
 complete with their token counts, both replicas take work, and SIGTERM to one replica in the
 middle of a run loses nothing: requests that had not started are retried on the other, and
 the streams the drained replica was serving finish there."""
@@ -17,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_utils import REPO, ServerProcess, free_port, scrape, tiny_config
+from benchmarks.balancers import loopback_haproxy_config
+from tests.server_utils import ServerProcess, free_port, scrape, tiny_config
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="haproxy is not installed (.ci/run installs it)")
@@ -31,24 +33,6 @@ def replica(folder: Path, name: str) -> ServerProcess:
     ], folder / f"{name}.log")
 
 
-def haproxy_config(port: int, servers: list[ServerProcess]) -> str:
-    text = (REPO / "docker" / "haproxy" / "haproxy.cfg").read_text()
-    lines = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("server-template"):
-            lines += [f"    server r{i} 127.0.0.1:{s.port} check" for i, s in enumerate(servers)]
-        elif stripped.startswith("bind :8080"):
-            lines.append(f"    bind 127.0.0.1:{port}")
-        elif stripped.startswith(("resolvers docker", "nameserver dns", "hold valid")):
-            continue
-        elif stripped.startswith("log stdout"):
-            lines.append("    log stderr format raw local0")  # to the test's log file
-        else:
-            lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture
 def fleet(tmp_path):
     servers = [replica(tmp_path, f"replica-{i}") for i in range(2)]
@@ -56,7 +40,7 @@ def fleet(tmp_path):
         server.wait_ready()
     port = free_port()
     config = tmp_path / "haproxy.cfg"
-    config.write_text(haproxy_config(port, servers))
+    config.write_text(loopback_haproxy_config(port, [s.port for s in servers], log="stderr"))
     log = open(tmp_path / "haproxy.log", "w")  # noqa: SIM115  (closed below)
     balancer = subprocess.Popen(["haproxy", "-db", "-f", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=log)
