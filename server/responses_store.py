@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tova_engine import SnapshotSpec
+
 logger = logging.getLogger("server")
 _SAFE_ID = re.compile(r"resp_[0-9a-f]{32}")
 
@@ -35,6 +37,10 @@ class StoredResponse:
     @property
     def id(self) -> str:
         return self.response["id"]
+
+    @property
+    def spec(self) -> SnapshotSpec:
+        return SnapshotSpec(self.model, self.dtype, self.state_size, self.capacity, self.policy)
 
 
 class ResponseStore:

@@ -137,11 +137,7 @@ class PrefillGraphs:
 
     def _fill_inputs(self, captured: _Captured, shape: ChunkShape, chunks) -> None:
         pad = shape.rows - len(chunks)
-        tokens = [
-            token
-            for c in chunks
-            for token in c.request.prompt_token_ids[c.start : c.start + c.length]
-        ]
+        tokens = [token for c in chunks for token in c.token_ids]
         slots = [c.request.leader.slot for c in chunks] + [self.state.pad_slot] * pad
         host = torch.tensor(tokens + [0] * (pad * shape.length) + slots, dtype=torch.int64)
         if self.device.type == "cuda":

@@ -218,11 +218,7 @@ class ModelRunner:
             first.length,
             capacity,
         )
-        token_ids = [
-            token
-            for c in chunks
-            for token in c.request.prompt_token_ids[c.start : c.start + c.length]
-        ]
+        token_ids = [token for c in chunks for token in c.token_ids]
         hidden = self.model(self._ids(token_ids), attend.positions, attend)  # [R*C, hidden]
         attend.finish()
         step.ages.extend(attend.evicted_ages)

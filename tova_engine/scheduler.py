@@ -19,6 +19,10 @@ class PrefillChunk(NamedTuple):
         return self.start + self.length == self.request.prompt_len
 
     @property
+    def token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids[self.start : self.start + self.length]
+
+    @property
     def position(self) -> int:
         """The chunk's first token's position in the sequence (a continued conversation's
         prompt starts where its saved state stopped)."""

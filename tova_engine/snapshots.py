@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -112,10 +113,7 @@ class StateSnapshot:
 
     @classmethod
     def load(cls, path: Path) -> StateSnapshot:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["tova"])
+        meta = read_metadata(path)
         tensors = load_file(str(path))
         return cls(
             SnapshotSpec(**meta["spec"]),
@@ -126,3 +124,9 @@ class StateSnapshot:
             tensors["positions"],
             tensors.get("stats"),
         )
+
+
+def read_metadata(path: Path) -> dict:
+    """A snapshot file's metadata (spec, counters, pending tokens, key), without its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["tova"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from tova_engine.snapshots import StateSnapshot
+from tova_engine.snapshots import StateSnapshot, read_metadata
 
 logger = logging.getLogger("tova_engine")
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -196,10 +196,7 @@ class StateStore:
         started = time.perf_counter()
         for path in files:
             try:
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as f:
-                    meta = msgspec.json.decode(f.metadata()["tova"])
+                meta = read_metadata(path)
                 key = meta.get("key") or path.stem
             except Exception:
                 logger.warning("ignoring %s: not a state snapshot", path)

@@ -30,7 +30,7 @@ from server.sampling import error_names
 from server.serving.conversation import continuation_ids, first_turn_ids
 from server.serving.respond import respond
 from server.serving.responses import ResponseDraft, ResponsesSession
-from tova_engine import SamplingParams
+from tova_engine import SamplingParams, SnapshotSpec
 
 router = APIRouter()
 
@@ -70,7 +70,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 @router.get("/v1/responses/{response_id}", responses=json_responses(ResponseObject, 401, 404))
 async def retrieve_response(response_id: str, request: Request) -> Response:
     record = _stored(get_context(request), response_id)
-    return Response(_json(record.response), media_type="application/json")
+    return Response(json.dumps(record.response), media_type="application/json")
 
 
 @router.delete("/v1/responses/{response_id}",
@@ -81,7 +81,7 @@ async def delete_response(response_id: str, request: Request) -> Response:
     ctx.responses.delete(response_id)
     ctx.engine.drop_states([response_id])
     body = {"id": response_id, "object": "response", "deleted": True}
-    return Response(_json(body), media_type="application/json")
+    return Response(json.dumps(body), media_type="application/json")
 
 
 def _stored(ctx: ServerContext, response_id: str) -> StoredResponse:
@@ -100,21 +100,18 @@ def _previous(ctx: ServerContext, body: ResponsesRequest) -> StoredResponse:
     record = ctx.responses.get(body.previous_response_id)
     if record is None or record.id not in ctx.engine.saved_states:
         raise not_found_response("previous_response_id", body.previous_response_id)
-    info = ctx.engine.info
-    wanted = {
-        "model": info.model_name, "dtype": info.dtype, "policy": info.policy,
-        "state_size": info.state_size,
-        "capacity": body.state_size if body.state_size is not None else info.state_size,
-    }
-    for name, value in wanted.items():
-        if getattr(record, name) != value:
-            label = {"capacity": "state_size", "state_size": "the server's state_size"}.get(
-                name, name)
-            raise bad_request(
-                f"previous_response_id {record.id!r} was made with {label} "
-                f"{getattr(record, name)!r}; this request runs with {value!r}",
-                "previous_response_id")
+    why = record.spec.mismatch(_spec(ctx, body))
+    if why is not None:
+        raise bad_request(f"previous_response_id {record.id!r} cannot be continued: {why}",
+                          "previous_response_id")
     return record
+
+
+def _spec(ctx: ServerContext, body: ResponsesRequest) -> SnapshotSpec:
+    """What a state made by this request is, or must have been made with to continue."""
+    info = ctx.engine.info
+    capacity = body.state_size if body.state_size is not None else info.state_size
+    return SnapshotSpec(info.model_name, info.dtype, info.state_size, capacity, info.policy)
 
 
 def _params(body: ResponsesRequest, keep_state: bool) -> SamplingParams:
@@ -129,14 +126,9 @@ def _params(body: ResponsesRequest, keep_state: bool) -> SamplingParams:
 def _store(ctx: ServerContext, draft: ResponseDraft, store: bool) -> None:
     if not store or draft.id not in ctx.engine.saved_states:
         return  # store: false, or the state could not be kept (failed, too large)
-    info = ctx.engine.info
-    capacity = draft.body.state_size if draft.body.state_size is not None else info.state_size
+    spec = _spec(ctx, draft.body)
     ctx.responses.put(StoredResponse(
         response=draft.snapshot(), last_token_id=draft.token_ids[-1] if draft.token_ids else None,
-        model=info.model_name, dtype=info.dtype, policy=info.policy,
-        state_size=info.state_size, capacity=capacity,
+        model=spec.model, dtype=spec.dtype, policy=spec.policy, state_size=spec.state_size,
+        capacity=spec.capacity,
     ))
-
-
-def _json(body: dict) -> str:
-    return json.dumps(body)
