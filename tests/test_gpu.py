@@ -115,8 +115,11 @@ def test_sampler_flags_broken_rows_on_cuda():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
-def test_tensor_parallel_over_two_gpus_equals_one(tmp_path, policy):
-    """NCCL, one process per GPU: the same tokens and retained positions as one GPU."""
+@pytest.mark.parametrize("mode", list(CUDA_MODES))
+def test_tensor_parallel_over_two_gpus_equals_one(tmp_path, policy, mode):
+    """NCCL, one process per GPU, float32: the same tokens and retained positions as one GPU,
+    with CUDA graphs over the fused kernels (the attention sums all-reduced inside the graph),
+    the kernels eagerly, and the PyTorch path; both ranks hold the same entries."""
     import random
 
     from tests.conftest import save_tiny_model
@@ -125,14 +128,19 @@ def test_tensor_parallel_over_two_gpus_equals_one(tmp_path, policy):
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 96) for _ in range(n)] for n in (13, 30, 7)]
     params = greedy(24, return_state=True)
-    outs = {}
+    outs, ranks = {}, {}
     for size in (1, 2):
-        llm = LLM(str(model), state_size=8, policy=policy, dtype="float64", device="cuda",
-                  kernels="torch", prefill_chunk_size=5, tensor_parallel_size=size)
+        llm = LLM(str(model), state_size=8, policy=policy, dtype="float32", device="cuda",
+                  prefill_chunk_size=5, tensor_parallel_size=size, **CUDA_MODES[mode])
         try:
             outs[size] = llm.generate(prompts, params, use_tqdm=False)
+            ranks[size] = llm.engine.core.retained_by_rank()
         finally:
             llm.close()
     for a, b in zip(outs[1], outs[2], strict=True):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].state_positions == a.outputs[0].state_positions
+    (positions, entries), (other_positions, other_entries) = ranks[2]
+    live = slice(0, llm.engine.core.config.max_num_seqs)  # not the graphs' padding slot
+    assert entries[live].equal(other_entries[live])
+    assert positions[:, live].equal(other_positions[:, live])

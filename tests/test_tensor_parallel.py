@@ -30,10 +30,11 @@ def prompts() -> list[list[int]]:
 
 
 def generate(model, tp: int, **options):
+    """(outputs, each rank's retained positions and entry counts)."""
     llm = LLM(str(model), dtype="float64", device="cpu", max_num_seqs=4,
               tensor_parallel_size=tp, **options)
     try:
-        return llm.generate(prompts(), PARAMS, use_tqdm=False)
+        return llm.generate(prompts(), PARAMS, use_tqdm=False), llm.engine.core.retained_by_rank()
     finally:
         llm.close()
 
@@ -42,10 +43,15 @@ def generate(model, tp: int, **options):
 @pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
 def test_two_ranks_equal_one(four_kv_heads, policy, chunk):
     options = dict(policy=policy, state_size=6, prefill_chunk_size=chunk)
-    one, two = generate(four_kv_heads, 1, **options), generate(four_kv_heads, 2, **options)
+    (one, _), (two, ranks) = generate(four_kv_heads, 1, **options), generate(four_kv_heads, 2,
+                                                                            **options)
     for a, b in zip(one, two, strict=True):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].state_positions == a.outputs[0].state_positions
+    # Every slot of every layer, not only what rank 0 returns: the ranks evicted alike.
+    (positions, entries), (other_positions, other_entries) = ranks
+    assert entries.equal(other_entries) and positions.equal(other_positions)
+    assert entries.sum() > 0
 
 
 def test_sizes_that_do_not_divide_the_heads_are_refused_before_loading(four_kv_heads,

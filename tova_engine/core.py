@@ -18,6 +18,8 @@ import logging
 import time
 from typing import NamedTuple
 
+import torch
+
 from tova_engine.config import EngineConfig
 from tova_engine.errors import InvalidRequestError
 from tova_engine.executor import build_executor
@@ -33,7 +35,7 @@ from tova_engine.messages import (
 )
 from tova_engine.parallel import TensorParallel
 from tova_engine.parallel.launch import start_workers
-from tova_engine.parallel.worker import plan_of
+from tova_engine.parallel.worker import GATHER_RETAINED, gather_retained, plan_of
 from tova_engine.request import Request, Sequence
 from tova_engine.runner import InFlight, SampledTokens, requests_of
 from tova_engine.sampler import make_generator
@@ -222,6 +224,16 @@ class EngineCore:
         """Stop the other tensor-parallel ranks (nothing to do on one device)."""
         if self._workers is not None:
             self._workers.stop()
+
+    def retained_by_rank(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each tensor-parallel rank's (positions, num_entries) of its state, rank order (one
+        entry on one device): the ranks must hold the same, or one evicted differently.
+        Between steps only."""
+        if self._in_flight is not None:
+            raise RuntimeError("retained_by_rank: a step is in flight")
+        if self.tp.enabled:
+            self.tp.broadcast_object(GATHER_RETAINED)
+        return gather_retained(self.state, self.tp)
 
     def has_unfinished_requests(self) -> bool:
         return self._in_flight is not None or self.scheduler.has_unfinished()

@@ -69,7 +69,7 @@ class DecodeGraphs:
         attend = FusedDecodeAttention(self.state, self.policy, slots, self.ages[:, :size])
         hidden = self.model(self.inputs[:size], attend.positions, attend)
         attend.finish()
-        self.logits[:size].copy_(self.model.lm_head(hidden))
+        self.logits[:size].copy_(self.model.vocab_logits(hidden))  # to float32 in the copy
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         self.inputs[:size].zero_()

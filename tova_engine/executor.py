@@ -51,10 +51,8 @@ def build_executor(config: EngineConfig, tp: TensorParallel = SINGLE) -> Executo
     max_model_len = resolve_max_model_len(config, model_config)
     policy = make_policy(config.policy)
     # The fused kernels implement the built-in policies; a custom one runs in PyTorch. Under
-    # tensor parallelism the eviction scores are all-reduced between two PyTorch steps.
-    fused = config.triton_kernels and fused_policy_supported(policy) and not tp.enabled
-    if tp.enabled and config.triton_kernels:
-        logger.info("tensor parallelism: attention runs the PyTorch path, without CUDA graphs")
+    # tensor parallelism they all-reduce the eviction scores, in CUDA graphs too.
+    fused = config.triton_kernels and fused_policy_supported(policy)
     model = _build_model(config, model_config, source.weights, fused, tp)
     # Before the state is allocated: refuse one that cannot fit, size max_num_seqs="auto".
     config = resolve_config(config, model.local, weight_bytes(model))

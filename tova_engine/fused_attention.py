@@ -3,7 +3,8 @@
 Same contract as `state_attention.DecodeAttention` (the CPU path and the reference), but every
 tensor is derived on the device from a `slots` tensor: no host data, no host sync, so a CUDA
 graph can capture it. Attention spans the whole buffer width; the kernel stops at each row's
-own entry count, so the width costs nothing.
+own entry count, so the width costs nothing. Under tensor parallelism the kernels all-reduce
+the per-entry attention sums of this rank's heads (`KVState.tp`) before they choose.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class FusedDecodeAttention:
                 state.state_size + 1,
                 self.policy_code in (self.kernels.TOVA, self.kernels.H2O),
                 q.device,
+                sharded_heads=state.tp.enabled,
             )
         return self.kernels.decode_attention(
             q.contiguous(),
@@ -80,6 +82,8 @@ class FusedDecodeAttention:
             self.scratch,
             self.policy_code,
             NUM_SINK_TOKENS,
+            total_heads=state.total_heads,
+            all_reduce=state.tp.all_reduce,
         )
 
     def finish(self) -> None:

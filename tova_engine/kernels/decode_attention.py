@@ -8,6 +8,10 @@ Two launches per layer, for B rows that each feed one new token:
   2. `_evict_kernel`, grid (B,): merges the splits into the output, averages the attention
      probabilities over all H query heads, scores the entries with the policy, takes the
      lowest, and writes the new token's K/V/position (and H2O statistic) there.
+Under tensor parallelism a rank holds some of the heads, and every rank must evict the same
+entry, so step 2 splits in three: `_merge_kernel` writes the output and each entry's attention
+summed over the rank's heads, the caller all-reduces those sums ([B, S+1] float32, inside a
+CUDA graph too), and `_evict_kernel` scores from them.
 The new token is never written to the spare entry first: when the row is not full its
 target is index `num_entries`, which is that entry anyway.
 
@@ -16,6 +20,7 @@ target is index `num_entries`, which is that entry anyway.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -73,7 +78,8 @@ def _attend_kernel(
     )
     logit_row = logits_ptr + b * stride_lb + heads * stride_lh  # [BG]
     if STORE_LOGITS:
-        tl.store(logit_row + n, logit_new, mask=g_mask & first)
+        # (a block-shaped mask: Triton's CPU interpreter refuses a block & scalar one)
+        tl.store(logit_row + n, logit_new, mask=g_mask & (offs_g * 0 + split == 0))
     k_row = k_buf_ptr + slot * stride_kr + kv_head * stride_kh
     v_row = v_buf_ptr + slot * stride_vr + kv_head * stride_vh
     lo = split.to(tl.int64) * split_len
@@ -103,31 +109,16 @@ def _attend_kernel(
 
 
 @triton.jit
-def _evict_kernel(
-    out_ptr, m_ptr, l_ptr, acc_ptr, logits_ptr,
-    k_new_ptr, v_new_ptr, k_buf_ptr, v_buf_ptr, positions_ptr, stats_ptr,
-    slots_ptr, entries_ptr, capacity_ptr, newest_ptr, ages_ptr,
-    stride_ob, stride_oh, stride_lb, stride_lh,
-    stride_knb, stride_knh, stride_vnb, stride_vnh,
-    stride_kr, stride_kh, stride_ke, stride_vr, stride_vh, stride_ve,
-    stride_pr, stride_sr,
-    num_splits,
-    NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-    POLICY: tl.constexpr, USES_ATTENTION: tl.constexpr, NUM_SINK: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+def _merge_splits(
+    out_ptr, m_ptr, l_ptr, acc_ptr, b, stride_ob, stride_oh, num_splits,
+    NUM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    slot = tl.load(slots_ptr + b)
-    n = tl.load(entries_ptr + b)
-    capacity = tl.load(capacity_ptr + b)
-    newest = tl.load(newest_ptr + b)
+    """Row b's splits merged: writes the attention output, returns each head's global max
+    and softmax sum ([BH] each)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     h_mask = offs_h < NUM_HEADS
-    d_mask = offs_d < D
-    hd_mask = h_mask[:, None] & d_mask[None, :]
-
-    # 1. Merge the splits: global max and sum per head, then the output.
+    hd_mask = h_mask[:, None] & (offs_d < D)[None, :]
     part = (b * NUM_HEADS + offs_h) * num_splits  # [BH]
     m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
     for s in range(num_splits):
@@ -144,6 +135,77 @@ def _evict_kernel(
     out = acc / l_sum[:, None]
     out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=hd_mask)
+    return m_max, l_sum
+
+
+@triton.jit
+def _head_summed_probs(logit_rows, e, valid, m_max, l_sum, h_mask):
+    """Attention probabilities of entries `e` summed over this launch's query heads: [BE]."""
+    logits = tl.load(
+        logit_rows + e[None, :], mask=h_mask[:, None] & valid[None, :], other=float("-inf")
+    )
+    probs = tl.exp(logits - m_max[:, None]) / l_sum[:, None]
+    return tl.sum(tl.where(h_mask[:, None], probs, 0.0), axis=0)
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr, m_ptr, l_ptr, acc_ptr, logits_ptr, sums_ptr, entries_ptr,
+    stride_ob, stride_oh, stride_lb, stride_lh, stride_sb,
+    num_splits,
+    NUM_HEADS: tl.constexpr, D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """Tensor parallelism, grid (B,): the output, and each entry's probabilities summed over
+    this rank's heads into `sums` [B, S+1], to be all-reduced before `_evict_kernel` scores."""
+    b = tl.program_id(0)
+    n = tl.load(entries_ptr + b)
+    m_max, l_sum = _merge_splits(
+        out_ptr, m_ptr, l_ptr, acc_ptr, b, stride_ob, stride_oh, num_splits,
+        NUM_HEADS, D, BLOCK_H, BLOCK_D,
+    )  # fmt: skip
+    offs_h = tl.arange(0, BLOCK_H)
+    logit_rows = logits_ptr + b * stride_lb + offs_h[:, None] * stride_lh  # [BH, 1]
+    for start in range(0, n + 1, BLOCK_E):
+        e = start + tl.arange(0, BLOCK_E)
+        valid = e <= n
+        summed = _head_summed_probs(logit_rows, e, valid, m_max, l_sum, offs_h < NUM_HEADS)
+        tl.store(sums_ptr + b * stride_sb + e, summed, mask=valid)
+
+
+@triton.jit
+def _evict_kernel(
+    out_ptr, m_ptr, l_ptr, acc_ptr, logits_ptr, sums_ptr,
+    k_new_ptr, v_new_ptr, k_buf_ptr, v_buf_ptr, positions_ptr, stats_ptr,
+    slots_ptr, entries_ptr, capacity_ptr, newest_ptr, ages_ptr,
+    stride_ob, stride_oh, stride_lb, stride_lh, stride_sb,
+    stride_knb, stride_knh, stride_vnb, stride_vnh,
+    stride_kr, stride_kh, stride_ke, stride_vr, stride_vh, stride_ve,
+    stride_pr, stride_sr,
+    num_splits,
+    NUM_HEADS: tl.constexpr, TOTAL_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+    POLICY: tl.constexpr, USES_ATTENTION: tl.constexpr, SUMS_IN: tl.constexpr,
+    NUM_SINK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """SUMS_IN: the output is written and the per-entry head sums come all-reduced in `sums`
+    (tensor parallelism, after `_merge_kernel`); else this kernel merges and sums itself."""
+    b = tl.program_id(0)
+    slot = tl.load(slots_ptr + b)
+    n = tl.load(entries_ptr + b)
+    capacity = tl.load(capacity_ptr + b)
+    newest = tl.load(newest_ptr + b)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < NUM_HEADS
+    d_mask = offs_d < D
+
+    # 1. Merge the splits: global max and sum per head, then the output.
+    if not SUMS_IN:
+        m_max, l_sum = _merge_splits(
+            out_ptr, m_ptr, l_ptr, acc_ptr, b, stride_ob, stride_oh, num_splits,
+            NUM_HEADS, D, BLOCK_H, BLOCK_D,
+        )  # fmt: skip
 
     # 2. Score the valid entries plus the new one (index n); keep the first minimum.
     positions_row = positions_ptr + slot * stride_pr
@@ -159,11 +221,11 @@ def _evict_kernel(
         pos = tl.load(positions_row + e, mask=old, other=0)
         pos = tl.where(e == n, newest, pos)
         if USES_ATTENTION:
-            logits = tl.load(
-                logit_rows + e[None, :], mask=h_mask[:, None] & valid[None, :], other=float("-inf")
-            )
-            probs = tl.exp(logits - m_max[:, None]) / l_sum[:, None]
-            attn = tl.sum(tl.where(h_mask[:, None], probs, 0.0), axis=0) / NUM_HEADS  # [BE]
+            if SUMS_IN:
+                summed = tl.load(sums_ptr + b * stride_sb + e, mask=valid, other=0.0)
+            else:
+                summed = _head_summed_probs(logit_rows, e, valid, m_max, l_sum, h_mask)
+            attn = summed / TOTAL_HEADS  # [BE]
         if POLICY == _TOVA:
             score = attn
         elif POLICY == _H2O:
@@ -216,6 +278,9 @@ class DecodeScratch(NamedTuple):
     row_sum: torch.Tensor  # [B, H, splits] float32: each split's running sum
     acc: torch.Tensor  # [B, H, splits, D] float32: each split's unnormalised output
     split_len: int  # entries per split, a multiple of the loop's block
+    # [B, S+1] float32: per-entry attention summed over the heads, all-reduced across ranks
+    # (tensor parallelism with a policy that reads attention; else None)
+    sums: torch.Tensor | None = None
 
 
 def _num_sms(device: torch.device) -> int:
@@ -243,16 +308,20 @@ def allocate_scratch(
     width: int,
     needs_attention: bool,
     device: torch.device,
+    sharded_heads: bool = False,
 ) -> DecodeScratch:
+    """sharded_heads: the heads are split across tensor-parallel ranks (adds `sums`)."""
     splits, split_len = plan_splits(batch, kv_heads, width, device)
     f32 = dict(dtype=torch.float32, device=device)
     logits_shape = (batch, num_heads, width) if needs_attention else (1, 1, 1)
+    sums = torch.zeros(batch, width, **f32) if needs_attention and sharded_heads else None
     return DecodeScratch(
         torch.empty(logits_shape, **f32),
         torch.empty(batch, num_heads, splits, **f32),
         torch.empty(batch, num_heads, splits, **f32),
         torch.empty(batch, num_heads, splits, head_dim, **f32),
         split_len,
+        sums,
     )
 
 
@@ -272,6 +341,8 @@ def decode_attention(
     scratch: DecodeScratch,
     policy: int,
     num_sink: int,
+    total_heads: int | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One layer's decode step for B rows; updates the state in place.
 
@@ -279,6 +350,9 @@ def decode_attention(
     [rows, Hkv, S+1, D]; positions / stats [rows, S+1] (this layer's); slots, entries,
     capacity, newest [B] int64; ages [B] int64 out (tokens back of the evicted entry, -1 when
     none). Returns the attention output [B, H, D].
+
+    Tensor parallelism: H is this rank's share of `total_heads`; `all_reduce` sums
+    `scratch.sums` across ranks in place (needed when the policy reads attention).
     """
     batch, num_heads, head_dim = q.shape
     kv_heads = k_new.shape[1]
@@ -306,20 +380,39 @@ def decode_attention(
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )  # fmt: skip
     block_h = triton.next_power_of_2(num_heads)
+    block_e = max(16, min(256, 4096 // block_h))
+    uses_attention = policy in (TOVA, H2O)
+    sums_in = uses_attention and scratch.sums is not None
+    sums = scratch.sums if sums_in else scratch.row_max.view(batch, -1)  # a stub otherwise
+    if sums_in:
+        _merge_kernel[(batch,)](
+            out, scratch.row_max, scratch.row_sum, scratch.acc, scratch.logits, sums, entries,
+            out.stride(0), out.stride(1), scratch.logits.stride(0), scratch.logits.stride(1),
+            sums.stride(0),
+            splits,
+            NUM_HEADS=num_heads, D=head_dim,
+            BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_E=block_e,
+            num_warps=4,
+        )  # fmt: skip
+        if all_reduce is None:
+            raise ValueError("decode_attention: scratch.sums needs an all_reduce")
+        all_reduce(sums)
     _evict_kernel[(batch,)](
-        out, scratch.row_max, scratch.row_sum, scratch.acc, scratch.logits,
+        out, scratch.row_max, scratch.row_sum, scratch.acc, scratch.logits, sums,
         k_new, v_new, k_buf, v_buf, positions, stats_arg,
         slots, entries, capacity, newest, ages,
         out.stride(0), out.stride(1), scratch.logits.stride(0), scratch.logits.stride(1),
+        sums.stride(0),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
         v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
         positions.stride(0), stats_arg.stride(0),
         splits,
-        NUM_HEADS=num_heads, KV_HEADS=kv_heads, D=head_dim,
-        POLICY=policy, USES_ATTENTION=policy in (TOVA, H2O), NUM_SINK=num_sink,
+        NUM_HEADS=num_heads, TOTAL_HEADS=total_heads or num_heads, KV_HEADS=kv_heads,
+        D=head_dim, POLICY=policy, USES_ATTENTION=uses_attention, SUMS_IN=sums_in,
+        NUM_SINK=num_sink,
         BLOCK_H=block_h, BLOCK_KV=triton.next_power_of_2(kv_heads), BLOCK_D=block_d,
-        BLOCK_E=max(16, min(256, 4096 // block_h)),
+        BLOCK_E=block_e,
         num_warps=4,
     )  # fmt: skip
     return out

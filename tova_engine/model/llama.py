@@ -195,11 +195,16 @@ class LlamaModel(nn.Module):
         return self.norm.add_forward(x, residual)[0]
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab], at least float32 (sampling and log-probs want it)."""
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] in the model's dtype, every rank's block gathered."""
         logits = self.lm_head(hidden)
         if self.tp.enabled:  # each rank's vocabulary block, gathered once
             logits = self.tp.all_gather_last(logits)[:, : self.config.vocab_size]
+        return logits
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab], at least float32 (sampling and log-probs want it)."""
+        logits = self.vocab_logits(hidden)
         return logits if logits.dtype == torch.float64 else logits.float()
 
     def use_triton_kernels(self) -> None:

@@ -35,11 +35,15 @@ class TensorParallel:
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` side by side along the last dimension (rank order)."""
+        return x if not self.enabled else torch.cat(self.all_gather(x), dim=-1)
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `x`, rank order."""
         if not self.enabled:
-            return x
+            return [x]
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=-1)
+        return parts
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` on every rank, in place."""

@@ -25,6 +25,8 @@ from tova_engine.scheduler import PrefillChunk, SchedulerOutput
 
 logger = logging.getLogger("tova_engine")
 STOP = "stop"
+# Instead of a plan: every rank sends rank 0 its retained positions (`gather_retained`).
+GATHER_RETAINED = "gather-retained"
 # A collective that waits longer than this means a rank is gone: fail instead of hanging.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)
 
@@ -80,6 +82,14 @@ class Mirror:
         return SchedulerOutput(admitted, decodes, prefills)
 
 
+def gather_retained(state, tp: TensorParallel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every rank's (positions [layers, rows, S+1], num_entries [rows]) on the host, rank
+    order: ranks that evicted alike hold the same. Between steps only (tests, debugging)."""
+    positions = tp.all_gather(state.positions)
+    entries = tp.all_gather(state.num_entries)
+    return [(p.cpu(), n.cpu()) for p, n in zip(positions, entries, strict=True)]
+
+
 def init_group(config, rank: int, size: int, init_method: str) -> TensorParallel:
     device = config.torch_device
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -103,6 +113,9 @@ def run_worker(config, rank: int, size: int, init_method: str, log_level: int) -
     mirror = Mirror()
     try:
         while (plan := tp.broadcast_object()) != STOP:
+            if plan == GATHER_RETAINED:
+                gather_retained(executor.state, tp)
+                continue
             runner = executor.runner
             runner.collect(runner.launch(mirror.apply(plan)))
     except Exception:  # rank 0 is gone (its collectives fail), or this rank broke

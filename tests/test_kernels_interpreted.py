@@ -1,0 +1,91 @@
+"""The fused Triton kernels on CPU, under Triton's interpreter (TRITON_INTERPRET=1): the same
+greedy tokens and retained positions as the PyTorch path (float32), on one rank and with the
+heads split over two (gloo), where the ranks all-reduce each entry's attention before they
+evict and must hold the same entries afterwards. On a GPU the same checks run compiled, with
+CUDA graphs (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import random
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from tests.conftest import save_tiny_model
+from tova_engine import LLM, SamplingParams
+
+# Not imported here: Triton reads TRITON_INTERPRET when it is first imported.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="needs triton (dev extras, Linux x86-64)")
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, return_state=True)
+
+
+@pytest.fixture(scope="module")
+def four_kv_heads(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("kernel-model"), num_attention_heads=8,
+                           num_key_value_heads=4)
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """`run` in a process started with the variable set: Triton reads it when it is imported,
+    and torch imports it (the tensor-parallel ranks inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            yield lambda *args: pool.submit(run, *args).result(timeout=600)
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(5)
+    return [[rng.randrange(3, 96) for _ in range(length)] for length in (11, 6, 15)]
+
+
+def run(model, policy: str, kernels: str, tp: int = 1):
+    """(each prompt's (tokens, retained positions), each rank's (positions, entries))."""
+    llm = LLM(str(model), dtype="float32", device="cpu", max_num_seqs=4, policy=policy,
+              state_size=5, prefill_chunk_size=1, kernels=kernels, tensor_parallel_size=tp)
+    try:
+        assert llm.engine.core.runner.fused_attention == (kernels == "triton")
+        outputs = llm.generate(prompts(), PARAMS, use_tqdm=False)
+        results = [(o.outputs[0].token_ids, o.outputs[0].state_positions) for o in outputs]
+        return results, llm.engine.core.retained_by_rank()
+    finally:
+        llm.close()
+
+
+def assert_same(reference, outputs) -> None:
+    assert len(outputs) == len(reference)
+    for (tokens, positions), (ref_tokens, ref_positions) in zip(outputs, reference, strict=True):
+        assert len(tokens) == PARAMS.max_tokens
+        assert tokens == ref_tokens
+        assert positions == ref_positions
+
+
+def assert_ranks_agree(retained) -> None:
+    first_positions, first_entries = retained[0]
+    for positions, entries in retained[1:]:
+        assert entries.equal(first_entries)
+        assert positions.equal(first_positions)
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
+def test_fused_kernels_equal_the_pytorch_path(interpreted, four_kv_heads, policy):
+    reference, _ = run(four_kv_heads, policy, "torch")
+    fused, _ = interpreted(four_kv_heads, policy, "triton")
+    assert_same(reference, fused)
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+def test_fused_kernels_over_two_ranks_evict_alike(interpreted, four_kv_heads, policy):
+    """Each rank scores with its 4 of the 8 heads' attention; the all-reduced sums make the
+    choice the one rank's."""
+    reference, _ = run(four_kv_heads, policy, "torch")
+    fused, retained = interpreted(four_kv_heads, policy, "triton", 2)
+    assert_same(reference, fused)
+    assert len(retained) == 2
+    assert_ranks_agree(retained)
