@@ -35,6 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--policy", default="tova")
     p.add_argument("--state-size", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=512)
@@ -55,14 +56,15 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     return [*overlap[args.async_scheduling], "--model", args.model,
             "--load-format", args.load_format, "--dtype", args.dtype, "--device", args.device,
             "--policy", args.policy,
-            "--state-size", str(args.state_size), "--max-num-seqs", str(args.max_num_seqs)]
+            "--state-size", str(args.state_size), "--max-num-seqs", str(args.max_num_seqs),
+            "--tensor-parallel-size", str(args.tensor_parallel_size)]
 
 
 def offline(args: argparse.Namespace) -> dict:
     steps: list[tuple[str, float, int]] = []
     llm = LLM(args.model, state_size=args.state_size, policy=args.policy, dtype=args.dtype,
               device=args.device, max_num_seqs=args.max_num_seqs,
-              load_format=args.load_format,
+              load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size,
               async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
     llm.engine.stats_callback = lambda s: steps.append((s.phase, s.duration_s, s.batch_size))
     vocab = llm.engine.info.vocab_size
@@ -88,6 +90,7 @@ def offline(args: argparse.Namespace) -> dict:
         "prefill_seconds": sum(d for phase, d, _ in steps if phase == "prefill"),
         "median_full_batch_decode_step_ms": 1e3 * statistics.median(full) if full else None,
     }
+    llm.close()  # the other tensor-parallel ranks give their GPUs back
     del llm
     try:
         import torch

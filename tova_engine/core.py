@@ -22,7 +22,7 @@ import torch
 
 from tova_engine.config import EngineConfig
 from tova_engine.errors import InvalidRequestError
-from tova_engine.executor import build_executor
+from tova_engine.executor import build_executor, capture_graphs
 from tova_engine.messages import (
     CoreRequest,
     EngineInfo,
@@ -75,6 +75,7 @@ class EngineCore:
         # Under tensor parallelism the other ranks start once this one knows the resolved
         # configuration; each step's plan goes to them before the step is launched.
         self._workers = start_workers(config, size) if self.tp.enabled else None
+        capture_graphs(executor)
         self._retired: list[str] = []  # requests gone since the last plan
         self._core_requests: dict[str, CoreRequest] = {}
         self.scheduler = Scheduler(

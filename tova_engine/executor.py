@@ -1,6 +1,7 @@
 """What runs a step on one device: the model (or this rank's shard of it), the state, the
-runner with its captured graphs. The engine core builds one; under tensor parallelism every
-other rank builds its own the same way (`parallel/worker.py`)."""
+runner, then its captured graphs. The engine core builds one; under tensor parallelism every
+other rank builds its own the same way (`parallel/worker.py`), and the graphs are captured
+once every rank has joined the group."""
 
 from __future__ import annotations
 
@@ -68,32 +69,31 @@ def build_executor(config: EngineConfig, tp: TensorParallel = SINGLE) -> Executo
         tp=tp,
     )
     eos = _eos_token_ids(model_config, source.tokenizer)
-    graphs = prefill_graphs = None
-    if use_graphs:
-        graphs = DecodeGraphs(model, state, policy, config.graph_batch_sizes)
-        if config.max_prefill_graphs:
-            prefill_graphs = PrefillGraphs(
-                model,
-                state,
-                policy,
-                max_graphs=config.max_prefill_graphs,
-                max_tokens=config.batched_token_budget,
-            )
     runner = ModelRunner(
-        model,
-        state,
-        policy,
-        Sampler(config.seed, device),
-        eos,
-        fused_attention=fused,
-        graphs=graphs,
-        prefill_graphs=prefill_graphs,
-        tp=tp,
+        model, state, policy, Sampler(config.seed, device), eos, fused_attention=fused, tp=tp
     )
     return Executor(
         config, model_config, source.name, source.tokenizer, max_model_len, policy, model, state,
         eos, runner,
     )
+
+
+def capture_graphs(executor: Executor) -> None:
+    """Capture the decode graphs and set up the prefill ones (when the state has a padding
+    slot, i.e. graphs are on). Under tensor parallelism a captured step holds collectives:
+    every rank calls this once the group is formed, in the same order."""
+    state, config, runner = executor.state, executor.config, executor.runner
+    if state.pad_slot is None:
+        return
+    runner.graphs = DecodeGraphs(executor.model, state, executor.policy, config.graph_batch_sizes)
+    if config.max_prefill_graphs:
+        runner.prefill_graphs = PrefillGraphs(
+            executor.model,
+            state,
+            executor.policy,
+            max_graphs=config.max_prefill_graphs,
+            max_tokens=config.batched_token_budget,
+        )
 
 
 def _build_model(

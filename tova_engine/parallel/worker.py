@@ -102,7 +102,7 @@ def init_group(config, rank: int, size: int, init_method: str) -> TensorParallel
 
 def run_worker(config, rank: int, size: int, init_method: str, log_level: int) -> None:
     """The entry point of rank `rank` (a spawned process)."""
-    from tova_engine.executor import build_executor  # the same building code as rank 0
+    from tova_engine.executor import build_executor, capture_graphs  # the same as rank 0's
 
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] "
                                                  "%(name)s: %(message)s")
@@ -110,6 +110,7 @@ def run_worker(config, rank: int, size: int, init_method: str, log_level: int) -
         config = config.replace(device=f"cuda:{rank}")
     tp = init_group(config, rank, size, init_method)
     executor = build_executor(config, tp)
+    capture_graphs(executor)
     mirror = Mirror()
     try:
         while (plan := tp.broadcast_object()) != STOP:
