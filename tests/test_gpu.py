@@ -124,7 +124,9 @@ def test_tensor_parallel_over_two_gpus_equals_one(tmp_path, policy, mode):
 
     from tests.conftest import save_tiny_model
 
-    model = save_tiny_model(tmp_path / "tp", num_attention_heads=8, num_key_value_heads=4)
+    # head_dim 16: the smallest the kernels' tl.dot takes
+    model = save_tiny_model(tmp_path / "tp", num_attention_heads=8, num_key_value_heads=4,
+                            hidden_size=128)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 96) for _ in range(n)] for n in (13, 30, 7)]
     params = greedy(24, return_state=True)
