@@ -142,6 +142,7 @@ def measure(args, size: int, ceilings) -> dict:
         result["wave"] = wave(engine, fit, args)
         result["steps"] = [step_row(engine, b, args, ceilings, size)
                            for b in args.step_batches if b <= slots]
+        report(result, args)  # before the ranks stop
     finally:
         engine.core.close()
         del engine
@@ -149,6 +150,19 @@ def measure(args, size: int, ceilings) -> dict:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def report(r: dict, args) -> None:
+    w = r["wave"]
+    print(f"TP={r['tp']}: {r['sequences_that_fit']} sequences "
+          f"({r['state_mib_per_sequence_per_gpu']:.1f} MiB each per GPU), built in "
+          f"{r['build_s']:.0f} s, weights {r['weights_gib_per_gpu']:.1f} GiB per GPU; "
+          f"wave {w['requests']} x {args.input_len}->{args.output_len}: "
+          f"{w['output_tok_s']:,.0f} output tok/s ({w['seconds']:.1f} s)", flush=True)
+    for s in r["steps"]:
+        print(f"  batch {s['batch']}: decode step {s['step_ms']:.2f} ms, roofline "
+              f"{s['roofline_ms']:.2f} ms ({s['of_roofline']:.0%}, {s['bound']}-bound), "
+              f"all-reduce {s['all_reduce_mb_per_step']:.1f} MB/step", flush=True)
 
 
 def main() -> None:
@@ -162,18 +176,11 @@ def main() -> None:
           f"{args.policy} S={args.state_size}", flush=True)
     results = []
     for size in args.tp_sizes:
-        r = measure(args, size, ceilings)
-        results.append(r)
-        w = r["wave"]
-        print(f"TP={size}: {r['sequences_that_fit']} sequences "
-              f"({r['state_mib_per_sequence_per_gpu']:.1f} MiB each per GPU), built in "
-              f"{r['build_s']:.0f} s, weights {r['weights_gib_per_gpu']:.1f} GiB per GPU; "
-              f"wave {w['requests']} x {args.input_len}->{args.output_len}: "
-              f"{w['output_tok_s']:,.0f} output tok/s ({w['seconds']:.1f} s)", flush=True)
-        for s in r["steps"]:
-            print(f"  batch {s['batch']}: decode step {s['step_ms']:.2f} ms, roofline "
-                  f"{s['roofline_ms']:.2f} ms ({s['of_roofline']:.0%}, {s['bound']}-bound), "
-                  f"all-reduce {s['all_reduce_mb_per_step']:.1f} MB/step", flush=True)
+        results.append(measure(args, size, ceilings))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "ceilings":
+                                                  ceilings._asdict(), "results": results},
+                                                 indent=2))
     print("\n| TP | sequences | output tok/s | " + " | ".join(
         f"step ms @{b} (% roofline)" for b in args.step_batches) + " |")
     print("|---|---|---|" + "---|" * len(args.step_batches))
@@ -181,9 +188,6 @@ def main() -> None:
         cells = {s["batch"]: f"{s['step_ms']:.2f} ({s['of_roofline']:.0%})" for s in r["steps"]}
         print(f"| {r['tp']} | {r['sequences_that_fit']} | {r['wave']['output_tok_s']:,.0f} | "
               + " | ".join(cells.get(b, "n/a") for b in args.step_batches) + " |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "ceilings":
-                                              ceilings._asdict(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -47,21 +47,19 @@ class Workers:
         self._stopped = True
         try:
             self.tp.broadcast_object(STOP)
-            told = True
         except Exception:  # a rank is already gone: the others exit on their own error
             logger.warning("tensor parallelism: could not tell every rank to stop")
-            told = False
-        # NCCL tears a communicator down together: every rank destroys the group at once
-        # (the others do on STOP), before anyone waits for anyone to exit.
-        if told and dist.is_initialized():
-            dist.destroy_process_group()
         for process in self.processes:
             process.join(timeout_s)
             if process.is_alive():
                 process.kill()
-        if dist.is_initialized():  # a rank was gone: nobody to tear it down with
-            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-            (abort or dist.destroy_process_group)()
+        if dist.is_initialized():
+            # NCCL: abort, which waits for no peer (destroying waits for every rank's part of
+            # the communicator, and hangs once captured graphs hold it); gloo: destroy.
+            if dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
         if os.path.exists(self._path):
             os.unlink(self._path)
 

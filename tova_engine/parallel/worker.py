@@ -122,4 +122,5 @@ def run_worker(config, rank: int, size: int, init_method: str, log_level: int) -
     except Exception:  # rank 0 is gone (its collectives fail), or this rank broke
         logger.exception("tensor-parallel rank %d stopped", rank)
         os._exit(1)
-    dist.destroy_process_group()
+    if dist.get_backend() != "nccl":  # NCCL: rank 0 aborts the communicator (launch.py)
+        dist.destroy_process_group()
