@@ -34,6 +34,7 @@ from tova_engine.messages import (
     StepStats,
 )
 from tova_engine.parallel import TensorParallel
+from tova_engine.parallel.group import release_graphs
 from tova_engine.parallel.launch import start_workers
 from tova_engine.parallel.worker import GATHER_RETAINED, gather_retained, plan_of
 from tova_engine.request import Request, Sequence
@@ -224,6 +225,7 @@ class EngineCore:
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do on one device)."""
         if self._workers is not None:
+            release_graphs(self.runner)
             self._workers.stop()
 
     def retained_by_rank(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

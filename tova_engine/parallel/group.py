@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -61,3 +62,24 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+def leave_group() -> None:
+    """Tear this process's group down. NCCL: abort, which waits for no peer (destroying
+    waits for every rank's part of the communicator); gloo: destroy."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
+
+
+def release_graphs(runner) -> None:
+    """Drop a runner's captured graphs before its group goes: NCCL keeps a communicator's
+    resources until the graphs that captured its collectives are destroyed."""
+    runner.graphs = None
+    runner.prefill_graphs = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -7,11 +7,10 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import threading
 import uuid
 
-import torch.distributed as dist
-
-from tova_engine.parallel.group import TensorParallel
+from tova_engine.parallel.group import TensorParallel, leave_group
 from tova_engine.parallel.worker import STOP, init_group, run_worker
 
 logger = logging.getLogger("tova_engine")
@@ -49,17 +48,17 @@ class Workers:
             self.tp.broadcast_object(STOP)
         except Exception:  # a rank is already gone: the others exit on their own error
             logger.warning("tensor parallelism: could not tell every rank to stop")
+        # Every rank leaves at once; bounded, so that closing never hangs on a stuck peer.
+        leaving = threading.Thread(target=leave_group, name="tova-tp-leave", daemon=True)
+        leaving.start()
         for process in self.processes:
             process.join(timeout_s)
             if process.is_alive():
                 process.kill()
-        if dist.is_initialized():
-            # NCCL: abort, which waits for no peer (destroying waits for every rank's part of
-            # the communicator, and hangs once captured graphs hold it); gloo: destroy.
-            if dist.get_backend() == "nccl":
-                dist.distributed_c10d._abort_process_group()
-            else:
-                dist.destroy_process_group()
+        leaving.join(timeout_s)
+        if leaving.is_alive():
+            logger.error("tensor parallelism: the process group did not shut down in %.0f s; "
+                         "this process cannot start another tensor-parallel engine", timeout_s)
         if os.path.exists(self._path):
             os.unlink(self._path)
 

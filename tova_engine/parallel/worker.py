@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tova_engine.messages import CoreRequest
-from tova_engine.parallel.group import TensorParallel
+from tova_engine.parallel.group import TensorParallel, leave_group, release_graphs
 from tova_engine.request import Request, Sequence
 from tova_engine.scheduler import PrefillChunk, SchedulerOutput
 
@@ -122,5 +122,7 @@ def run_worker(config, rank: int, size: int, init_method: str, log_level: int) -
     except Exception:  # rank 0 is gone (its collectives fail), or this rank broke
         logger.exception("tensor-parallel rank %d stopped", rank)
         os._exit(1)
-    if dist.get_backend() != "nccl":  # NCCL: rank 0 aborts the communicator (launch.py)
-        dist.destroy_process_group()
+    release_graphs(executor.runner)
+    leave_group()
+    logging.shutdown()
+    os._exit(0)  # no destructors left to wait on a peer
