@@ -9,6 +9,7 @@ from server.logit_bias import LogitBias
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.common import SamplingFields
 from server.protocol.completion import CompletionRequest
+from server.structured import structured_outputs
 from tova_engine import SamplingParams
 from tova_engine.sampling_params import LogitsProcessor
 
@@ -46,10 +47,6 @@ def check_chat(body: ChatCompletionRequest) -> None:
     for name in ("tool_choice", "function_call"):
         if getattr(body, name) not in (None, "none"):
             raise bad_request(f"{name} is not supported by this server", name)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise bad_request(
-            f"response_format type {body.response_format.type!r} is not supported; only "
-            "'text'", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     _check_common(body)
@@ -95,6 +92,9 @@ def _build(body: SamplingFields, vocab_size: int, names: dict[str, str],
     after the request's own (fault injection's, in tests)."""
     kwargs = {name: getattr(body, name) for name in _DIRECT if getattr(body, name) is not None}
     kwargs.update(fields, n=body.n if body.n is not None else 1, output_kind="delta")
+    constraint = structured_outputs(body)
+    if constraint is not None:
+        kwargs["structured_outputs"] = constraint
     own = [LogitBias(_checked_bias(body.logit_bias, vocab_size))] if body.logit_bias else []
     if own or processors:
         kwargs["logits_processors"] = [*own, *processors]

@@ -44,6 +44,7 @@ from tova_engine.scheduler import Scheduler, SchedulerOutput
 from tova_engine.snapshots import SnapshotSpec, StateSnapshot
 from tova_engine.state import KVState
 from tova_engine.state_store import SavedState, StateStore
+from tova_engine.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger("tova_engine")
 
@@ -83,6 +84,9 @@ class EngineCore:
             config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size
         )
         self._requests: dict[str, Request] = {}
+        self.grammars = GrammarCompiler(
+            self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
+        )
         self.store = StateStore(
             config.state_store_memory_bytes, config.state_store_dir, config.state_store_disk_bytes
         )
@@ -151,6 +155,9 @@ class EngineCore:
                 "saved states are not supported with tensor_parallel_size > 1 yet",
             )
         request = Request.of(core_request, generators)
+        if params.structured_outputs is not None:
+            for seq in request.sequences:
+                seq.grammar = self.grammars.matcher(params.structured_outputs)
         if resume is not None:
             request.continue_from(self._checked(resume, core_request, "resume_from"))
         elif core_request.resume_key is not None:
@@ -159,7 +166,14 @@ class EngineCore:
         if self.tp.enabled:
             self._core_requests[request.request_id] = core_request
         # The state is read at the end: no step may run ahead of the host (see `step`).
-        if params.logits_processors or params.return_state or params.keep_state:
+        # Constrained rows: their matchers must have read the last token before the next
+        # step's mask is computed.
+        if (
+            params.logits_processors
+            or params.return_state
+            or params.keep_state
+            or params.structured_outputs
+        ):
             self._exact.add(request.request_id)
         self.scheduler.add(request)
 
@@ -342,6 +356,9 @@ class EngineCore:
         request = seq.request
         params = request.params
         generated = len(seq.output_token_ids)
+        if seq.grammar is not None and _grammar_done(seq.grammar, token):
+            seq.finish_reason = "stop"
+            return
         if generated >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 seq.finish_reason = "stop"
@@ -435,3 +452,10 @@ class EngineCore:
             num_waiting=self.scheduler.num_waiting,
             slots_used=self.scheduler.slots_used,
         )
+
+
+def _grammar_done(matcher, token: int) -> bool:
+    """Advance a structured output's matcher by the sampled token; True once the output is
+    complete (the grammar accepts nothing more, the end-of-sequence token included)."""
+    matcher.consume_token(token)
+    return matcher.is_stopped()

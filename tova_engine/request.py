@@ -9,7 +9,7 @@ end's (`output_processor.py`); the core knows token ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tova_engine.messages import CoreRequest
 from tova_engine.sampling_params import SamplingParams
@@ -34,6 +34,8 @@ class Sequence:
     stop_reason: int | None = None
     # Whether the core has told the front end this choice finished.
     reported: bool = False
+    # The structured-output matcher (llguidance's), advanced by every token the host reads.
+    grammar: Any = None
 
     @property
     def finished(self) -> bool:

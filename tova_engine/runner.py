@@ -311,6 +311,7 @@ class ModelRunner:
             seq.generator,
             blocked,
             seq.slot,
+            seq.grammar,
         )
 
     def _ids(self, ids: list[int]) -> torch.Tensor:

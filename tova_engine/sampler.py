@@ -11,13 +11,14 @@ samples step after step) or, without them, counts rebuilt from the rows' token l
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from tova_engine.logprobs import chosen_logprobs
 from tova_engine.penalty_counts import PenaltyCounts, TokenCounts, counts_from_lists
 from tova_engine.sampling_params import SamplingParams
+from tova_engine.structured.bitmask import mask_rows
 from tova_engine.transfer import to_device
 
 _MASK64 = (1 << 64) - 1
@@ -34,6 +35,8 @@ class SampleRow(NamedTuple):
     # The sequence's state slot: with `PenaltyCounts` given to the sampler, a row with
     # penalties reads its counts there instead of rebuilding them from the token lists.
     slot: int | None = None
+    # Structured outputs: the sequence's matcher; the row samples only what it allows.
+    grammar: Any = None
 
 
 class SamplerOutput(NamedTuple):
@@ -178,6 +181,9 @@ def _penalize(
     _apply_logits_processors(x, rows)
     _apply_block(x, rows)
     _apply_token_penalties(x, rows, penalized)
+    constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+    if constrained:
+        mask_rows(x, constrained, [rows[i].grammar for i in constrained])
     return x
 
 

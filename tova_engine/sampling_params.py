@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tova_engine.errors import InvalidRequestError
+from tova_engine.structured.spec import StructuredOutputs
 
 if TYPE_CHECKING:
     import torch
@@ -110,6 +111,8 @@ class SamplingParams:
     keep_state: bool = False
     output_kind: str = "cumulative"
     logits_processors: Sequence[LogitsProcessor] | None = None
+    # The output must follow a JSON Schema, a regex, a choice or a grammar (structured/).
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         self._validate_counts()
@@ -171,6 +174,12 @@ class SamplingParams:
             raise InvalidRequestError(
                 "output_kind",
                 f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}",
+            )
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputs
+        ):
+            raise InvalidRequestError(
+                "structured_outputs", "structured_outputs must be a StructuredOutputs"
             )
         for proc in self.logits_processors or ():
             if not callable(proc):

@@ -56,6 +56,16 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class StructuredOutputsField(StrictModel):
+    """`structured_outputs` (vLLM's): exactly one constraint on the output."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class SamplingFields(RequestModel):
     """Fields every generation endpoint takes: OpenAI's, vLLM's extras and ours."""
 
@@ -86,6 +96,12 @@ class SamplingFields(RequestModel):
     # Ours: a smaller state for this request (up to the server's) and the positions it kept.
     state_size: Annotated[int | None, count(1)] = None
     return_state: bool = False
+    # Structured outputs, vLLM's shapes: the newer object, and the older guided_* fields.
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -48,6 +48,20 @@ class DetokenizeResponse(ResponseModel):
     prompt: str
 
 
+class TokenizerInfoResponse(ResponseModel):
+    """GET /tokenizer_info (vLLM's): what a client needs to tokenize as the server does, e.g.
+    lm-evaluation-harness's remote tokenizer (with /tokenize and /detokenize)."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    add_bos_token: bool | None  # whether encoding text adds the BOS token
+    chat_template: str | None
+    model_max_length: int  # the server's max_model_len
+
+
 class ModelCard(ResponseModel):
     id: str
     object: Literal["model"] = "model"

@@ -1,4 +1,5 @@
-"""POST /tokenize and /detokenize (vLLM's): the server's tokenizer and chat template."""
+"""POST /tokenize and /detokenize, GET /tokenizer_info (vLLM's): the server's tokenizer and
+chat template."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from starlette.responses import Response
 
 from server.context import ServerContext, get_context
 from server.errors import bad_request
-from server.openapi import body_responses
+from server.openapi import body_responses, json_responses
 from server.protocol.fields import is_token_id
 from server.protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
 )
 from server.serving.prompts import chat_prompt_ids
 from server.serving.respond import json_response
@@ -53,3 +55,26 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     if not all(is_token_id(t) and t < vocab for t in body.tokens):
         raise bad_request(f"tokens must be token ids in [0, {vocab})", "tokens")
     return json_response(DetokenizeResponse(prompt=tokenizer.decode(body.tokens)))
+
+
+@router.get("/tokenizer_info", responses=json_responses(TokenizerInfoResponse, 400))
+async def tokenizer_info(request: Request) -> Response:
+    ctx = get_context(request)
+    tokenizer = _tokenizer(ctx, None)
+    bos_id = tokenizer.bos_token_id
+    adds_bos = None if bos_id is None else tokenizer.encode("a")[:1] == [bos_id]
+    return json_response(TokenizerInfoResponse(
+        tokenizer_class=type(tokenizer).__name__,
+        bos_token=_text(tokenizer.bos_token),
+        eos_token=_text(tokenizer.eos_token),
+        pad_token=_text(tokenizer.pad_token),
+        unk_token=_text(tokenizer.unk_token),
+        add_bos_token=adds_bos,
+        chat_template=getattr(tokenizer, "chat_template", None) or None,
+        model_max_length=ctx.max_model_len,
+    ))
+
+
+def _text(token) -> str | None:
+    """A special token as its text (transformers may hold an AddedToken)."""
+    return None if token is None else str(token)

