@@ -114,8 +114,10 @@ def _validation_error(errors: list[dict]) -> APIError:
         # Also what a body sent with another Content-Type than JSON comes to.
         return bad_request("the request body must be a JSON object, sent with "
                            "Content-Type: application/json")
-    # A whole-body check (see `protocol.common.RequestModel`) names its own param.
-    param = ".".join(loc) or (first.get("ctx") or {}).get("param")
+    # A model's own check names its param (a whole-body one, see
+    # `protocol.common.RequestModel`; a message's, below its index).
+    named = (first.get("ctx") or {}).get("param")
+    param = ".".join([*loc, named] if named else loc) or None
     if first.get("type") == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")

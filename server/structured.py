@@ -49,5 +49,5 @@ def structured_outputs(body: SamplingFields) -> StructuredOutputs | None:
         param = field if field != "structured_outputs" else f"structured_outputs.{exc.param}"
         if exc.param == "structured_outputs":
             param = field
-        raise bad_request(str(exc), param) from None
+        raise bad_request(f"{param}: {exc}", param) from None
     return spec

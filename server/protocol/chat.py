@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from server.protocol.common import ResponseModel, SamplingFields, StrictModel, Usage
 from server.protocol.schema import CONTENT, count
@@ -38,6 +39,15 @@ class ChatMessage(StrictModel):
     @classmethod
     def _content(cls, value: Any) -> str | None:
         return _content_text(value)
+
+    @model_validator(mode="after")
+    def _content_by_role(self) -> ChatMessage:
+        # OpenAI's schema: only an assistant message may leave its content out.
+        if self.content is None and self.role != "assistant":
+            raise PydanticCustomError(
+                "missing_content", "content is required for a {role} message",
+                {"role": self.role, "param": "content"})
+        return self
 
     def for_template(self) -> dict[str, str]:
         message = {"role": "system" if self.role == "developer" else self.role,
