@@ -12,6 +12,7 @@ from server.protocol.completion import CompletionRequest
 from server.structured import structured_outputs
 from tova_engine import SamplingParams
 from tova_engine.sampling_params import LogitsProcessor
+from tova_engine.structured import StructuredOutputs
 
 # Fields copied as they are when the client set them (None keeps the engine's default).
 _DIRECT = (
@@ -40,13 +41,12 @@ def check_completion(body: CompletionRequest) -> None:
 
 
 def check_chat(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise bad_request("tools are not supported by this server", "tools")
     if body.functions:
-        raise bad_request("functions are not supported by this server", "functions")
-    for name in ("tool_choice", "function_call"):
-        if getattr(body, name) not in (None, "none"):
-            raise bad_request(f"{name} is not supported by this server", name)
+        raise bad_request("functions are deprecated at OpenAI and not supported: use tools",
+                          "functions")
+    if body.function_call not in (None, "none"):
+        raise bad_request("function_call is deprecated at OpenAI and not supported: use "
+                          "tool_choice", "function_call")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     _check_common(body)
@@ -76,23 +76,30 @@ def chat_names(body: ChatCompletionRequest) -> dict[str, str]:
 
 
 def chat_params(body: ChatCompletionRequest, vocab_size: int,
-                processors: Sequence[LogitsProcessor] = ()) -> SamplingParams:
+                processors: Sequence[LogitsProcessor] = (),
+                tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
+    """tool_constraint: the grammar of a required or named tool call (server.tools)."""
     # max_completion_tokens replaced max_tokens in OpenAI's API; either may come.
     max_tokens = body.max_tokens
     if body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _build(body, vocab_size, chat_names(body), processors, max_tokens=max_tokens,
-                  logprobs=logprobs)
+                  logprobs=logprobs, tool_constraint=tool_constraint)
 
 
 def _build(body: SamplingFields, vocab_size: int, names: dict[str, str],
-           processors: Sequence[LogitsProcessor], **fields: object) -> SamplingParams:
+           processors: Sequence[LogitsProcessor],
+           tool_constraint: StructuredOutputs | None = None, **fields: object) -> SamplingParams:
     """`names` maps SamplingParams fields to this request's, for errors; `processors` come
     after the request's own (fault injection's, in tests)."""
     kwargs = {name: getattr(body, name) for name in _DIRECT if getattr(body, name) is not None}
     kwargs.update(fields, n=body.n if body.n is not None else 1, output_kind="delta")
     constraint = structured_outputs(body)
+    if constraint is not None and tool_constraint is not None:
+        raise bad_request("a required tool call and an output format cannot both constrain "
+                          "the output", "tool_choice")
+    constraint = constraint or tool_constraint
     if constraint is not None:
         kwargs["structured_outputs"] = constraint
     own = [LogitBias(_checked_bias(body.logit_bias, vocab_size))] if body.logit_bias else []

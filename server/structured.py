@@ -28,7 +28,7 @@ def structured_outputs(body: SamplingFields) -> StructuredOutputs | None:
             found.append(("response_format.json_schema.schema",
                           {"json": schema} if schema is not None else {"json_object": True}))
     if body.structured_outputs is not None:
-        given = body.structured_outputs.model_dump(exclude_none=True)
+        given = body.structured_outputs.model_dump(exclude_none=True, by_alias=True)
         if given.get("json_object") is False:
             given.pop("json_object")
         found.append(("structured_outputs", given))

@@ -43,7 +43,9 @@ BAD_REQUESTS = [
     ("completions", {"stop_token_ids": [-1]}, "stop_token_ids"),
     ("completions", {"top_k": -2}, "top_k"),
     ("completions", {"frobnicate": True}, "frobnicate"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": 3}}}}}]},
+     "tools.0.function.parameters"),
     ("chat", {"tool_choice": "auto"}, "tool_choice"),
     ("chat", {"response_format": {"type": "xml"}}, "response_format.type"),
     ("chat", {"response_format": {"type": "json_schema"}}, "response_format"),
@@ -67,7 +69,8 @@ BAD_REQUESTS = [
     ("chat", {"messages": [{"role": "user"}]}, "messages.0.content"),
     ("chat", {"messages": [{"role": "system", "content": None},
                            {"role": "user", "content": "x"}]}, "messages.0.content"),
-    ("chat", {"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ("chat", {"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
+    ("chat", {"messages": [{"role": "critic", "content": "x"}]}, "messages.0.role"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages.0.content"),
     ("chat", {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
@@ -116,8 +119,9 @@ def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model=SMOL_NAMES[0], messages=MESSAGES,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert info.value.body["param"] == "tools"
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}})
+    assert info.value.body["param"] == "tool_choice"
 
 
 def test_invalid_json_and_missing_fields_are_400(smol_server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -9,6 +10,13 @@ from pydantic_core import PydanticCustomError
 
 from server.protocol.common import ResponseModel, SamplingFields, StrictModel, Usage
 from server.protocol.schema import CONTENT, count
+from server.protocol.tools import (
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallOut,
+    ToolDefinition,
+)
 
 
 def _content_text(value: Any) -> str | None:
@@ -30,10 +38,12 @@ def _content_text(value: Any) -> str | None:
 
 
 class ChatMessage(StrictModel):
-    # "developer" is OpenAI's newer name for "system"; tool messages need tool support.
-    role: Literal["system", "developer", "user", "assistant"]
+    # "developer" is OpenAI's newer name for "system".
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | None, CONTENT] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -41,20 +51,44 @@ class ChatMessage(StrictModel):
         return _content_text(value)
 
     @model_validator(mode="after")
-    def _content_by_role(self) -> ChatMessage:
-        # OpenAI's schema: only an assistant message may leave its content out.
-        if self.content is None and self.role != "assistant":
-            raise PydanticCustomError(
-                "missing_content", "content is required for a {role} message",
-                {"role": self.role, "param": "content"})
+    def _fields_by_role(self) -> ChatMessage:
+        # OpenAI's schema: content may be left out only by an assistant message that calls
+        # tools; calls belong to assistant messages, a call id to tool messages.
+        def refuse(param: str, message: str) -> PydanticCustomError:
+            return PydanticCustomError("message_fields", message, {"param": param})
+
+        if self.tool_calls is not None and self.role != "assistant":
+            raise refuse("tool_calls", "tool_calls belong to assistant messages")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise refuse("tool_call_id", "a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise refuse("tool_call_id", "tool_call_id belongs to tool messages")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise refuse("content", f"content is required for a {self.role} message"
+                         + (" without tool_calls" if self.role == "assistant" else ""))
         return self
 
-    def for_template(self) -> dict[str, str]:
-        message = {"role": "system" if self.role == "developer" else self.role,
-                   "content": self.content or ""}
+    def for_template(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {
+                    "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as templates expect them (an object where the text is JSON)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class JsonSchemaFormat(StrictModel):
@@ -88,14 +122,13 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    # Declared so that they are refused by name unless neutral (see `server.sampling`).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # default true: several calls in one answer
+    # OpenAI's deprecated function calling: declared so that it is refused by name.
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
-    # Only meaningful with tools; accepted so that clients that always send it work.
-    parallel_tool_calls: bool | None = None
 
 
 class ChatLogprob(ResponseModel):
@@ -113,9 +146,12 @@ class ChatChoiceLogprobs(ResponseModel):
 
 
 class ChatMessageOut(ResponseModel):
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"tool_calls"})
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(ResponseModel):
@@ -140,10 +176,11 @@ class ChatCompletionResponse(ResponseModel):
 
 class ChatDelta(ResponseModel):
     # The first chunk of a choice carries the role, later ones only content.
-    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"role", "content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(ResponseModel):

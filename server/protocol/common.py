@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.protocol.fields import normalize_logit_bias, normalize_stop, normalize_token_ids
@@ -59,7 +59,8 @@ class StreamOptions(StrictModel):
 class StructuredOutputsField(StrictModel):
     """`structured_outputs` (vLLM's): exactly one constraint on the output."""
 
-    json: dict[str, Any] | str | None = None
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     json_object: bool | None = None
     regex: str | None = None
     choice: list[str] | None = None

@@ -19,6 +19,7 @@ from server.sampling import chat_names, chat_params, check_chat, error_names
 from server.serving.chat import ChatSession
 from server.serving.prompts import chat_prompt_ids, token_names
 from server.serving.respond import respond
+from server.tools import plan_tools
 
 router = APIRouter()
 
@@ -32,13 +33,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         log_request_body(request_id, body)
     model = ctx.resolve_model(body.model)
     check_chat(body)
+    tools = plan_tools(body)
     faults = fault_processors(request, ctx.settings.enable_fault_injection)
-    params = chat_params(body, ctx.vocab_size, faults)
+    params = chat_params(body, ctx.vocab_size, faults,
+                         tool_constraint=None if tools is None else tools.constraint)
     ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt,
-                          body.continue_final_message, body.chat_template_kwargs)
+                          body.continue_final_message, body.chat_template_kwargs, tools)
     # Validated against the engine's limits (n among them) before anything is sized by them.
     run = prepare_run(ctx, request_id, [ids], params, error_names(chat_names(body)))
     track_generation(request, run.record)
     names = token_names(ctx, body.return_tokens_as_token_ids)
-    session = ChatSession(request_id, model, body, len(ids), names)
+    session = ChatSession(request_id, model, body, len(ids), names, tools)
     return await respond(request, body.streaming, session, run)

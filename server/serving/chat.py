@@ -1,7 +1,8 @@
 """/v1/chat/completions: engine delta outputs -> stream chunks or one response.
 
 A stream sends, per choice, a first chunk with the role, then content deltas, then a chunk
-with an empty delta and the finish reason (as OpenAI's API does).
+with an empty delta and the finish reason (as OpenAI's API does). With tools, content stops
+where a call may begin; the calls go out in a delta of their own before the finish.
 """
 
 from __future__ import annotations
@@ -22,14 +23,19 @@ from server.protocol.chat import (
     ChatStreamChoice,
 )
 from server.protocol.common import Usage
+from server.protocol.tools import FunctionCallDelta, ToolCallDelta
 from server.streaming import sse
+from server.tools import ToolPlan, parse_tool_calls, safe_prefix
 from tova_engine import CompletionOutput
 
 
 class ChatChoiceState:
     def __init__(self, index: int, top_logprobs: int | None,
-                 names: TokenNames) -> None:
+                 names: TokenNames, tools: ToolPlan | None = None) -> None:
+        """tools: calls may come back; a stream then holds back what may be one."""
         self.index = index
+        self._tools = tools
+        self._sent = 0  # characters of the text streamed as content (with tools)
         self._top = top_logprobs  # None: no logprobs asked for
         self._names = names
         self._parts: list[str] = []
@@ -56,13 +62,44 @@ class ChatChoiceState:
         self.num_tokens += len(out.token_ids)
         choices = []
         if out.text or out.token_ids:
-            choices.append(ChatStreamChoice(index=self.index, delta=ChatDelta(content=out.text),
+            text = out.text if self._tools is None else self._release(safe_prefix(self.text))
+            choices.append(ChatStreamChoice(index=self.index, delta=ChatDelta(content=text),
                                             logprobs=logprobs))
         if out.finish_reason is not None:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
             self.state_positions = out.state_positions
+            if self._tools is not None:
+                choices.extend(self._finish_tools())
             choices.append(self._finish_choice())
         return choices
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def _release(self, upto: int) -> str:
+        """The streamed text's next piece of content, up to `upto` characters in."""
+        piece = self.text[self._sent:upto] if upto > self._sent else ""
+        self._sent = max(self._sent, upto)
+        return piece
+
+    def _calls(self) -> tuple[str | None, list]:
+        return parse_tool_calls(self.text, self._tools.names())
+
+    def _finish_tools(self) -> list[ChatStreamChoice]:
+        """At the end of a stream with tools: the calls (each whole in one delta, which the
+        client assembles by index), or the held-back rest of the content."""
+        _, calls = self._calls()
+        if not calls:
+            rest = self._release(len(self.text))
+            return [ChatStreamChoice(index=self.index, delta=ChatDelta(content=rest))] if rest \
+                else []
+        if self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+        deltas = [ToolCallDelta(index=i, id=call.id, type="function", function=FunctionCallDelta(
+            name=call.function.name, arguments=call.function.arguments))
+            for i, call in enumerate(calls)]
+        return [ChatStreamChoice(index=self.index, delta=ChatDelta(tool_calls=deltas))]
 
     def _finish_choice(self) -> ChatStreamChoice:
         choice = ChatStreamChoice(index=self.index, delta=ChatDelta(),
@@ -73,8 +110,15 @@ class ChatChoiceState:
 
     def result(self) -> ChatChoice:
         logprobs = ChatChoiceLogprobs(content=self._logprobs) if self._top is not None else None
+        message = ChatMessageOut(content=self.text)
+        if self._tools is not None:
+            content, calls = self._calls()
+            if calls:
+                message = ChatMessageOut(content=content, tool_calls=calls)
+                if self.finish_reason == "stop":
+                    self.finish_reason = "tool_calls"
         choice = ChatChoice(
-            index=self.index, message=ChatMessageOut(content="".join(self._parts)),
+            index=self.index, message=message,
             logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
         )
         if self.state_positions is not None:
@@ -84,14 +128,14 @@ class ChatChoiceState:
 
 class ChatSession:
     def __init__(self, request_id: str, model: str, body: ChatCompletionRequest,
-                 prompt_tokens: int, names: TokenNames) -> None:
+                 prompt_tokens: int, names: TokenNames, tools: ToolPlan | None = None) -> None:
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self.include_usage = body.include_usage
         self.prompt_tokens = prompt_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        self.choices = [ChatChoiceState(i, top, names) for i in range(body.n or 1)]
+        self.choices = [ChatChoiceState(i, top, names, tools) for i in range(body.n or 1)]
 
     def _usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices))

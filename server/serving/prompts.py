@@ -12,6 +12,7 @@ from server.context import ServerContext
 from server.errors import bad_request
 from server.logprobs import TokenNames
 from server.protocol.chat import ChatMessage
+from server.tools import ToolPlan, render_messages, template_knows_tools
 
 
 def prompt_ids(ctx: ServerContext, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -48,17 +49,23 @@ def token_names(ctx: ServerContext, as_ids: bool) -> TokenNames:
 def chat_prompt_ids(
     ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+    tools: ToolPlan | None = None,
 ) -> list[int]:
+    """tools: the request's tools, shown to the model (server.tools)."""
     tokenizer = ctx.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad_request(
             "this model has no chat template; use /v1/completions instead", "messages")
+    rendered, tool_list = render_messages(messages, tools, template_knows_tools(tokenizer))
+    extra = dict(template_kwargs or {})
+    if tool_list:
+        extra["tools"] = tool_list
     try:
         ids = tokenizer.apply_chat_template(
-            [m.for_template() for m in messages],
+            rendered,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
-            tokenize=True, return_dict=False, **(template_kwargs or {}),
+            tokenize=True, return_dict=False, **extra,
         )
     except Exception as exc:  # template errors (jinja, role order) are the client's input
         raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
