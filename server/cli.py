@@ -48,6 +48,10 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="key/value entries per layer per sequence")
     group.add_argument("--policy", default=DEFAULTS["policy"], choices=tuple(POLICIES),
                        help="which entry a full state drops")
+    group.add_argument("--protect-recent", type=_count_or_fraction,
+                       default=DEFAULTS["protect_recent"], metavar="R",
+                       help="the latest R positions are never evicted: a count (64) or a "
+                            "fraction of the state size (0.25); default: the policy's own")
     group.add_argument("--max-num-seqs", type=_int_or_auto, default=DEFAULTS["max_num_seqs"],
                        metavar="N|auto",
                        help="state slots: choices that run at once; auto: as many as "
@@ -99,6 +103,18 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                        default=DEFAULTS["cuda_graph_batch_sizes"],
                        help="CUDA: decode batch sizes to capture; default: 1, 2, 4, 8, then "
                             "every 16 up to max-num-seqs")
+
+
+def _count_or_fraction(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count or a fraction, got {text!r}") from None
 
 
 def _int_or_auto(text: str) -> int | str:

@@ -19,6 +19,7 @@ _DIRECT = (
     "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
     "repetition_penalty", "ignore_eos", "min_tokens", "stop", "stop_token_ids",
     "skip_special_tokens", "spaces_between_special_tokens", "state_size", "return_state",
+    "protect_recent",
 )
 # The sampler divides positive logits by the repetition penalty in float32; a tiny penalty
 # overflows them to +inf and the request would fail in the engine (500) instead of being

@@ -31,6 +31,7 @@ class ReferenceDecoder:
     eps: float
     state_size: int
     policy: str = "tova"  # "tova" | "window" | "sink"
+    protect_recent: int = 0  # the latest positions never evicted
     cache: list[list[Entry]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,11 @@ class ReferenceDecoder:
     # --- the bounded state ---------------------------------------------------------------
 
     def keep_score(self, probs: torch.Tensor, entries: list[Entry]) -> list[float]:
+        newest = max(e.position for e in entries)
+        return [math.inf if e.position > newest - self.protect_recent else score
+                for e, score in zip(entries, self._score(probs, entries), strict=True)]
+
+    def _score(self, probs: torch.Tensor, entries: list[Entry]) -> list[float]:
         if self.policy == "tova":
             return probs.tolist()
         if self.policy == "window":

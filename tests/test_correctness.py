@@ -111,7 +111,8 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def reference_decoder(hf_model, state_size: int, policy: str = "tova") -> ReferenceDecoder:
+def reference_decoder(hf_model, state_size: int, policy: str = "tova",
+                      protect_recent: int = 0) -> ReferenceDecoder:
     c = hf_model.config
     return ReferenceDecoder(
         weights={k: v.double() for k, v in hf_model.state_dict().items()},
@@ -123,6 +124,7 @@ def reference_decoder(hf_model, state_size: int, policy: str = "tova") -> Refere
         eps=c.rms_norm_eps,
         state_size=state_size,
         policy=policy,
+        protect_recent=protect_recent,
     )
 
 

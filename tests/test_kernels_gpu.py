@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tova_engine.model.config import ModelConfig
 from tova_engine.model.rope import apply_rope
-from tova_engine.policies import make_policy
+from tova_engine.policies import Policy, make_policy
 from tova_engine.state import KVState
 from tova_engine.state_attention import DecodeAttention
 
@@ -56,6 +56,7 @@ def random_state(shape, policy, state_size, batch, dtype, generator) -> tuple[KV
     seen = entries + torch.randint(0, 3 * state_size, (rows,), generator=generator)
     state.num_entries[:rows] = entries
     state.capacity[:rows] = capacity
+    state.protect_recent[:rows] = torch.tensor([policy.recent_count(int(c)) for c in capacity])
     state.num_seen[:rows] = seen
     for layer in range(config.num_layers):
         for row in range(rows):
@@ -82,9 +83,9 @@ def float64_scores(state, policy, layer, slots, q, k) -> list[torch.Tensor]:
         stats = None
         if state.stats is not None:
             stats = torch.cat((state.stats[layer, slot, :n].double(), attn.new_zeros(1))) + attn
-        capacity = state.capacity[slot : slot + 1]
+        recent = state.protect_recent[slot : slot + 1]
         stats = None if stats is None else stats[None]
-        score = policy.score(attn[None], positions[None], stats, newest, capacity)
+        score = policy.scores(attn[None], positions[None], stats, newest, recent)
         scores.append(score.reshape(-1).double())
     return scores
 
@@ -96,7 +97,15 @@ def evicted_index(state, layer, slot) -> int | None:
     return int(hits[0]) if hits.numel() else None
 
 
-@pytest.mark.parametrize("policy_name", ["tova", "h2o", "sink", "window", "full"])
+# The built-ins, TOVA with recency protection, and a policy declared here.
+POLICIES_UNDER_TEST = {
+    **{name: make_policy(name) for name in ("tova", "h2o", "sink", "window", "full")},
+    "tova-recent": make_policy("tova", 0.25),
+    "declared": Policy("declared", score="accumulated", protect_first=2, protect_recent=3),
+}
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES_UNDER_TEST))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("batch,state_size", [(1, 300), (6, 40), (64, 130)])
@@ -106,7 +115,7 @@ def test_fused_decode_matches_pytorch(policy_name, dtype, shape_name, batch, sta
     generator = torch.Generator().manual_seed(
         zlib.crc32(f"{policy_name}{batch}{shape_name}".encode())
     )
-    policy = make_policy(policy_name)
+    policy = POLICIES_UNDER_TEST[policy_name]
     shape = SHAPES[shape_name]
     reference, slots = random_state(shape, policy, state_size, batch, dtype, generator)
     fused = copy.deepcopy(reference)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import save_tiny_model
 from tova_engine import LLM, SamplingParams
+from tova_engine.policies import Policy, make_policy
 
 # Not imported here: Triton reads TRITON_INTERPRET when it is first imported.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -73,8 +74,17 @@ def assert_ranks_agree(retained) -> None:
         assert positions.equal(first_positions)
 
 
-@pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
-def test_fused_kernels_equal_the_pytorch_path(interpreted, four_kv_heads, policy):
+# The built-ins, TOVA keeping the latest 2 of 5, and a policy declared here.
+KERNEL_POLICIES = {
+    "tova": "tova", "h2o": "h2o", "sink": "sink", "window": "window",
+    "tova-recent": make_policy("tova", 2),
+    "declared": Policy("declared", score="accumulated", protect_first=1, protect_recent=0.4),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_POLICIES))
+def test_fused_kernels_equal_the_pytorch_path(interpreted, four_kv_heads, name):
+    policy = KERNEL_POLICIES[name]
     reference, _ = run(four_kv_heads, policy, "torch")
     fused, _ = interpreted(four_kv_heads, policy, "triton")
     assert_same(reference, fused)

@@ -253,3 +253,15 @@ def test_health_and_metrics_need_no_key(smol_server):
     assert httpx.get(f"{smol_server.url}/health").status_code == 200
     assert httpx.get(f"{smol_server.url}/metrics").status_code == 200
     assert httpx.get(f"{smol_server.url}/v1/models", headers=auth_headers()).status_code == 200
+
+
+def test_protect_recent_per_request_keeps_the_latest_positions(client, smol_server):
+    ids = httpx.post(f"{smol_server.url}/tokenize", json={"prompt": PROMPT * 8}).json()["tokens"]
+    out = client.completions.create(
+        model=SMOL_NAMES[0], prompt=ids, max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True, "return_state": True, "protect_recent": 0.25,
+                    "state_size": 16})
+    fed = len(ids) + 6 - 1
+    latest = set(range(fed - 4, fed))  # a quarter of 16
+    layers = out.choices[0].model_extra["state_positions"]
+    assert layers and all(latest <= set(layer) and len(layer) == 16 for layer in layers)

@@ -42,6 +42,8 @@ BAD_REQUESTS = [
     ("completions", {"min_tokens": 20}, "min_tokens"),  # more than max_tokens (16)
     ("completions", {"stop_token_ids": [-1]}, "stop_token_ids"),
     ("completions", {"top_k": -2}, "top_k"),
+    ("completions", {"protect_recent": -1}, "protect_recent"),
+    ("completions", {"protect_recent": 2.5}, "protect_recent"),
     ("completions", {"frobnicate": True}, "frobnicate"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": 3}}}}}]},

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tova_engine.kernels import triton_available
-from tova_engine.policies import POLICIES
+from tova_engine.policies import POLICIES, Policy, make_policy
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = {
@@ -34,7 +34,11 @@ class EngineConfig:
     device: str = "auto"
     # Entries per layer per sequence: the fixed memory every request gets.
     state_size: int = 512
-    policy: str = "tova"
+    # A built-in policy's name, or a declared `Policy` (policies.py).
+    policy: str | Policy = "tova"
+    # The latest positions never evicted: a count, or a fraction of the state size; None =
+    # the policy's own (tova 0, h2o 0.5). Requests may set their own (SamplingParams).
+    protect_recent: int | float | None = None
     # State slots (sequences that run at once), or "auto": as many as memory_utilization
     # allows, resolved by tova_engine.memory.resolve_config once the weights are loaded.
     max_num_seqs: int | str = 64
@@ -72,7 +76,9 @@ class EngineConfig:
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
-        _require_choice("policy", self.policy, tuple(POLICIES))
+        if not isinstance(self.policy, Policy):
+            _require_choice("policy", self.policy, tuple(POLICIES))
+        make_policy(self.policy, self.protect_recent)  # protect_recent fits the policy
         _require_choice("load_format", self.load_format, LOAD_FORMATS)
         _require_choice("dtype", self.dtype, ("auto", *DTYPES))
         _require_choice("kernels", self.kernels, KERNELS)

@@ -109,8 +109,9 @@ class EngineCore:
             vocab_size=self.model_config.vocab_size,
             state_size=config.state_size,
             max_num_seqs=config.max_num_seqs,
-            policy=config.policy,
+            policy=self.policy.name,
             policy_evicts=self.policy.evicts,
+            policy_protects_recent=self.policy.evicts and self.policy.uses_attention,
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             state_bytes_per_sequence=KVState.bytes_per_sequence(
@@ -187,7 +188,7 @@ class EngineCore:
 
     def snapshot_spec(self, capacity: int) -> SnapshotSpec:
         return SnapshotSpec(
-            self.model_name, self.info.dtype, self.config.state_size, capacity, self.config.policy
+            self.model_name, self.info.dtype, self.config.state_size, capacity, self.policy.name
         )
 
     def _stored_state(self, core_request: CoreRequest) -> StateSnapshot:

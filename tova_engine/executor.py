@@ -11,7 +11,7 @@ from typing import Any
 
 from tova_engine.config import EngineConfig
 from tova_engine.cuda_graphs import DecodeGraphs
-from tova_engine.fused_attention import fused_policy_supported
+from tova_engine.fused_attention import check_kernel_runs
 from tova_engine.loader import load_source
 from tova_engine.memory import resolve_config, weight_bytes
 from tova_engine.model.config import ModelConfig
@@ -50,10 +50,12 @@ def build_executor(config: EngineConfig, tp: TensorParallel = SINGLE) -> Executo
     if tp.enabled:  # before any weight is read
         check_divisible(model_config, tp)
     max_model_len = resolve_max_model_len(config, model_config)
-    policy = make_policy(config.policy)
-    # The fused kernels implement the built-in policies; a custom one runs in PyTorch. Under
-    # tensor parallelism they all-reduce the eviction scores, in CUDA graphs too.
-    fused = config.triton_kernels and fused_policy_supported(policy)
+    policy = make_policy(config.policy, config.protect_recent)
+    # The fused kernels run every declared policy (under tensor parallelism they all-reduce
+    # the eviction scores, in CUDA graphs too); one that scores its own way cannot.
+    fused = config.triton_kernels
+    if fused:
+        check_kernel_runs(policy)
     model = _build_model(config, model_config, source.weights, fused, tp)
     # Before the state is allocated: refuse one that cannot fit, size max_num_seqs="auto".
     config = resolve_config(config, model.local, weight_bytes(model))

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from tova_engine.policies import NUM_SINK_TOKENS, POLICIES, Policy
+from tova_engine.policies import Policy
 from tova_engine.state import KVState
 
 
-def fused_policy_supported(policy: Policy) -> bool:
-    """The kernel implements the built-in policies only (a subclass may score differently)."""
-    return type(policy) is POLICIES.get(policy.name)
+def check_kernel_runs(policy: Policy) -> None:
+    """The kernel implements a policy's declaration (policies.py); a subclass that scores
+    in its own way cannot run there."""
+    if type(policy).scores is not Policy.scores:
+        raise ValueError(
+            f"policy {policy.name!r} overrides Policy.scores, which the Triton kernel cannot "
+            "run: declare it with score / protect_first / protect_recent, or use "
+            "kernels='torch'"
+        )
 
 
 class FusedDecodeAttention:
@@ -36,7 +42,9 @@ class FusedDecodeAttention:
 
         self.kernels = kernels
         self.state = state
-        self.policy_code = kernels.POLICY_CODES[policy.name]
+        self.score_code = kernels.SCORE_CODES[policy.score]
+        self.protect_first = policy.protect_first
+        self.uses_attention = policy.uses_attention
         self.slots = slots
         self.entries = state.num_entries[slots]  # [B] valid entries before this token
         self.newest = state.num_seen[slots]  # [B] position of this token
@@ -62,7 +70,7 @@ class FusedDecodeAttention:
                 k.shape[1],
                 head_dim,
                 state.state_size + 1,
-                self.policy_code in (self.kernels.TOVA, self.kernels.H2O),
+                self.uses_attention,
                 q.device,
                 sharded_heads=state.tp.enabled,
             )
@@ -78,10 +86,11 @@ class FusedDecodeAttention:
             self.entries,
             self.capacity,
             self.newest,
+            state.protect_recent,
             self.evicted_ages[layer],
             self.scratch,
-            self.policy_code,
-            NUM_SINK_TOKENS,
+            self.score_code,
+            self.protect_first,
             total_heads=state.total_heads,
             all_reduce=state.tp.all_reduce,
         )

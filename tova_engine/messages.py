@@ -28,6 +28,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     max_num_seqs: int
     policy: str
     policy_evicts: bool
+    # Whether a request's protect_recent means anything to the policy (it evicts by score).
+    policy_protects_recent: bool
     dtype: str
     device: str
     state_bytes_per_sequence: int

@@ -40,6 +40,8 @@ class RequestBuilder:
         self.state_size = info.state_size
         self.max_num_seqs = info.max_num_seqs
         self.policy_evicts = info.policy_evicts
+        self.policy = info.policy
+        self.policy_protects_recent = info.policy_protects_recent
 
     def tokenize(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -64,6 +66,7 @@ class RequestBuilder:
                 f"sampling_params must be SamplingParams, got {type(params).__name__}",
             )
         text, token_ids = self._prompt_ids(prompt)
+        self._check_protect_recent(params)
         capacity = self._capacity(params)
         if resume is not None and params.n != 1:
             raise InvalidRequestError("n", f"continuing a stored state needs n = 1, got {params.n}")
@@ -96,6 +99,14 @@ class RequestBuilder:
                     "prompt", f"prompt token ids must be integers in [0, {vocab}); got {token!r}"
                 )
         return None, ids
+
+    def _check_protect_recent(self, params: SamplingParams) -> None:
+        if params.protect_recent is not None and not self.policy_protects_recent:
+            raise InvalidRequestError(
+                "protect_recent",
+                f"protect_recent has no use for policy {self.policy!r}: it "
+                + ("never evicts" if not self.policy_evicts else "already keeps the latest tokens"),
+            )
 
     def _capacity(self, params: SamplingParams) -> int:
         if params.state_size is None:

@@ -127,11 +127,14 @@ class ModelRunner:
     def launch(self, scheduled: SchedulerOutput) -> InFlight:
         """Queue the step's work and its read-back; returns before the device is done."""
         for request in scheduled.admitted:
+            recent = self.policy.with_protect_recent(request.params.protect_recent).recent_count(
+                request.capacity
+            )
             for seq in request.sequences:
                 if request.resume is not None:  # n = 1
-                    self.state.restore(seq.slot, request.resume)
+                    self.state.restore(seq.slot, request.resume, recent)
                 else:
-                    self.state.reset_slot(seq.slot, request.capacity)
+                    self.state.reset_slot(seq.slot, request.capacity, recent)
             params = request.params
             if uses_penalties(params):  # the other choices' counts are copied at the fork
                 prompt = request.prompt_token_ids if params.repetition_penalty != 1.0 else None

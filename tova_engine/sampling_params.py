@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tova_engine.errors import InvalidRequestError
+from tova_engine.policies import check_protect_recent
 from tova_engine.structured.spec import StructuredOutputs
 
 if TYPE_CHECKING:
@@ -113,6 +114,9 @@ class SamplingParams:
     logits_processors: Sequence[LogitsProcessor] | None = None
     # The output must follow a JSON Schema, a regex, a choice or a grammar (structured/).
     structured_outputs: StructuredOutputs | None = None
+    # This request's latest positions never evicted (a count, or a fraction of its state
+    # size); None: the engine's.
+    protect_recent: int | float | None = None
 
     def __post_init__(self) -> None:
         self._validate_counts()
@@ -174,6 +178,10 @@ class SamplingParams:
             raise InvalidRequestError(
                 "output_kind",
                 f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}",
+            )
+        if self.protect_recent is not None:
+            check_protect_recent(
+                self.protect_recent, lambda message: InvalidRequestError("protect_recent", message)
             )
         if self.structured_outputs is not None and not isinstance(
             self.structured_outputs, StructuredOutputs

@@ -54,6 +54,8 @@ class KVState:
         self.num_entries = torch.zeros(rows, dtype=torch.int64, device=device)
         self.num_seen = torch.zeros(rows, dtype=torch.int64, device=device)
         self.capacity = torch.full((rows,), state_size, dtype=torch.int64, device=device)
+        # The latest positions each row never evicts (its policy's `recent_count`).
+        self.protect_recent = torch.zeros(rows, dtype=torch.int64, device=device)
 
     def head_mean(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """Per-entry attention averaged over every query head of the layer, from this rank's
@@ -68,16 +70,18 @@ class KVState:
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * state_size * element
 
     def total_bytes(self) -> int:
-        tensors = [*self.k, *self.v, self.positions, self.num_entries, self.num_seen, self.capacity]
+        tensors = [*self.k, *self.v, self.positions, self.num_entries, self.num_seen,
+                   self.capacity, self.protect_recent]
         if self.stats is not None:
             tensors.append(self.stats)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def reset_slot(self, slot: int, capacity: int) -> None:
+    def reset_slot(self, slot: int, capacity: int, protect_recent: int = 0) -> None:
         """Make a slot empty for a new sequence; stale K/V beyond num_entries is never read."""
         self.num_entries[slot] = 0
         self.num_seen[slot] = 0
         self.capacity[slot] = capacity
+        self.protect_recent[slot] = protect_recent
         if self.stats is not None:
             self.stats[:, slot] = 0
 
@@ -89,7 +93,7 @@ class KVState:
         self.positions[:, dst] = self.positions[:, src]
         if self.stats is not None:
             self.stats[:, dst] = self.stats[:, src]
-        for counter in (self.num_entries, self.num_seen, self.capacity):
+        for counter in (self.num_entries, self.num_seen, self.capacity, self.protect_recent):
             counter[dst] = counter[src]
 
     def retained_positions(self, slot: int) -> list[list[int]]:
@@ -115,7 +119,7 @@ class KVState:
             spec, int(self.num_seen[slot]), list(pending_token_ids), k, v, positions, stats
         )
 
-    def restore(self, slot: int, snapshot: StateSnapshot) -> None:
+    def restore(self, slot: int, snapshot: StateSnapshot, protect_recent: int = 0) -> None:
         """Put a snapshot's state in a slot (device copies; nothing is recomputed)."""
         count = snapshot.num_entries
         device = self.num_seen.device
@@ -132,3 +136,4 @@ class KVState:
         self.num_entries[slot] = count
         self.num_seen[slot] = snapshot.num_seen
         self.capacity[slot] = snapshot.spec.capacity
+        self.protect_recent[slot] = protect_recent

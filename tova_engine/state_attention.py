@@ -49,6 +49,7 @@ class DecodeAttention:
         self.entries = state.num_entries[self.slots]  # [B] valid entries before this token
         self.newest = state.num_seen[self.slots]  # [B] position of this token
         self.capacity = state.capacity[self.slots]
+        self.recent = state.protect_recent[self.slots]
         self.rows = torch.arange(len(slots), device=device)
         entry_index = torch.arange(self.width, device=device)
         self.valid = entry_index.unsqueeze(0) <= self.entries.unsqueeze(1)  # [B, W]
@@ -88,7 +89,7 @@ class DecodeAttention:
             stats = state.stats[layer, self.rows_of_state, : self.width].clone()
             stats[self.rows, self.entries] = 0.0  # the spare entry's leftover from a past token
             stats = stats + attn
-        score = self.policy.score(attn, positions, stats, self.newest, self.capacity)
+        score = self.policy.scores(attn, positions, stats, self.newest, self.recent)
         score = score.masked_fill(~self.valid, float("inf"))
         target = torch.where(self.full, score.argmin(dim=-1), self.entries)
         evicted = positions[self.rows, target]
@@ -222,8 +223,8 @@ class ChunkAttention:
             return
         last = self._probs(queries[:, :, -1:], keys, mask[-1:]).squeeze(1)  # [R, n+C]
         newest = self.chunk_positions[-1:].expand(rows)
-        capacity = torch.full((rows,), self.capacity, dtype=torch.int64, device=keys.device)
-        score = self.policy.score(last, positions, stats, newest, capacity)
+        recent = self.state.protect_recent[self.slots]
+        score = self.policy.scores(last, positions, stats, newest, recent)
         keep = score.topk(self.capacity, dim=-1).indices.sort(dim=-1).values  # [R, S]
         dropped = torch.ones(rows, total, dtype=torch.bool, device=keys.device)
         dropped.scatter_(1, keep, False)

@@ -97,6 +97,9 @@ class SamplingFields(RequestModel):
     # Ours: a smaller state for this request (up to the server's) and the positions it kept.
     state_size: Annotated[int | None, count(1)] = None
     return_state: bool = False
+    # The latest positions this request's state never evicts: a count, or a fraction of its
+    # state size (None: the server's --protect-recent).
+    protect_recent: int | float | None = None
     # Structured outputs, vLLM's shapes: the newer object, and the older guided_* fields.
     structured_outputs: StructuredOutputsField | None = None
     guided_json: dict[str, Any] | str | None = None

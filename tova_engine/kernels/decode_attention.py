@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Policy scores, selected at compile time (policies.py holds their definitions).
-TOVA, H2O, SINK, BY_POSITION = 0, 1, 2, 3
-POLICY_CODES = {"tova": TOVA, "h2o": H2O, "sink": SINK, "window": BY_POSITION, "full": BY_POSITION}
-_TOVA, _H2O, _SINK = tl.constexpr(TOVA), tl.constexpr(H2O), tl.constexpr(SINK)  # for kernels
+# What scores an entry (policies.py's declaration), selected at compile time; the protected
+# first positions are a compile-time constant, the protected latest ones each row's own.
+SCORE_CODES = {"attention": 0, "accumulated": 1, "position": 2}
+_ATTENTION, _ACCUMULATED = tl.constexpr(0), tl.constexpr(1)  # for kernels
 # Launch settings of the attention kernel: entries per loop iteration, warps, pipeline stages
 # (benchmarks/attention_kernel.py sweeps them).
 TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3}
@@ -177,15 +177,15 @@ def _merge_kernel(
 def _evict_kernel(
     out_ptr, m_ptr, l_ptr, acc_ptr, logits_ptr, sums_ptr,
     k_new_ptr, v_new_ptr, k_buf_ptr, v_buf_ptr, positions_ptr, stats_ptr,
-    slots_ptr, entries_ptr, capacity_ptr, newest_ptr, ages_ptr,
+    slots_ptr, entries_ptr, capacity_ptr, newest_ptr, recent_ptr, ages_ptr,
     stride_ob, stride_oh, stride_lb, stride_lh, stride_sb,
     stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_kr, stride_kh, stride_ke, stride_vr, stride_vh, stride_ve,
     stride_pr, stride_sr,
     num_splits,
     NUM_HEADS: tl.constexpr, TOTAL_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-    POLICY: tl.constexpr, USES_ATTENTION: tl.constexpr, SUMS_IN: tl.constexpr,
-    NUM_SINK: tl.constexpr,
+    SCORE: tl.constexpr, USES_ATTENTION: tl.constexpr, SUMS_IN: tl.constexpr,
+    PROTECT_FIRST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """SUMS_IN: the output is written and the per-entry head sums come all-reduced in `sums`
@@ -195,6 +195,7 @@ def _evict_kernel(
     n = tl.load(entries_ptr + b)
     capacity = tl.load(capacity_ptr + b)
     newest = tl.load(newest_ptr + b)
+    recent = tl.load(recent_ptr + slot)  # the latest positions this row never evicts
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     h_mask = offs_h < NUM_HEADS
@@ -226,18 +227,19 @@ def _evict_kernel(
             else:
                 summed = _head_summed_probs(logit_rows, e, valid, m_max, l_sum, h_mask)
             attn = summed / TOTAL_HEADS  # [BE]
-        if POLICY == _TOVA:
+        if SCORE == _ATTENTION:
             score = attn
-        elif POLICY == _H2O:
+        elif SCORE == _ACCUMULATED:
             stat = tl.load(stats_row + e, mask=old, other=0.0) + attn
             tl.store(stats_row + e, stat, mask=valid)
             new_stat += tl.sum(tl.where(e == n, stat, 0.0), axis=0)
-            recent = pos > newest - capacity // 2
-            score = tl.where(recent, float("inf"), stat)
-        elif POLICY == _SINK:
-            score = tl.where(pos < NUM_SINK, float("inf"), pos.to(tl.float32))
+            score = stat
         else:
             score = pos.to(tl.float32)
+        protected = pos > newest - recent
+        if PROTECT_FIRST > 0:
+            protected = protected | (pos < PROTECT_FIRST)
+        score = tl.where(protected, float("inf"), score)
         score = tl.where(valid, score, float("inf"))
         block_min = tl.min(score, axis=0)
         block_index = tl.argmin(score, axis=0).to(tl.int64) + start
@@ -264,7 +266,7 @@ def _evict_kernel(
     tl.store(k_dst + offs_d[None, :], k_new, mask=kvd_mask)
     tl.store(v_dst + offs_d[None, :], v_new, mask=kvd_mask)
     tl.store(positions_row + target, newest)
-    if POLICY == _H2O:
+    if SCORE == _ACCUMULATED:
         tl.debug_barrier()  # the block stores above may have written `target` from other threads
         tl.store(stats_row + target, new_stat)
 
@@ -337,10 +339,11 @@ def decode_attention(
     entries: torch.Tensor,
     capacity: torch.Tensor,
     newest: torch.Tensor,
+    recent: torch.Tensor,
     ages: torch.Tensor,
     scratch: DecodeScratch,
-    policy: int,
-    num_sink: int,
+    score: int,
+    protect_first: int,
     total_heads: int | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -348,8 +351,9 @@ def decode_attention(
 
     q [B, H, D], k_new / v_new [B, Hkv, D] (last dim contiguous); k_buf / v_buf
     [rows, Hkv, S+1, D]; positions / stats [rows, S+1] (this layer's); slots, entries,
-    capacity, newest [B] int64; ages [B] int64 out (tokens back of the evicted entry, -1 when
-    none). Returns the attention output [B, H, D].
+    capacity, newest [B] int64; recent [rows] int64 (each slot's protected latest positions,
+    read by slot); score: a SCORE_CODES code; ages [B] int64 out (tokens back of the evicted
+    entry, -1 when none). Returns the attention output [B, H, D].
 
     Tensor parallelism: H is this rank's share of `total_heads`; `all_reduce` sums
     `scratch.sums` across ranks in place (needed when the policy reads attention).
@@ -361,8 +365,9 @@ def decode_attention(
         if t.stride(-1) != 1:
             raise ValueError("decode_attention needs the last dimension contiguous")
     out = torch.empty_like(q)
+    uses_attention = score != SCORE_CODES["position"]
     splits = scratch.row_max.shape[-1]
-    stats_arg = positions if stats is None else stats  # never read unless the policy is H2O
+    stats_arg = positions if stats is None else stats  # read only for accumulated attention
     block_d = triton.next_power_of_2(head_dim)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _attend_kernel[(batch, kv_heads, splits)](
@@ -376,12 +381,11 @@ def decode_attention(
         scratch.split_len, head_dim**-0.5,
         NUM_HEADS=num_heads, G=group, D=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        BLOCK_N=TUNING["block_n"], STORE_LOGITS=policy in (TOVA, H2O), DOT_PRECISION=precision,
+        BLOCK_N=TUNING["block_n"], STORE_LOGITS=uses_attention, DOT_PRECISION=precision,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )  # fmt: skip
     block_h = triton.next_power_of_2(num_heads)
     block_e = max(16, min(256, 4096 // block_h))
-    uses_attention = policy in (TOVA, H2O)
     sums_in = uses_attention and scratch.sums is not None
     sums = scratch.sums if sums_in else scratch.row_max.view(batch, -1)  # a stub otherwise
     if sums_in:
@@ -400,7 +404,7 @@ def decode_attention(
     _evict_kernel[(batch,)](
         out, scratch.row_max, scratch.row_sum, scratch.acc, scratch.logits, sums,
         k_new, v_new, k_buf, v_buf, positions, stats_arg,
-        slots, entries, capacity, newest, ages,
+        slots, entries, capacity, newest, recent, ages,
         out.stride(0), out.stride(1), scratch.logits.stride(0), scratch.logits.stride(1),
         sums.stride(0),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
@@ -409,8 +413,8 @@ def decode_attention(
         positions.stride(0), stats_arg.stride(0),
         splits,
         NUM_HEADS=num_heads, TOTAL_HEADS=total_heads or num_heads, KV_HEADS=kv_heads,
-        D=head_dim, POLICY=policy, USES_ATTENTION=uses_attention, SUMS_IN=sums_in,
-        NUM_SINK=num_sink,
+        D=head_dim, SCORE=score, USES_ATTENTION=uses_attention, SUMS_IN=sums_in,
+        PROTECT_FIRST=protect_first,
         BLOCK_H=block_h, BLOCK_KV=triton.next_power_of_2(kv_heads), BLOCK_D=block_d,
         BLOCK_E=block_e,
         num_warps=4,
