@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from tova_engine.attention_backend import AttentionBackend
 from tova_engine.policies import Policy
 from tova_engine.state import KVState
 
@@ -26,7 +27,7 @@ def check_kernel_runs(policy: Policy) -> None:
         )
 
 
-class FusedDecodeAttention:
+class FusedDecodeAttention(AttentionBackend):
     """One new token for each of B rows; `slots` [B] int64 on the state's device."""
 
     def __init__(
@@ -53,7 +54,7 @@ class FusedDecodeAttention:
         if ages is None:
             ages = torch.empty(state.num_layers, batch, dtype=torch.int64, device=slots.device)
         # [layers, B]: tokens back from the newest that each row's evicted entry was; -1 = none.
-        self.evicted_ages = ages
+        self._ages = ages
         self.scratch = None  # sized by the first layer's query heads
 
     @property
@@ -87,7 +88,7 @@ class FusedDecodeAttention:
             self.capacity,
             self.newest,
             state.protect_recent,
-            self.evicted_ages[layer],
+            self._ages[layer],
             self.scratch,
             self.score_code,
             self.protect_first,
@@ -100,3 +101,8 @@ class FusedDecodeAttention:
         state = self.state
         state.num_entries[self.slots] = torch.minimum(self.entries + 1, self.capacity)
         state.num_seen[self.slots] = self.newest + 1
+
+    @property
+    def evicted_ages(self) -> torch.Tensor:
+        """[layers, B] (the graph's static buffer when one was given)."""
+        return self._ages

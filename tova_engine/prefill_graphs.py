@@ -159,7 +159,7 @@ class PrefillGraphs:
         hidden = self.model(captured.inputs[:tokens], attend.positions, attend)
         attend.finish()
         last = hidden.view(shape.rows, shape.length, -1)[:, -1]
-        ages = torch.stack(attend.evicted_ages) if attend.evicted_ages else None
+        ages = attend.evicted_ages
         return self.model.compute_logits(last), ages
 
     def _capture(self, shape: ChunkShape) -> _Captured:

@@ -165,8 +165,8 @@ class ModelRunner:
             attend.finish()
             logits = self.model.compute_logits(hidden)
             ages = attend.evicted_ages
-            ages = ages if isinstance(ages, torch.Tensor) else torch.stack(ages)
-        step.ages.append(ages)
+        if ages is not None:
+            step.ages.append(ages)
         if decodes:  # one block: no per-row views to build and stack
             step.pending.append(_Pending(logits[: len(decodes)], list(decodes)))
         for row, chunk in enumerate(chunks, start=len(decodes)):
@@ -224,7 +224,8 @@ class ModelRunner:
         token_ids = [token for c in chunks for token in c.token_ids]
         hidden = self.model(self._ids(token_ids), attend.positions, attend)  # [R*C, hidden]
         attend.finish()
-        step.ages.extend(attend.evicted_ages)
+        if attend.evicted_ages is not None:
+            step.ages.append(attend.evicted_ages)
         if wants_all:
             return [self.model.compute_logits(hidden)]
         # Logits only where they are used: the last position of each chunk.

@@ -1,8 +1,8 @@
 """Attention over the bounded state, with the policy's eviction, in plain PyTorch.
 
 This is the CPU path and the reference the fused GPU kernel is checked against. Each class
-is an `Attend` callback for one model forward: it is built by the runner for one step and
-called once per layer.
+is an `AttentionBackend` (attention_backend.py: the contract) for one model forward: built by
+the runner for one step and called once per layer.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from tova_engine.attention_backend import AttentionBackend
 from tova_engine.policies import Policy
 from tova_engine.state import KVState
 from tova_engine.transfer import to_device
@@ -23,7 +24,7 @@ def _widen(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class DecodeAttention:
+class DecodeAttention(AttentionBackend):
     """One new token for each of B rows (decodes, and prefill chunks of a single token).
 
     Per layer: write the token at index `num_entries` (the spare entry), attend over the
@@ -55,7 +56,7 @@ class DecodeAttention:
         self.valid = entry_index.unsqueeze(0) <= self.entries.unsqueeze(1)  # [B, W]
         self.full = self.entries >= self.capacity
         # Per layer: tokens back from the newest that each row's evicted entry was; -1 = none.
-        self.evicted_ages: list[torch.Tensor] = []
+        self._ages: list[torch.Tensor] = []
 
     @property
     def positions(self) -> torch.Tensor:
@@ -93,7 +94,7 @@ class DecodeAttention:
         score = score.masked_fill(~self.valid, float("inf"))
         target = torch.where(self.full, score.argmin(dim=-1), self.entries)
         evicted = positions[self.rows, target]
-        self.evicted_ages.append(torch.where(self.full, self.newest - evicted, -1))
+        self._ages.append(torch.where(self.full, self.newest - evicted, -1))
         state.k[layer][self.slots, :, target] = k
         state.v[layer][self.slots, :, target] = v
         state.positions[layer, self.slots, target] = self.newest
@@ -107,8 +108,13 @@ class DecodeAttention:
         state.num_entries[self.slots] = torch.minimum(self.entries + 1, self.capacity)
         state.num_seen[self.slots] = self.newest + 1
 
+    @property
+    def evicted_ages(self) -> torch.Tensor | None:
+        """[layers, B]."""
+        return torch.stack(self._ages) if self._ages else None
 
-class ChunkAttention:
+
+class ChunkAttention(AttentionBackend):
     """Prefill chunks of C > 1 tokens for R sequences at the same point of their prompts
     (same start, length and capacity), in one batched forward.
 
@@ -149,7 +155,7 @@ class ChunkAttention:
         self._causal_bias = causal_lower_right(length, entries + length)
         # Per layer that evicted: [R, entries + C], tokens back from the chunk's last position
         # of each dropped entry, -1 for kept ones (fixed size: no host sync to filter).
-        self.evicted_ages: list[torch.Tensor] = []
+        self._ages: list[torch.Tensor] = []
 
     @property
     def positions(self) -> torch.Tensor:
@@ -228,7 +234,7 @@ class ChunkAttention:
         keep = score.topk(self.capacity, dim=-1).indices.sort(dim=-1).values  # [R, S]
         dropped = torch.ones(rows, total, dtype=torch.bool, device=keys.device)
         dropped.scatter_(1, keep, False)
-        self.evicted_ages.append(torch.where(dropped, newest[:, None] - positions, -1))
+        self._ages.append(torch.where(dropped, newest[:, None] - positions, -1))
         count = keep.shape[1]
         entry_index = keep[:, None, :, None].expand(rows, keys.shape[1], count, keys.shape[-1])
         self._write(state.k[layer], keys.gather(2, entry_index), count)
@@ -249,3 +255,8 @@ class ChunkAttention:
         state = self.state
         state.num_entries.index_fill_(0, self.slots, min(self.entries + self.length, self.capacity))
         state.num_seen.index_fill_(0, self.slots, self.start + self.length)
+
+    @property
+    def evicted_ages(self) -> torch.Tensor | None:
+        """[layers that evicted, R, entries + C]; None when none did."""
+        return torch.stack(self._ages) if self._ages else None

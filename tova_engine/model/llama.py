@@ -2,8 +2,8 @@
 bounded state instead of a growing cache.
 
 The model never owns key/value memory: each layer hands its rotated q/k/v to an `Attend`
-callback supplied by the runner, which reads and writes the state buffers in place and
-applies the eviction policy.
+callback supplied by the runner (an `AttentionBackend`, attention_backend.py), which reads
+and writes the state buffers in place and applies the eviction policy.
 """
 
 from __future__ import annotations
