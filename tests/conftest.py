@@ -40,6 +40,7 @@ def save_tiny_model(folder: Path, model_type: str = "llama", **overrides) -> Pat
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
     }[model_type]
     config = config_class(**settings)
     torch.manual_seed(1234)
@@ -50,6 +51,8 @@ def save_tiny_model(folder: Path, model_type: str = "llama", **overrides) -> Pat
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.mul_(8.0 if "proj" in name else 1.0)
+            elif "q_norm" in name or "k_norm" in name:  # Qwen3's per-head norms: not all ones
+                param.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
     return folder
 

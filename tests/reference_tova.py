@@ -65,6 +65,9 @@ class ReferenceDecoder:
         q = (self.w(p + "q_proj.weight") @ h).view(self.num_heads, self.head_dim)
         k = (self.w(p + "k_proj.weight") @ h).view(self.num_kv_heads, self.head_dim)
         v = (self.w(p + "v_proj.weight") @ h).view(self.num_kv_heads, self.head_dim)
+        if p + "q_norm.weight" in self.weights:  # Qwen3: each head normalised before RoPE
+            q = torch.stack([self.rmsnorm(head, p + "q_norm.weight") for head in q])
+            k = torch.stack([self.rmsnorm(head, p + "k_norm.weight") for head in k])
         return self.rotate(q, position), self.rotate(k, position), v
 
     def attend(self, q: torch.Tensor, entries: list[Entry]):

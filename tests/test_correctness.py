@@ -52,6 +52,8 @@ def test_full_policy_matches_transformers_forward(tiny_llama, chunk):
     "model_type,extra",
     [
         ("qwen2", {}),
+        ("qwen3", {}),  # q/k norms, head_dim 128 (not hidden / heads), untied
+        ("qwen3", {"tie_word_embeddings": True, "head_dim": 16}),
         ("mistral", {}),
         ("llama", {"tie_word_embeddings": True}),
         (
@@ -119,7 +121,7 @@ def reference_decoder(hf_model, state_size: int, policy: str = "tova",
         num_layers=c.num_hidden_layers,
         num_heads=c.num_attention_heads,
         num_kv_heads=c.num_key_value_heads,
-        head_dim=c.hidden_size // c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         rope_theta=c.rope_parameters["rope_theta"],
         eps=c.rms_norm_eps,
         state_size=state_size,
@@ -173,3 +175,18 @@ def test_smollm2_greedy_matches_transformers_generate():
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ours = llm.generate([list(prompt)], params, use_tqdm=False)[0].outputs[0].token_ids
     assert ours == hf_greedy(hf, list(prompt), 32)
+
+
+@pytest.mark.parametrize("whole_prefill", [False, True])
+def test_qwen3_retained_positions_match_slow_reference(tmp_path, whole_prefill):
+    """Qwen3's per-head q/k norms in the slow reference decoder too: the same tokens and the
+    same retained positions per layer (float64)."""
+    folder = save_tiny_model(tmp_path / "qwen3", "qwen3", head_dim=16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    generated, positions = reference_decoder(hf, 8, "tova").generate(PROMPT, 10, whole_prefill)
+    llm = LLM(str(folder), state_size=8, dtype="float64", device="cpu",
+              prefill_chunk_size=len(PROMPT) if whole_prefill else 1)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, return_state=True)
+    out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == generated
+    assert out.state_positions == positions

@@ -17,6 +17,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from tova_engine.loader import ModelSource, default_model_path, load_source
@@ -56,6 +58,15 @@ def tiny_model(kind: str) -> PreTrainedModel:
         return LlamaForCausalLM(cfg)
     if kind == "qwen2_bias":
         return Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=False))
+    if kind == "qwen3_qk_norm":
+        head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=head_dim,
+                                             tie_word_embeddings=False))
+        with torch.no_grad():  # norms that are not all ones, so their loading is visible
+            for name, param in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.uniform_(0.5, 1.5)
+        return model
     raise AssertionError(kind)
 
 
@@ -89,6 +100,8 @@ HF_TO_GGUF = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -252,7 +265,8 @@ def test_hf_folder_tokenizer(default_source: ModelSource, tmp_path: Path) -> Non
 # ---------------------------------------------------------------- GGUF files written here
 
 
-@pytest.mark.parametrize("kind", ["llama_tied", "llama_untied_llama3_rope", "qwen2_bias"])
+@pytest.mark.parametrize(
+    "kind", ["llama_tied", "llama_untied_llama3_rope", "qwen2_bias", "qwen3_qk_norm"])
 def test_gguf_round_trip(kind: str, tmp_path: Path) -> None:
     """F32 GGUF written like llama.cpp (q/k permuted for llama): weights and config come back."""
     model = tiny_model(kind)

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 logger = logging.getLogger("tova_engine")
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -29,6 +29,8 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -97,7 +99,7 @@ def gguf_weights(
     reader: GGUFReader, hf: dict[str, Any], dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize one tensor at a time, yielding (HF name, tensor in HF [out, in] layout)."""
-    # llama.cpp permutes q/k rows for arch llama only; qwen2 keeps the HF layout.
+    # llama.cpp permutes q/k rows for arch llama only; qwen2 and qwen3 keep the HF layout.
     permuted = {"attn_q": hf["num_attention_heads"], "attn_k": hf["num_key_value_heads"]}
     for tensor, hf_name in gguf_name_map(reader):
         # dequantize returns numpy's reversed GGUF shape, which is already HF's [out, in].

@@ -65,6 +65,9 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.rope_kernel: Callable | None = None  # fused Triton RoPE of q and k
+        # Qwen3: each head's queries and keys RMS-normalised before RoPE (replicated weights).
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, attend: Attend
@@ -72,7 +75,14 @@ class Attention(nn.Module):
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.rope_kernel is not None:
+        if self.q_norm is not None:
+            # Normalised per head (the norm's own fused kernel on CUDA), then rotated; the
+            # fused RoPE reads the packed q/k/v, so these heads take PyTorch's.
+            d = self.head_dim
+            q = self.q_norm(q.reshape(-1, d)).view(tokens, self.num_heads, d)
+            k = self.k_norm(k.reshape(-1, d)).view(tokens, self.num_kv_heads, d)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        elif self.rope_kernel is not None:
             q, k = self.rope_kernel(qkv, cos, sin, self.num_heads, self.num_kv_heads)
         else:
             q = apply_rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
@@ -283,6 +293,8 @@ class LlamaModel(nn.Module):
             expected |= {prefix + f"self_attn.{p}_proj.weight" for p in "qkv"}
             if c.attention_bias:
                 expected |= {prefix + f"self_attn.{p}_proj.bias" for p in "qkv"}
+            if c.qk_norm:
+                expected |= {prefix + f"self_attn.{p}_norm.weight" for p in "qk"}
             expected |= {prefix + f"mlp.{p}_proj.weight" for p in ("gate", "up")}
         missing = sorted(expected - loaded)
         if missing:
@@ -295,6 +307,8 @@ _LAYER_MAP: dict[str, tuple[str, str | None]] = {
     "post_attention_layernorm.weight": ("post_attention_norm.weight", None),
     "self_attn.o_proj.weight": ("attn.o_proj.weight", None),
     "mlp.down_proj.weight": ("mlp.down_proj.weight", None),
+    "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
+    "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
     "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", "gate"),
     "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", "up"),
     **{
