@@ -99,3 +99,13 @@ def test_fused_kernels_over_two_ranks_evict_alike(interpreted, four_kv_heads, po
     assert_same(reference, fused)
     assert len(retained) == 2
     assert_ranks_agree(retained)
+
+
+def test_qwen3_through_the_fused_kernels(interpreted, tmp_path):
+    """Qwen3's per-head q/k norms on the fused path (the RMSNorm kernel per head, then RoPE)
+    give the PyTorch path's tokens and retained positions."""
+    model = save_tiny_model(tmp_path / "qwen3", "qwen3", num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=16)
+    reference, _ = run(model, "tova", "torch")
+    fused, _ = interpreted(model, "tova", "triton")
+    assert_same(reference, fused)
