@@ -17,6 +17,7 @@ import uvicorn
 from server.app import create_app
 from server.graceful import FLUSH_TIMEOUT_S, GracefulServer
 from server.keepalive import KeepAliveProtocol
+from server.reasoning import PARSERS
 from server.settings import (
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -129,6 +130,9 @@ def _int_or_auto(text: str) -> int | str:
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    group.add_argument("--reasoning-parser", choices=PARSERS, default=None,
+                       help="split a reasoning model's <think> block into reasoning_content "
+                            "(qwen3)")
     group.add_argument("--port", type=int, default=8000, help="port to listen on")
     group.add_argument("--served-model-name", nargs="+", default=None,
                        help="names clients may use in `model`; default: the model's name")
@@ -195,6 +199,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
         shutdown_timeout_s=args.shutdown_timeout, access_log=not args.disable_access_log,
         timeout_keep_alive_s=args.timeout_keep_alive,
         log_requests=args.log_requests, enable_fault_injection=args.enable_fault_injection,
+        reasoning_parser=args.reasoning_parser,
     )
     return engine, server
 

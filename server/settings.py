@@ -42,6 +42,8 @@ class ServerSettings:
     log_requests: bool = False
     # Testing only: honour the X-Tova-Fault header (see server/fault_injection.py).
     enable_fault_injection: bool = False
+    # Split reasoning models' thinking into `reasoning_content` (server/reasoning.py).
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_queue_len is not None and not _positive_int(self.max_queue_len):

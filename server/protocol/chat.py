@@ -146,12 +146,13 @@ class ChatChoiceLogprobs(ResponseModel):
 
 
 class ChatMessageOut(ResponseModel):
-    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"tool_calls"})
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"tool_calls", "reasoning_content"})
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser: the model's thinking
 
 
 class ChatChoice(ResponseModel):
@@ -176,11 +177,13 @@ class ChatCompletionResponse(ResponseModel):
 
 class ChatDelta(ResponseModel):
     # The first chunk of a choice carries the role, later ones only content.
-    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"role", "content", "tool_calls"})
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset(
+        {"role", "content", "tool_calls", "reasoning_content"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChatStreamChoice(ResponseModel):

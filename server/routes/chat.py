@@ -43,5 +43,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     run = prepare_run(ctx, request_id, [ids], params, error_names(chat_names(body)))
     track_generation(request, run.record)
     names = token_names(ctx, body.return_tokens_as_token_ids)
-    session = ChatSession(request_id, model, body, len(ids), names, tools)
+    session = ChatSession(request_id, model, body, len(ids), names, tools,
+                          reasoning=ctx.settings.reasoning_parser is not None)
     return await respond(request, body.streaming, session, run)

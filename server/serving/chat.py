@@ -24,6 +24,7 @@ from server.protocol.chat import (
 )
 from server.protocol.common import Usage
 from server.protocol.tools import FunctionCallDelta, ToolCallDelta
+from server.reasoning import ReasoningStream
 from server.streaming import sse
 from server.tools import ToolPlan, parse_tool_calls, safe_prefix
 from tova_engine import CompletionOutput
@@ -31,10 +32,14 @@ from tova_engine import CompletionOutput
 
 class ChatChoiceState:
     def __init__(self, index: int, top_logprobs: int | None,
-                 names: TokenNames, tools: ToolPlan | None = None) -> None:
-        """tools: calls may come back; a stream then holds back what may be one."""
+                 names: TokenNames, tools: ToolPlan | None = None,
+                 reasoning: bool = False) -> None:
+        """tools: calls may come back; a stream then holds back what may be one. reasoning:
+        split the model's thinking into `reasoning_content` (server/reasoning.py)."""
         self.index = index
         self._tools = tools
+        self._reasoning = ReasoningStream() if reasoning else None
+        self._reasoning_parts: list[str] = []
         self._sent = 0  # characters of the text streamed as content (with tools)
         self._top = top_logprobs  # None: no logprobs asked for
         self._names = names
@@ -58,13 +63,20 @@ class ChatChoiceState:
             entries = chat_logprobs(out.token_ids, out.logprobs or [], self._top, self._names)
             self._logprobs.extend(entries)
             logprobs = ChatChoiceLogprobs(content=entries)
-        self._parts.append(out.text)
+        text, thought = out.text, None
+        if self._reasoning is not None:
+            thought, text = self._reasoning.push(out.text, final=out.finish_reason is not None)
+            self._reasoning_parts.append(thought)
+        self._parts.append(text)  # the content only
         self.num_tokens += len(out.token_ids)
         choices = []
         if out.text or out.token_ids:
-            text = out.text if self._tools is None else self._release(safe_prefix(self.text))
-            choices.append(ChatStreamChoice(index=self.index, delta=ChatDelta(content=text),
-                                            logprobs=logprobs))
+            if self._tools is not None:
+                text = self._release(safe_prefix(self.text))
+            delta = ChatDelta(content=text)
+            if thought:  # the content too when the block closed within this delta
+                delta = ChatDelta(reasoning_content=thought, **({"content": text} if text else {}))
+            choices.append(ChatStreamChoice(index=self.index, delta=delta, logprobs=logprobs))
         if out.finish_reason is not None:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
             self.state_positions = out.state_positions
@@ -117,6 +129,8 @@ class ChatChoiceState:
                 message = ChatMessageOut(content=content, tool_calls=calls)
                 if self.finish_reason == "stop":
                     self.finish_reason = "tool_calls"
+        if self._reasoning is not None and self._reasoning.thinking:
+            message.reasoning_content = "".join(self._reasoning_parts)
         choice = ChatChoice(
             index=self.index, message=message,
             logprobs=logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason,
@@ -128,14 +142,16 @@ class ChatChoiceState:
 
 class ChatSession:
     def __init__(self, request_id: str, model: str, body: ChatCompletionRequest,
-                 prompt_tokens: int, names: TokenNames, tools: ToolPlan | None = None) -> None:
+                 prompt_tokens: int, names: TokenNames, tools: ToolPlan | None = None,
+                 reasoning: bool = False) -> None:
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self.include_usage = body.include_usage
         self.prompt_tokens = prompt_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        self.choices = [ChatChoiceState(i, top, names, tools) for i in range(body.n or 1)]
+        self.choices = [ChatChoiceState(i, top, names, tools, reasoning)
+                        for i in range(body.n or 1)]
 
     def _usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices))
