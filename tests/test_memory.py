@@ -57,9 +57,10 @@ def test_footprint_is_what_kv_state_allocates(policy):
 
 def test_slot_bytes_count_scratch_entry_positions_and_statistics():
     # Per slot: K and V of 2 layers x 2 kv heads x 17 entries (16 + scratch) x 16 dims in
-    # float32, an int64 position per layer and entry, 3 int64 counters.
+    # float32, an int64 position per layer and entry, 4 int64 counters (entries, seen,
+    # capacity, protected latest positions).
     kv = 2 * 2 * 2 * 17 * 16 * 4
-    expected = kv + 2 * 17 * 8 + 3 * 8
+    expected = kv + 2 * 17 * 8 + 4 * 8
     config = EngineConfig(state_size=16, device="cpu")
     assert state_footprint(config, TINY).slot_bytes == expected
     assert KVState.bytes_per_sequence(TINY, 17, torch.float32) == kv
