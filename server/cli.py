@@ -132,7 +132,7 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host", default="127.0.0.1", help="address to listen on")
     group.add_argument("--reasoning-parser", choices=PARSERS, default=None,
                        help="split a reasoning model's <think> block into reasoning_content "
-                            "(qwen3)")
+                            "(qwen3); default: none, the thinking stays in the content")
     group.add_argument("--port", type=int, default=8000, help="port to listen on")
     group.add_argument("--served-model-name", nargs="+", default=None,
                        help="names clients may use in `model`; default: the model's name")
