@@ -17,6 +17,7 @@ import hypothesis
 import pytest
 import requests
 import schemathesis
+import schemathesis.specs.openapi.schemas  # (see below)
 from hypothesis import HealthCheck, Phase, given
 from schemathesis import GenerationMode
 from schemathesis.checks import (
@@ -26,6 +27,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+# The OpenAPI loader's modules are imported at collection, not lazily inside the test: there
+# CPython 3.11's parser once failed on pytest's rewrite of them ("AST constructor recursion
+# depth mismatch"), a state left by earlier tests in the same interpreter.
 from tests.reliability_utils import ERROR_FIELDS
 from tests.server_utils import ServerProcess
 
