@@ -171,9 +171,10 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolC
         kept.append(text[position:match.start()])
         position = match.end()
         calls.append(call)
+    if not calls:
+        return text, []
     kept.append(text[position:])
-    content = "".join(kept).strip() if calls else text
-    return (content or None) if calls else text, calls
+    return "".join(kept).strip() or None, calls
 
 
 def _call(body: str, names: set[str]) -> ToolCallOut | None:
