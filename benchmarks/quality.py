@@ -16,6 +16,7 @@ Writes quality.json, quality.md, jobs.jsonl and PNG plots into --out-dir.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import hashlib
 import json
@@ -36,12 +37,56 @@ import torch
 from benchmarks.quality_data import Passkey, load_ids, passkey_found, passkey_prompts, ppl_windows
 from tova_engine import LLM, RequestOutput, SamplingParams
 from tova_engine.loader import load_source
+from tova_engine.policies import POLICIES as BUILT_IN
+from tova_engine.policies import Policy, make_policy
 
 PARTS = ("ppl", "chunks", "passkey")
 POLICIES = ("full", "tova", "h2o", "sink", "window")
-EVICTING = ("tova", "h2o", "sink", "window")
 DEFAULT_TEXT = Path(__file__).parent / "data" / "pride_and_prejudice.txt"
 DEFAULT_OUT = Path(__file__).parent / "results" / "quality"
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """A policy as measured: a built-in one, optionally with its first `first` positions or
+    its latest `recent` ones (a fraction of S, or a count) protected. Written as the built-in
+    name with options: `tova`, `tova:recent=0.25`, `tova:first=1`, `tova:recent=0.125,first=1`.
+    `recent` is a request setting, so variants differing only in it share one engine."""
+
+    spec: str
+    base: str
+    recent: int | float | None = None
+    first: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        base, _, options = spec.partition(":")
+        if base not in BUILT_IN:
+            raise ValueError(f"policy {spec!r}: one of {', '.join(BUILT_IN)}, with options")
+        values: dict[str, Any] = {}
+        for option in filter(None, options.split(",")):
+            key, _, value = option.partition("=")
+            if key == "recent":
+                values["recent"] = float(value) if "." in value else int(value)
+            elif key == "first":
+                values["first"] = int(value)
+            else:
+                raise ValueError(f"policy {spec!r}: options are recent=R and first=K")
+        variant = cls(spec, base, **values)
+        make_policy(variant.engine_policy(), variant.recent)  # the engine's own checks
+        return variant
+
+    @property
+    def engine_key(self) -> str:
+        """What needs an engine of its own: the built-in policy and its protected first."""
+        return self.base if not self.first else f"{self.base}:first={self.first}"
+
+    def engine_policy(self) -> str | Policy:
+        if not self.first:
+            return self.base
+        return dataclasses.replace(
+            BUILT_IN[self.base], name=self.engine_key, protect_first=self.first
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,18 +114,27 @@ class Task:
     label: dict[str, Any]
 
     def params(self) -> SamplingParams:
+        recent = Variant.parse(self.policy).recent
         if self.part == "passkey":
             return SamplingParams(
-                temperature=0, max_tokens=self.max_tokens, state_size=self.state_size
+                temperature=0,
+                max_tokens=self.max_tokens,
+                state_size=self.state_size,
+                protect_recent=recent,
             )
         return SamplingParams(
-            max_tokens=0, prompt_logprobs=0, state_size=self.state_size, return_state=True
+            max_tokens=0,
+            prompt_logprobs=0,
+            state_size=self.state_size,
+            return_state=True,
+            protect_recent=recent,
         )
 
 
 @dataclass(slots=True)
 class Job:
-    """The tasks of one engine: one policy, one prefill chunk size. Timed jobs (the chunk
+    """The tasks of one engine: one policy (a variant's `engine_key`: variants that differ
+    in their recency protection alone share it), one prefill chunk size. Timed jobs (the chunk
     trade-off) hold nothing else, so their wall time is their own prefill time."""
 
     policy: str
@@ -192,13 +246,14 @@ def _passkey_tasks(plan: Plan, passkeys: list[Passkey], full_chunk: int) -> list
 
 
 def group_jobs(tasks: list[Task]) -> list[Job]:
-    """One job per (timed?, policy, chunk): perplexity and passkey requests of a policy share
+    """One job per (timed?, engine policy, chunk): perplexity and passkey requests of a policy share
     one engine and its one-token steps; the chunk trade-off runs apart, for clean timings."""
     jobs: dict[tuple[bool, str, int], Job] = {}
     for task in tasks:
         timed = task.part == "chunks"
-        key = (timed, task.policy, task.chunk)
-        jobs.setdefault(key, Job(task.policy, task.chunk, timed, [])).tasks.append(task)
+        policy = Variant.parse(task.policy).engine_key
+        key = (timed, policy, task.chunk)
+        jobs.setdefault(key, Job(policy, task.chunk, timed, [])).tasks.append(task)
     return list(jobs.values())
 
 
@@ -211,7 +266,7 @@ def run_job(job: Job, model: ModelArgs, device: str) -> dict[str, Any]:
     llm = LLM(
         model.model,
         state_size=job.state_size,
-        policy=job.policy,
+        policy=Variant.parse(job.policy).engine_policy(),
         dtype=model.dtype,
         device=device,
         max_num_seqs=len(job.tasks),
@@ -536,7 +591,8 @@ def paper_checks(perplexity: list[dict[str, Any]], window: int) -> dict[str, Any
     table = {(r["policy"], r["state_size"]): r["ppl"] for r in perplexity}
     ordering = {}
     for size in sorted({s for p, s in table if p != "full"}):
-        values = {p: table[(p, size)] for p in EVICTING if (p, size) in table}
+        # The paper's policies as the paper ran them (variants are compared apart).
+        values = {p: table[(p, size)] for p in POLICIES if p != "full" and (p, size) in table}
         if "tova" in values and "window" in values:
             ordering[size] = {
                 "tova_best": values["tova"] == min(values.values()),
@@ -555,6 +611,13 @@ def paper_checks(perplexity: list[dict[str, Any]], window: int) -> dict[str, Any
 
 
 # ----- command line ------------------------------------------------------------------------
+
+
+def _variant_spec(text: str) -> str:
+    try:
+        return Variant.parse(text).spec
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _chunk_size(text: str) -> int | str:
@@ -578,7 +641,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: ppl,chunks,passkey")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(POLICIES),
+        type=_variant_spec,
+        help="built-in policies, optionally with protections: tova:recent=0.25 (the latest "
+        "quarter of S), tova:first=1 (the first token), tova:recent=64 (a count)",
+    )
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     p.add_argument(
         "--token-ids",

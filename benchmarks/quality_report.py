@@ -9,8 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-EVICTING = ("tova", "h2o", "sink", "window")
 COLORS = {"tova": "tab:blue", "h2o": "tab:orange", "sink": "tab:green", "window": "tab:red"}
+
+
+def evicting(report: dict[str, Any]) -> list[str]:
+    """The evicting policies (variants included) in the order the run named them."""
+    return [p for p in report["settings"]["policies"] if p != "full"]
 
 
 # ----- markdown ------------------------------------------------------------------------------
@@ -51,8 +55,8 @@ def _settings_md(report: dict[str, Any]) -> str:
     )
 
 
-def _sizes(rows: list[dict[str, Any]], policies: Sequence[str] = EVICTING) -> list[int]:
-    return sorted({r["state_size"] for r in rows if r["policy"] in policies})
+def _sizes(rows: list[dict[str, Any]]) -> list[int]:
+    return sorted({r["state_size"] for r in rows if r["policy"] != "full"})
 
 
 def _full_ppl(report: dict[str, Any]) -> float | None:
@@ -68,7 +72,7 @@ def _perplexity_md(report: dict[str, Any]) -> str:
     cells = {(r["policy"], r["state_size"]): r["ppl"] for r in rows}
     sizes = _sizes(rows)
     body = []
-    for policy in [p for p in EVICTING if any(q == p for q, _ in cells)]:
+    for policy in [p for p in evicting(report) if any(q == p for q, _ in cells)]:
         line: list[object] = [policy]
         for size in sizes:
             ppl = cells.get((policy, size))
@@ -116,7 +120,7 @@ def _verdict(failed: list) -> str:
 
 
 def _state_md(report: dict[str, Any]) -> str:
-    rows = [r for r in report["perplexity"] if r["policy"] in EVICTING and "state" in r]
+    rows = [r for r in report["perplexity"] if r["policy"] != "full" and "state" in r]
     if not rows:
         return ""
     window = report["settings"]["window"]
@@ -206,7 +210,7 @@ def _passkey_md(report: dict[str, Any]) -> str:
     sizes = sorted({s for _p, s in accuracy if s is not None})
     body = [
         [policy, *[_pct(accuracy.get((policy, s))) for s in sizes]]
-        for policy in EVICTING
+        for policy in evicting(report)
         if any(p == policy for p, _s in accuracy)
     ]
     s = report["settings"]["passkey"]
@@ -216,7 +220,8 @@ def _passkey_md(report: dict[str, Any]) -> str:
         f"each; greedy, {s['max_tokens']} tokens."
     )
     text = head + "\n\n" + table(["policy", *[f"S={size}" for size in sizes]], body)
-    return text + _full_passkey_md(summary) + _retained_passkey_md(summary, sizes)
+    retained = _retained_passkey_md(summary, sizes, evicting(report))
+    return text + _full_passkey_md(summary) + retained
 
 
 def _full_passkey_md(summary: dict[str, Any]) -> str:
@@ -230,14 +235,14 @@ def _full_passkey_md(summary: dict[str, Any]) -> str:
     return "\n\n" + table(headers, body)
 
 
-def _retained_passkey_md(summary: dict[str, Any], sizes: list[int]) -> str:
+def _retained_passkey_md(summary: dict[str, Any], sizes: list[int], policies: list[str]) -> str:
     retained = {(r["policy"], r["state_size"]): r for r in summary.get("retained", [])}
     if not retained:
         return ""
     found = next(iter(retained.values()))["n"]
     body = [
         [policy, *[_pct(retained.get((policy, s))) for s in sizes]]
-        for policy in EVICTING
+        for policy in policies
         if any(p == policy for p, _s in retained)
     ]
     head = f"Of the {found} keys the full context finds, the share each state still finds:"
@@ -293,10 +298,10 @@ def plot_perplexity(report: dict[str, Any], path: Path) -> None:
 
     rows = report["perplexity"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for policy in EVICTING:
+    for policy in evicting(report):
         mine = sorted((r["state_size"], r["ppl"]) for r in rows if r["policy"] == policy)
         if mine:
-            ax.plot(*zip(*mine, strict=True), "o-", label=policy, color=COLORS[policy])
+            ax.plot(*zip(*mine, strict=True), "o-", label=policy, color=COLORS.get(policy))
     full = _full_ppl(report)
     if full is not None:
         ax.axhline(full, color="black", linestyle="--", label=f"full ({full:.2f})")
@@ -327,7 +332,7 @@ def plot_passkey(report: dict[str, Any], path: Path) -> None:
     cells = report["passkey"]["cells"]
     rows = sorted(
         {(c["policy"], c["state_size"]) for c in cells},
-        key=lambda k: (("full", *EVICTING).index(k[0]), k[1] or 0),
+        key=lambda k: ((["full", *evicting(report)]).index(k[0]), k[1] or 0),
     )
     cols = sorted({(c["length"], c["depth"]) for c in cells})
     value = {(c["policy"], c["state_size"], c["length"], c["depth"]): c["accuracy"] for c in cells}

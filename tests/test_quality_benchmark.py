@@ -221,6 +221,46 @@ def test_token_ids_two_devices_and_resume(full_run, tiny_llama, text_file, tmp_p
     assert ppl_table(resumed) == ppl_table(split)
 
 
+def test_policy_variants(full_run, chat_model, text_file, tmp_path):
+    """Variants reach the engine: a TOVA protecting its whole state (recent=1.0) is a plain
+    window and shares the TOVA engine (recency is per request); a window protecting its first
+    four tokens is `sink`."""
+    report, _ = full_run
+    argv = [
+        "--model", str(chat_model), "--text", str(text_file), "--dtype", "float64",
+        "--window", str(WINDOW), "--windows", "2", "--state-sizes", "8", "16", "--parts", "ppl",
+        "--policies", "tova", "tova:recent=1.0", "window:first=4", "--no-plots",
+        "--out-dir", str(tmp_path),
+    ]  # fmt: skip
+    variants = quality.main(argv)
+    assert {j["name"] for j in variants["jobs"]} == {"main-tova-c1", "main-window:first=4-c1"}
+    table, expected = ppl_table(variants), ppl_table(report)
+    for size in (8, 16):
+        assert table[("tova", size)] == pytest.approx(expected[("tova", size)], rel=1e-9)
+        assert table[("tova:recent=1.0", size)] == pytest.approx(expected[("window", size)])
+        assert table[("window:first=4", size)] == pytest.approx(expected[("sink", size)])
+    assert table[("tova:recent=1.0", 8)] != pytest.approx(table[("tova", 8)], rel=1e-6)
+    assert "| tova:recent=1.0 |" in (tmp_path / "quality.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("lru", "one of"),
+        ("tova:depth=3", "options are"),
+        ("tova:recent=1.5", "fraction"),
+        ("tova:recent=-2", ">= 0"),
+        ("window:recent=0.5", "already keeps the latest"),
+        ("full:recent=4", "never evicts"),
+    ],
+)
+def test_rejects_bad_policy_variants(spec, message):
+    with pytest.raises(ValueError, match=message):
+        quality.Variant.parse(spec)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--policies", spec])
+
+
 def test_rejects_bad_arguments(tiny_llama, tmp_path):
     with pytest.raises(SystemExit):
         quality.parse_args(["--parts", "ppl,speed"])
