@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import logging
 import random
 import statistics
 import sys
@@ -130,11 +131,13 @@ def measure(args, size: int, ceilings) -> dict:
         seqs = max(fit, *args.step_batches)
     else:
         seqs = "auto"
+    print(f"TP={size}: building (max_num_seqs={seqs})", flush=True)
     started = time.perf_counter()
     engine = build(args, size, seqs)
     built_s = time.perf_counter() - started
     slots = engine.core.config.max_num_seqs
     fit = slots if seqs == "auto" else fit
+    print(f"TP={size}: built in {built_s:.0f} s, {slots} slots; a wave of {fit}", flush=True)
     result = {"tp": size, "max_num_seqs": slots, "sequences_that_fit": fit,
               "state_mib_per_sequence_per_gpu": per_seq / 2**20,
               "weights_gib_per_gpu": weight_bytes(engine.core.model) / 2**30, "build_s": built_s}
@@ -167,6 +170,8 @@ def report(r: dict, args) -> None:
 
 def main() -> None:
     args = parse_args()
+    # The engine's start-up log (state size, graph capture) shows where a long build goes.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ceilings = measure_ceilings(torch.device(args.device))
     gpus = args.device == "cuda" and torch.cuda.device_count()
     machine = f"{torch.cuda.get_device_name()} x{gpus}" if gpus else "CPU (dry run)"
