@@ -152,6 +152,10 @@ class Job:
 
     @property
     def token_budget(self) -> int:
+        if self.policy == "full":
+            # Nothing is evicted, so where chunks end changes nothing: a prompt per step will
+            # do (a budget for all would reserve activations for them all at once).
+            return max(2048, self.chunk + 1)
         # Every prefilling sequence gets a whole chunk each step (plus a decode token), so
         # chunk boundaries fall at multiples of `chunk` whatever else runs in the batch.
         return max(2048, len(self.tasks) * (self.chunk + 1))

@@ -144,6 +144,9 @@ def test_retained_positions_match_slow_reference(tiny_llama, hf_tiny_llama, poli
         dtype="float64",
         device="cpu",
         prefill_chunk_size=len(PROMPT) if whole_prefill else 1,
+        # The paper's TOVA, as the reference has it (the default also protects the latest
+        # half: tests/test_policies.py checks that against the reference).
+        protect_recent=0 if policy == "tova" else None,
     )
     params = SamplingParams(
         temperature=0, max_tokens=max_tokens, ignore_eos=True, return_state=True
@@ -183,7 +186,9 @@ def test_qwen3_retained_positions_match_slow_reference(tmp_path, whole_prefill):
     same retained positions per layer (float64)."""
     folder = save_tiny_model(tmp_path / "qwen3", "qwen3", head_dim=16)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
-    generated, positions = reference_decoder(hf, 8, "tova").generate(PROMPT, 10, whole_prefill)
+    # The default TOVA: the latest half of the 8 entries protected.
+    generated, positions = reference_decoder(hf, 8, "tova", protect_recent=4).generate(
+        PROMPT, 10, whole_prefill)
     llm = LLM(str(folder), state_size=8, dtype="float64", device="cpu",
               prefill_chunk_size=len(PROMPT) if whole_prefill else 1)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, return_state=True)

@@ -1,5 +1,6 @@
 """Policies declared once (tova_engine/policies.py) and TOVA's recency protection: the latest r
-positions always stay; r = 0 is the paper's TOVA and r >= S a window; TOVA with r equals a slow
+positions always stay; r = 0 is the paper's TOVA (the slow reference), r = S/2 the default
+and r >= S a window; TOVA with r equals a slow
 reference decoder that protects the same positions (float64, per-token and whole-prompt
 prefill); bad declarations and values are refused naming the parameter."""
 
@@ -44,8 +45,12 @@ def test_the_latest_positions_always_stay(tiny_llama, recent, chunk):
 
 
 def test_zero_is_tova_and_the_whole_state_is_a_window(tiny_llama):
-    tova = run(tiny_llama, prompts())
-    assert run(tiny_llama, prompts(), protect_recent=0) == tova
+    tova = run(tiny_llama, prompts(), protect_recent=0)
+    assert run(tiny_llama, prompts(), engine_recent=0) == tova
+    # The default protects the latest half of the state: another state than the paper's.
+    default = run(tiny_llama, prompts())
+    assert run(tiny_llama, prompts(), protect_recent=0.5) == default
+    assert [o.state_positions for o in default] != [o.state_positions for o in tova]
     llm = LLM(str(tiny_llama), state_size=8, dtype="float64", device="cpu", policy="window",
               prefill_chunk_size=1)
     try:
@@ -80,7 +85,8 @@ def test_builtins_are_declarations():
     assert POLICIES["h2o"] == Policy("h2o", score="accumulated", protect_recent=0.5)
     assert POLICIES["sink"].protect_first == 4
     assert make_policy("tova", 0.25).protect_recent == 0.25
-    assert make_policy("tova").recent_count(512) == 0
+    assert make_policy("tova").recent_count(512) == 256  # the default: the latest half
+    assert make_policy("tova", 0).recent_count(512) == 0  # the paper's TOVA
     assert make_policy("h2o").recent_count(9) == 4
     assert make_policy("tova", 1000).recent_count(64) == 64
 

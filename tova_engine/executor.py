@@ -9,6 +9,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from tova_engine.config import EngineConfig
 from tova_engine.cuda_graphs import DecodeGraphs
 from tova_engine.fused_attention import check_kernel_runs
@@ -44,6 +46,10 @@ class Executor:
 
 def build_executor(config: EngineConfig, tp: TensorParallel = SINGLE) -> Executor:
     device, dtype = config.torch_device, config.torch_dtype
+    if device.type == "cuda" and device.index is not None:
+        # Triton launches and CUDA-graph captures go to the current device: make it this one
+        # (LLM(device="cuda:1") in a process whose current device is 0 failed to build).
+        torch.cuda.set_device(device)
     configure_cpu_threads(device)  # before loading: GGUF dequantization uses threads
     source = load_source(config.model, config.load_format, dtype)
     model_config = source.config
