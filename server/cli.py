@@ -52,7 +52,8 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--protect-recent", type=_count_or_fraction,
                        default=DEFAULTS["protect_recent"], metavar="R",
                        help="the latest R positions are never evicted: a count (64) or a "
-                            "fraction of the state size (0.25); default: the policy's own")
+                            "fraction of the state size (0.25); default: the policy's own "
+                            "(tova: 0.5; 0 is the paper's TOVA)")
     group.add_argument("--max-num-seqs", type=_int_or_auto, default=DEFAULTS["max_num_seqs"],
                        metavar="N|auto",
                        help="state slots: choices that run at once; auto: as many as "
