@@ -29,11 +29,24 @@ CUDA_MODES = {"graphs": {}, "eager": {"enforce_eager": True}, "torch": {"kernels
 @pytest.mark.parametrize("chunk", [1, 7])
 @pytest.mark.parametrize("mode", list(CUDA_MODES))
 def test_cuda_float32_matches_cpu(tiny_llama, policy, chunk, mode):
+    assert_cuda_matches_cpu(tiny_llama, policy, chunk, mode)
+
+
+@pytest.mark.parametrize("mode", list(CUDA_MODES))
+def test_qwen3_cuda_float32_matches_cpu(tmp_path, mode):
+    """Qwen3's per-head q/k norms (their fused RMSNorm before RoPE) on the GPU paths."""
+    from tests.conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "qwen3", "qwen3", head_dim=16)
+    assert_cuda_matches_cpu(model, "tova", 7, mode)
+
+
+def assert_cuda_matches_cpu(model, policy: str, chunk: int, mode: str) -> None:
     params = greedy(16, return_state=True)
     outs = {}
     for device in ("cpu", "cuda"):
         llm = LLM(
-            str(tiny_llama),
+            str(model),
             state_size=8,
             policy=policy,
             dtype="float32",
