@@ -309,3 +309,30 @@ def test_stop_strings_end_choices_as_in_process(chat_config):
         for key in ("text", "tokens", "finish"):
             assert got[index][key] == expected[index][key]
         assert len(got[index]["tokens"]) < 40
+
+
+def test_a_slow_reader_gets_every_token_before_a_failure():
+    """Outputs that queue up while the reader is busy are merged into one; a failure behind
+    them is not merged in (it is raised, and would take the tokens with it): the reader gets
+    the tokens first, then the failure."""
+    from tova_engine.async_engine import _Stream
+    from tova_engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+    def output(tokens: list[int], error: str | None = None) -> RequestOutput:
+        choice = CompletionOutput(0, "".join(f"<{t}>" for t in tokens), tokens, 0.0, None,
+                                  "error" if error else None)
+        return RequestOutput("r", None, [1], None, [choice], error is not None,
+                             RequestMetrics(arrival_time=0.0), error)
+
+    async def read_all() -> list[RequestOutput]:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        for item in (output([5]), output([6]), output([7]), output([], "non-finite logits")):
+            stream.queue.put_nowait(item)  # all there before the reader looks: a slow reader
+        first = await stream.next(delta=True)
+        assert first.error is None, "the failure was folded into the tokens before it"
+        return [first, await asyncio.wait_for(stream.next(delta=True), 5)]
+
+    tokens, failure = asyncio.run(read_all())
+    assert tokens.outputs[0].token_ids == [5, 6, 7] and tokens.error is None
+    assert tokens.outputs[0].text == "<5><6><7>"
+    assert failure.error == "non-finite logits" and failure.outputs[0].token_ids == []

@@ -68,7 +68,9 @@ class _Stream:
         while (isinstance(item, RequestOutput) and not item.finished and item.error is None
                and not self.queue.empty()):
             following = self.queue.get_nowait()
-            if not isinstance(following, RequestOutput):
+            if not isinstance(following, RequestOutput) or following.error is not None:
+                # An error goes out on its own, after the tokens before it: folded into them,
+                # it would be raised and take them along (a slow reader lost streamed tokens).
                 self.held = following
                 break
             item = merge_delta(item, following) if delta else following
