@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import needs_default_model, save_tiny_model
+from tests.conftest import needs_default_model, save_tiny_gemma3, save_tiny_model
 from tests.reference_tova import ReferenceDecoder
 from tova_engine import LLM, SamplingParams
 
@@ -190,3 +190,34 @@ def test_qwen3_retained_positions_match_slow_reference(tmp_path, whole_prefill):
     out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == generated
     assert out.state_positions == positions
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_gemma3_matches_transformers_past_the_window(tiny_gemma3, chunk):
+    """Gemma 3 with policy full: the 22-token prompt and 12 generated tokens run past the
+    local layers' window of 8, so their state (7 entries: the window less the query itself)
+    evicts while the global layers keep everything; prompt and decode log-probs and the
+    greedy tokens equal transformers' own forward and generate."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32)
+    hf = hf.eval()
+    llm = LLM(str(tiny_gemma3), state_size=64, policy="full", dtype="float32", device="cpu",
+              prefill_chunk_size=chunk, max_num_seqs=2)
+    torch.testing.assert_close(
+        engine_prompt_logprobs(llm, PROMPT), hf_logprobs(hf, PROMPT), atol=1e-4, rtol=0
+    )
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=0, ignore_eos=True,
+                            return_state=True)
+    out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == hf_greedy(hf, PROMPT, 12)
+    expected = hf_logprobs(hf, PROMPT + out.token_ids)[len(PROMPT) - 1 :]
+    ours = torch.tensor([p[t].logprob for p, t in zip(out.logprobs, out.token_ids, strict=True)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    fed = len(PROMPT) + 12 - 1  # the last sampled token is never fed
+    local, full = list(range(fed - 7, fed)), list(range(fed))
+    assert out.state_positions == [local, full, local, full]

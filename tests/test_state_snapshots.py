@@ -78,8 +78,9 @@ def test_fifty_turns_keep_the_state_size_and_prefill_only_new_tokens(tiny_llama)
         assert sum(prefilled) == len(new) + (0 if state is None else 1), turn
         state = out.state
         if turn:  # the first turn's 6 tokens do not fill the 8 entries yet
-            sizes.add((state.nbytes, tuple(state.k.shape)))
-    assert sizes == {(state.nbytes, (2, 2, 8, 16))}  # full: 8 entries whatever the length
+            sizes.add((state.nbytes, tuple(tuple(layer.shape) for layer in state.k)))
+    # Full: 8 entries in each layer whatever the length.
+    assert sizes == {(state.nbytes, ((2, 8, 16), (2, 8, 16)))}
     assert state.num_tokens > 50 * 6
     assert llm.engine.slots_used == 0
 
@@ -93,7 +94,8 @@ def test_a_snapshot_survives_its_file(tiny_llama, tmp_path):
     assert loaded.spec == turn1.state.spec and loaded.num_seen == turn1.state.num_seen
     assert loaded.pending_token_ids == turn1.state.pending_token_ids
     for name in ("k", "v", "positions", "stats"):
-        assert torch.equal(getattr(loaded, name), getattr(turn1.state, name))
+        for got, want in zip(getattr(loaded, name), getattr(turn1.state, name), strict=True):
+            assert torch.equal(got, want)
     follow = tokens(4, 5)
     from_memory = run(llm, follow, max_tokens=5, resume=turn1.state, keep=False)
     from_file = run(llm, follow, max_tokens=5, resume=loaded, keep=False)
