@@ -130,6 +130,17 @@ class KVState:
             totals[layer_kind(c, layer)] += per_entry * size
         return totals
 
+    @staticmethod
+    def bytes_saved_per_sequence(
+        model_config: ModelConfig, state_size: int, dtype: torch.dtype
+    ) -> int:
+        """What sliding-window layers save per sequence against every layer holding
+        `state_size` entries."""
+        c = model_config
+        uniform = 2 * c.num_layers * c.num_kv_heads * c.head_dim * state_size
+        element = torch.empty((), dtype=dtype).element_size()
+        return uniform * element - KVState.bytes_per_sequence(c, state_size, dtype)
+
     def total_bytes(self) -> int:
         tensors = [*self.k, *self.v, self.positions, self.num_entries, self.num_seen,
                    self.capacity, self.protect_recent]
