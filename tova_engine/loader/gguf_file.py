@@ -14,7 +14,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from tova_engine.model.gemma3_config import DEFAULT_SLIDING_PATTERN
+from tova_engine.model.gemma3_config import DEFAULT_SLIDING_PATTERN, FULL, SLIDING
 
 logger = logging.getLogger("tova_engine")
 
@@ -114,11 +114,15 @@ def gemma3_fields(reader: GGUFReader, hf: dict[str, Any]) -> dict[str, Any]:
     attention scalar (hidden / heads for the 62-layer 27B, head_dim otherwise)."""
     layers, head_dim = hf["num_hidden_layers"], hf["head_dim"]
     pattern = _field(reader, "gemma3.attention.sliding_window_pattern", DEFAULT_SLIDING_PATTERN)
+    if isinstance(pattern, list):  # one flag per layer (True: sliding), as newer files write
+        types = [SLIDING if sliding else FULL for sliding in pattern]
+    else:  # every pattern-th layer is global
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
     scalar = hf["hidden_size"] // hf["num_attention_heads"] if layers == 62 else head_dim
     return {
         "model_type": "gemma3_text",  # "gemma3" would name the multimodal wrapper
         "sliding_window": _required(reader, "gemma3.attention.sliding_window"),
-        "sliding_window_pattern": pattern,
+        "layer_types": types,
         "rope_local_base_freq": 10000.0,
         "query_pre_attn_scalar": scalar,
         "hidden_activation": "gelu_pytorch_tanh",
