@@ -142,7 +142,7 @@ class EngineCore:
             info.max_num_seqs,
         )
         if info.state_bytes_saved_per_sequence:
-            local = self.model_config.layer_types.count("sliding_attention")
+            local = sum(self.state.local_layers)
             by_kind = info.state_bytes_by_layer_kind
             logger.info(
                 "%d of %d layers are sliding-window (window %d): their state holds %d entries, "
