@@ -37,9 +37,12 @@ DEFAULT_SLIDING_PATTERN = 6
 def gemma3_text_config(hf: dict[str, Any]) -> dict[str, Any]:
     """A `gemma3` (multimodal) or `gemma3_text` config dict -> a flat text config dict in the
     4.x spelling (rope_theta, rope_scaling, rope_local_base_freq) with layer_types filled."""
-    text = dict(hf.get("text_config") or {}) if hf.get("model_type") == "gemma3" else dict(hf)
-    if hf.get("model_type") == "gemma3" and "tie_word_embeddings" in hf:
-        text.setdefault("tie_word_embeddings", hf["tie_word_embeddings"])
+    wrapper = hf.get("model_type") == "gemma3"
+    text = dict(hf.get("text_config") or {}) if wrapper else dict(hf)
+    if wrapper:  # what the wrapper says for the whole model (instruct models stop on 106 too)
+        for key in ("tie_word_embeddings", "eos_token_id", "bos_token_id"):
+            if hf.get(key) is not None:
+                text.setdefault(key, hf[key])
     for key, value in _DEFAULTS.items():
         if text.get(key) is None:
             text[key] = value
