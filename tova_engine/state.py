@@ -1,8 +1,8 @@
 """The bounded multi-state: per-layer key/value buffers, one row (slot) per running sequence.
 
 Layout per layer: K and V `[max_num_seqs, num_kv_heads, size + 1, head_dim]`, where `size` is
-the layer's (`layer_sizes`): the engine's state_size S for a global layer, at most its window
-for a sliding-window (local) layer (`layer_state_sizes`). A row holds `num_entries[slot]`
+the layer's (`layer_sizes`): the engine's state_size S for a global layer, min(window - 1, S)
+for a sliding-window (local) layer (`layer_state_sizes` says why). A row holds `num_entries[slot]`
 valid entries in a global layer, `min(num_entries[slot], size)` in a local one, at indices
 `[0, entries)`; index `entries` is where the incoming token is written before the policy
 decides which entry it replaces, hence the extra entry. Keys are stored already rotated at
