@@ -37,6 +37,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         slots_used=lambda: engine.last_stats.slots_used, slots_total=info.max_num_seqs,
         memory_bytes=info.state_total_bytes,
     )
+    metrics.set_sequence_bytes(info.state_bytes_by_layer_kind, info.state_bytes_saved_per_sequence)
     app = FastAPI(title="tova-server", version=__version__)
     store_dir = engine.config.state_store_dir
     responses = ResponseStore(None if store_dir is None else Path(store_dir) / "responses")

@@ -41,6 +41,7 @@ def save_tiny_model(folder: Path, model_type: str = "llama", **overrides) -> Pat
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
     }[model_type]
     config = config_class(**settings)
     torch.manual_seed(1234)
@@ -51,10 +52,32 @@ def save_tiny_model(folder: Path, model_type: str = "llama", **overrides) -> Pat
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.mul_(8.0 if "proj" in name else 1.0)
+            elif model_type == "gemma3_text":  # (1 + weight): zeros would hide the loading
+                param.uniform_(-0.5, 0.5)
             elif "q_norm" in name or "k_norm" in name:  # Qwen3's per-head norms: not all ones
                 param.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
     return folder
+
+
+def save_tiny_gemma3(folder: Path, **overrides) -> Path:
+    """A 4-layer Gemma 3: local, global, local, global (a window of 8 positions, so prompts
+    run past it), its own RoPE bases, linear scaling on the global layers, an attention
+    scalar that is not head_dim, GQA 4/2 with head_dim 16."""
+    settings = dict(
+        num_hidden_layers=4,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_theta=5000.0,
+        rope_local_base_freq=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        query_pre_attn_scalar=24,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    settings.update(overrides)
+    return save_tiny_model(folder, "gemma3_text", **settings)
 
 
 @pytest.fixture(scope="session")

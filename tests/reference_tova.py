@@ -2,7 +2,10 @@
 engine: one token at a time, plain Python lists of cached entries per layer.
 
 It reads a Hugging Face Llama checkpoint's weights (float64) and returns, for a greedy
-generation, the generated tokens and the absolute positions each layer retains.
+generation, the generated tokens and the absolute positions each layer retains. Sliding-window
+layers (`layer_types`, Gemma 3) let a query at position p see (p - window, p] and keep the
+latest min(state_size, window - 1) positions; the model pieces Gemma changes are
+`reference_gemma3.py`'s.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class ReferenceDecoder:
     state_size: int
     policy: str = "tova"  # "tova" | "window" | "sink"
     protect_recent: int = 0  # the latest positions never evicted
+    layer_types: tuple[str, ...] = ()  # "sliding_attention" | "full_attention"; () all full
+    sliding_window: int | None = None
+    attention_scalar: float | None = None  # logits are q.k / sqrt(this); head_dim if None
     cache: list[list[Entry]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -45,14 +51,21 @@ class ReferenceDecoder:
     def rmsnorm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.w(name) * x / torch.sqrt((x * x).mean() + self.eps)
 
-    def rotate(self, x: torch.Tensor, position: int) -> torch.Tensor:
+    def embed(self, token: int) -> torch.Tensor:
+        return self.w("model.embed_tokens.weight")[token]
+
+    def frequency(self, i: int, layer: int) -> torch.Tensor:
+        """Float32, as the Llama reference implementation computes them."""
+        exponent = torch.tensor(2 * i, dtype=torch.float32) / self.head_dim
+        return 1.0 / (self.rope_theta**exponent)
+
+    def rotate(self, x: torch.Tensor, position: int, layer: int) -> torch.Tensor:
         """x [heads, head_dim]; rotate-half RoPE at `position`."""
         half = self.head_dim // 2
         out = torch.empty_like(x)
         for i in range(half):
             # Angles in float32, as the Llama reference implementation computes them.
-            exponent = torch.tensor(2 * i, dtype=torch.float32) / self.head_dim
-            freq = 1.0 / (self.rope_theta**exponent)
+            freq = self.frequency(i, layer)
             angle = torch.tensor(float(position), dtype=torch.float32) * freq
             c, s = float(torch.cos(angle)), float(torch.sin(angle))
             out[:, i] = x[:, i] * c - x[:, i + half] * s
@@ -68,7 +81,7 @@ class ReferenceDecoder:
         if p + "q_norm.weight" in self.weights:  # Qwen3: each head normalised before RoPE
             q = torch.stack([self.rmsnorm(head, p + "q_norm.weight") for head in q])
             k = torch.stack([self.rmsnorm(head, p + "k_norm.weight") for head in k])
-        return self.rotate(q, position), self.rotate(k, position), v
+        return self.rotate(q, position, layer), self.rotate(k, position, layer), v
 
     def attend(self, q: torch.Tensor, entries: list[Entry]):
         """Returns the attention output [heads * head_dim] and head-averaged probabilities."""
@@ -76,7 +89,8 @@ class ReferenceDecoder:
         outputs, probs_sum = [], torch.zeros(len(entries), dtype=q.dtype)
         for head in range(self.num_heads):
             kv = head // group
-            scores = torch.stack([q[head] @ e.key[kv] for e in entries]) / math.sqrt(self.head_dim)
+            scalar = self.attention_scalar or self.head_dim
+            scores = torch.stack([q[head] @ e.key[kv] for e in entries]) / math.sqrt(scalar)
             probs = torch.softmax(scores, dim=0)
             probs_sum += probs
             outputs.append(sum(p * e.value[kv] for p, e in zip(probs, entries, strict=True)))
@@ -95,6 +109,20 @@ class ReferenceDecoder:
 
     # --- the bounded state ---------------------------------------------------------------
 
+    def is_local(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+    def visible(self, layer: int, entries: list[Entry], position: int) -> list[Entry]:
+        """What the query at `position` attends to: all, or its window in a local layer."""
+        if not self.is_local(layer):
+            return entries
+        return [e for e in entries if e.position > position - self.sliding_window]
+
+    def latest(self, entries: list[Entry]) -> list[Entry]:
+        """A local layer's state: the latest positions its window will still show."""
+        size = min(self.state_size, self.sliding_window - 1)
+        return sorted(entries, key=lambda e: e.position)[max(0, len(entries) - size) :]
+
     def keep_score(self, probs: torch.Tensor, entries: list[Entry]) -> list[float]:
         newest = max(e.position for e in entries)
         return [math.inf if e.position > newest - self.protect_recent else score
@@ -111,12 +139,14 @@ class ReferenceDecoder:
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Feed one token with per-token eviction; returns its logits."""
-        x = self.w("model.embed_tokens.weight")[token]
+        x = self.embed(token)
         for layer in range(self.num_layers):
             q, k, v = self.project(layer, x, position)
             entries = [*self.cache[layer], Entry(position, k, v)]
-            out, probs = self.attend(q, entries)
-            if len(entries) > self.state_size:
+            out, probs = self.attend(q, self.visible(layer, entries, position))
+            if self.is_local(layer):
+                entries = self.latest(entries)
+            elif len(entries) > self.state_size:
                 scores = self.keep_score(probs, entries)
                 entries.pop(min(range(len(entries)), key=scores.__getitem__))
             self.cache[layer] = entries
@@ -126,15 +156,17 @@ class ReferenceDecoder:
     def prefill_whole(self, tokens: list[int]) -> torch.Tensor:
         """The reference TOVA prefill: full causal attention over the prompt, then each
         layer keeps the state_size entries the last prompt token attends to most."""
-        xs = [self.w("model.embed_tokens.weight")[t] for t in tokens]
+        xs = [self.embed(t) for t in tokens]
         for layer in range(self.num_layers):
             qkv = [self.project(layer, x, pos) for pos, x in enumerate(xs)]
             entries = [Entry(pos, k, v) for pos, (_, k, v) in enumerate(qkv)]
             new_xs, last_probs = [], None
             for pos, (q, _, _) in enumerate(qkv):
-                out, last_probs = self.attend(q, entries[: pos + 1])
+                out, last_probs = self.attend(q, self.visible(layer, entries[: pos + 1], pos))
                 new_xs.append(self.finish_layer(layer, xs[pos], out))
-            if len(entries) > self.state_size:
+            if self.is_local(layer):
+                entries = self.latest(entries)
+            elif len(entries) > self.state_size:
                 scores = self.keep_score(last_probs, entries)
                 ranked = sorted(range(len(entries)), key=scores.__getitem__, reverse=True)
                 entries = [entries[i] for i in sorted(ranked[: self.state_size])]

@@ -7,7 +7,8 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import needs_default_model, save_tiny_model
+from tests.conftest import needs_default_model, save_tiny_gemma3, save_tiny_model
+from tests.reference_gemma3 import Gemma3ReferenceDecoder
 from tests.reference_tova import ReferenceDecoder
 from tova_engine import LLM, SamplingParams
 
@@ -195,3 +196,71 @@ def test_qwen3_retained_positions_match_slow_reference(tmp_path, whole_prefill):
     out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == generated
     assert out.state_positions == positions
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_gemma3_matches_transformers_past_the_window(tiny_gemma3, chunk):
+    """Gemma 3 with policy full: the 22-token prompt and 12 generated tokens run past the
+    local layers' window of 8, so their state (7 entries: the window less the query itself)
+    evicts while the global layers keep everything; prompt and decode log-probs and the
+    greedy tokens equal transformers' own forward and generate."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32)
+    hf = hf.eval()
+    llm = LLM(str(tiny_gemma3), state_size=64, policy="full", dtype="float32", device="cpu",
+              prefill_chunk_size=chunk, max_num_seqs=2)
+    torch.testing.assert_close(
+        engine_prompt_logprobs(llm, PROMPT), hf_logprobs(hf, PROMPT), atol=1e-4, rtol=0
+    )
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=0, ignore_eos=True,
+                            return_state=True)
+    out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == hf_greedy(hf, PROMPT, 12)
+    expected = hf_logprobs(hf, PROMPT + out.token_ids)[len(PROMPT) - 1 :]
+    ours = torch.tensor([p[t].logprob for p, t in zip(out.logprobs, out.token_ids, strict=True)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    fed = len(PROMPT) + 12 - 1  # the last sampled token is never fed
+    local, full = list(range(fed - 7, fed)), list(range(fed))
+    assert out.state_positions == [local, full, local, full]
+
+
+def gemma3_reference(hf_model, state_size: int) -> Gemma3ReferenceDecoder:
+    c = hf_model.config
+    rope = c.rope_parameters
+    return Gemma3ReferenceDecoder(
+        weights={k: v.double() for k, v in hf_model.state_dict().items()},
+        num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        rope_theta=rope["full_attention"]["rope_theta"], eps=c.rms_norm_eps,
+        state_size=state_size, layer_types=tuple(c.layer_types), sliding_window=c.sliding_window,
+        attention_scalar=c.query_pre_attn_scalar, hidden_size=c.hidden_size,
+        rope_local_theta=rope["sliding_attention"]["rope_theta"],
+        rope_linear_factor=rope["full_attention"].get("factor", 1.0),
+    )
+
+
+@pytest.mark.parametrize(("whole_prefill", "capacity"), [(False, None), (True, None), (False, 5)])
+def test_gemma3_retained_positions_match_slow_reference(tiny_gemma3, whole_prefill, capacity):
+    """TOVA on the global layers, windows on the local ones (float64): the slow reference's
+    tokens and retained positions. Engine state 10: local layers (window 8) hold the last 7
+    positions; a request's own state_size 5 gives every layer 5, the local ones the last 5."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float64)
+    size = capacity or 10
+    generated, positions = gemma3_reference(hf.eval(), size).generate(PROMPT, 10, whole_prefill)
+    llm = LLM(str(tiny_gemma3), state_size=10, dtype="float64", device="cpu",
+              prefill_chunk_size=len(PROMPT) if whole_prefill else 1)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, return_state=True,
+                            state_size=capacity)
+    out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == generated
+    assert out.state_positions == positions
+    fed = len(PROMPT) + 10 - 1
+    latest = list(range(fed - min(size, 7), fed))
+    assert positions[0] == positions[2] == latest
+    # The global layers evicted by attention: not simply the latest positions.
+    assert len(positions[1]) == size and positions[1] != list(range(fed - size, fed))

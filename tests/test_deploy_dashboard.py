@@ -99,6 +99,13 @@ def test_promised_panels_are_there_with_the_tova_state_first(board, panels):
         assert panel.get("description"), f"{panel['title']} has no description"
 
 
+def test_state_memory_panel_breaks_a_sequence_down_by_layer_kind(panels):
+    """Global layers against local (sliding-window) ones, and what the windows save."""
+    exprs = [target["expr"] for target in panels["State memory"]["targets"]]
+    assert any("by (layer_kind)" in e and "tova_state_sequence_bytes{" in e for e in exprs)
+    assert any("tova_state_sequence_saved_bytes{" in e for e in exprs)
+
+
 @pytest.mark.parametrize("title", QUANTILE_PANELS)
 def test_latency_panels_show_p50_p90_p99(panels, title):
     exprs = [target["expr"] for target in panels[title]["targets"]]

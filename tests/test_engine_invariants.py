@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import save_tiny_gemma3
 from tests.test_correctness import PROMPT
 from tova_engine import LLM, EngineConfig, LLMEngine, SamplingParams
 
@@ -73,6 +74,29 @@ def test_constant_memory_over_long_generation(tiny_llama):
     assert all(len(layer) == 16 for layer in out.state_positions)
     # layers, kv heads, head_dim, S, float64
     assert engine.info.state_bytes_per_sequence == 2 * 2 * 2 * 16 * 16 * 8
+
+
+def test_gemma3_local_layers_hold_their_window_in_smaller_buffers(tmp_path, caplog):
+    """Window 6 against S = 16: local layers' buffers hold 5 entries + the spare one, and
+    after 8 x S tokens each holds the latest 5 positions while global layers hold 16; the
+    saving is what the engine reports and logs."""
+    with caplog.at_level("INFO", logger="tova_engine"):
+        engine = make_engine(save_tiny_gemma3(tmp_path / "gemma3", sliding_window=6),
+                             state_size=16)
+    state = engine.core.state
+    assert [k.shape[2] for k in state.k] == [6, 17, 6, 17]
+    engine.add_request("long", PROMPT, greedy(8 * 16, return_state=True))
+    out = run_to_completion(engine, check_slots_and_rows)["long"].outputs[0]
+    fed = len(PROMPT) + 8 * 16 - 1
+    assert out.state_positions[0] == out.state_positions[2] == list(range(fed - 5, fed))
+    assert [len(layer) for layer in out.state_positions] == [5, 16, 5, 16]
+    entry = 2 * 2 * 16 * 8  # K and V of 2 kv heads of 16, float64
+    info = engine.info
+    assert info.state_bytes_by_layer_kind == {"global": 2 * 16 * entry, "local": 2 * 5 * entry}
+    assert info.state_bytes_saved_per_sequence == 2 * 11 * entry
+    assert info.state_bytes_per_sequence == 2 * 21 * entry
+    assert any(r.getMessage().startswith("2 of 4 layers are sliding-window (window 6): their "
+                                         "state holds 5 entries") for r in caplog.records)
 
 
 def test_batching_invariance_with_requests_joining_and_leaving(tiny_llama):

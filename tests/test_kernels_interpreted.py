@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from tests.conftest import save_tiny_model
+from tests.conftest import save_tiny_gemma3, save_tiny_model
 from tova_engine import LLM, SamplingParams
 from tova_engine.policies import Policy, make_policy
 
@@ -109,3 +109,16 @@ def test_qwen3_through_the_fused_kernels(interpreted, tmp_path):
     reference, _ = run(model, "tova", "torch")
     fused, _ = interpreted(model, "tova", "triton")
     assert_same(reference, fused)
+
+
+def test_gemma3_through_the_fused_kernels(interpreted, tmp_path):
+    """Gemma 3 on the fused path: global layers run the policy over 5 entries, local layers
+    (window 4) keep their latest 3 by position in smaller buffers, with Gemma's attention
+    scalar; the PyTorch path's tokens and retained positions."""
+    model = save_tiny_gemma3(tmp_path / "gemma3", num_attention_heads=8, num_key_value_heads=4,
+                             sliding_window=4)
+    reference, _ = run(model, "tova", "torch")
+    fused, _ = interpreted(model, "tova", "triton")
+    assert_same(reference, fused)
+    for _, positions in reference:
+        assert [len(layer) for layer in positions] == [3, 5, 3, 5]

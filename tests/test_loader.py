@@ -10,8 +10,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -24,6 +27,7 @@ from transformers import (
 from tova_engine.loader import ModelSource, default_model_path, load_source
 from tova_engine.loader import source as source_module
 from tova_engine.loader.source import gguf_name
+from tova_engine.model.gemma3 import Gemma3Model
 
 TINY = dict(
     vocab_size=64,
@@ -67,6 +71,17 @@ def tiny_model(kind: str) -> PreTrainedModel:
                 if name.endswith(("q_norm.weight", "k_norm.weight")):
                     param.uniform_(0.5, 1.5)
         return model
+    if kind == "gemma3_windows":
+        # A local and a global layer; what a GGUF cannot say is llama.cpp's default here (the
+        # local RoPE base 10000, the attention scalar head_dim).
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **TINY, head_dim=8, sliding_window=4, pad_token_id=0, query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=10000.0))
+        with torch.no_grad():  # (1 + weight) norms: zeros would hide their loading
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.uniform_(-0.5, 0.5)
+        return model
     raise AssertionError(kind)
 
 
@@ -107,14 +122,21 @@ HF_TO_GGUF = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# Gemma 3's four norms (ffn_norm is the one before the MLP there).
+GEMMA3_TO_GGUF = {
+    **HF_TO_GGUF,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
 
 
-def to_gguf_name(hf_name: str) -> str:
+def to_gguf_name(hf_name: str, names: dict[str, str] = HF_TO_GGUF) -> str:
     stem, suffix = hf_name.rsplit(".", 1)
     if stem.startswith("model.layers."):
         _, _, layer, part = stem.split(".", 3)
-        return f"blk.{layer}.{HF_TO_GGUF[part]}.{suffix}"
-    return f"{HF_TO_GGUF[stem]}.{suffix}"
+        return f"blk.{layer}.{names[part]}.{suffix}"
+    return f"{names[stem]}.{suffix}"
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -149,10 +171,14 @@ def llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
 def write_gguf(path: Path, model: PreTrainedModel) -> None:
     """An F32 GGUF file laid out the way llama.cpp's converter writes this model."""
     cfg = model.config
-    arch = cfg.model_type
+    gemma = cfg.model_type == "gemma3_text"
+    arch = "gemma3" if gemma else cfg.model_type
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    rope = cfg.rope_parameters
+    rope = cfg.rope_parameters["full_attention"] if gemma else cfg.rope_parameters
     writer = gguf.GGUFWriter(path, arch)
+    if gemma:  # its window, and its layers' pattern: every second one global
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_uint32("gemma3.attention.sliding_window_pattern", 2)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -168,8 +194,10 @@ def write_gguf(path: Path, model: PreTrainedModel) -> None:
         writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(rope, head_dim))
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     for name, tensor in expected_weights(model).items():
-        gguf_name_ = to_gguf_name(name)
+        gguf_name_ = to_gguf_name(name, GEMMA3_TO_GGUF if gemma else HF_TO_GGUF)
         array = tensor.numpy()
+        if gemma and name.endswith("norm.weight"):  # llama.cpp stores Gemma's 1 + weight
+            array = array + np.float32(1.0)
         kind = gguf_name_.split(".")[-2]
         if arch == "llama" and kind in heads:  # llama.cpp's rope layout; qwen2 is left as is
             array = llama_cpp_permute(array, heads[kind])
@@ -232,7 +260,8 @@ def test_default_weights_are_lazy_and_reiterable(default_source: ModelSource) ->
 # ---------------------------------------------------------------- HF folders
 
 
-@pytest.mark.parametrize("kind", ["llama_tied", "llama_untied_llama3_rope", "qwen2_bias"])
+@pytest.mark.parametrize(
+    "kind", ["llama_tied", "llama_untied_llama3_rope", "qwen2_bias", "gemma3_windows"])
 def test_hf_folder_round_trip(kind: str, tmp_path: Path) -> None:
     model = tiny_model(kind)
     model.save_pretrained(tmp_path)
@@ -266,7 +295,8 @@ def test_hf_folder_tokenizer(default_source: ModelSource, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    "kind", ["llama_tied", "llama_untied_llama3_rope", "qwen2_bias", "qwen3_qk_norm"])
+    "kind",
+    ["llama_tied", "llama_untied_llama3_rope", "qwen2_bias", "qwen3_qk_norm", "gemma3_windows"])
 def test_gguf_round_trip(kind: str, tmp_path: Path) -> None:
     """F32 GGUF written like llama.cpp (q/k permuted for llama): weights and config come back."""
     model = tiny_model(kind)
@@ -275,7 +305,9 @@ def test_gguf_round_trip(kind: str, tmp_path: Path) -> None:
     source = load_source(str(tmp_path / "tiny-Q8_0.gguf"))
     assert source.name == "tiny" and source.tokenizer is None  # file carries no vocabulary
     assert source.config == load_source(tmp_path / "hf", load_format="dummy").config
-    assert_same_weights(dict(source.weights), expected_weights(model))
+    # Gemma's norms come back as (1 + w) - 1 in float32: within rounding of w.
+    atol = 1e-7 if kind.startswith("gemma3") else 0.0
+    assert_same_weights(dict(source.weights), expected_weights(model), atol=atol)
 
 
 def test_gguf_folder_with_one_file_and_dtype(tmp_path: Path) -> None:
@@ -297,6 +329,30 @@ def test_gguf_folder_with_one_file_and_dtype(tmp_path: Path) -> None:
 )
 def test_gguf_display_name(stem: str, name: str) -> None:
     assert gguf_name(Path(f"/x/{stem}.gguf")) == name
+
+
+@pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])
+def test_multimodal_gemma3_folder_reads_its_text_model(prefix: str, tmp_path: Path) -> None:
+    """The Gemma3ForConditionalGeneration checkpoint: config under text_config, weights
+    under the text model's prefix (transformers >= 4.52, or 4.49-4.51); the vision tower's
+    tensors are not read."""
+    model = tiny_model("gemma3_windows")
+    model.save_pretrained(tmp_path / "text")
+    wrapper = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+               "text_config": model.config.to_dict(), "tie_word_embeddings": True}
+    (tmp_path / "mm").mkdir()
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(wrapper))
+    tensors = {prefix + name.removeprefix("model."): t.contiguous()
+               for name, t in expected_weights(model).items()}
+    tensors["model.vision_tower.patch_embedding.weight"] = torch.zeros(4, 3)
+    save_file(tensors, str(tmp_path / "mm" / "model.safetensors"))
+    source = load_source(tmp_path / "mm")
+    assert source.config == load_source(tmp_path / "text").config
+    loaded = Gemma3Model.empty(source.config, torch.device("cpu"), torch.float32)
+    loaded.load_hf_weights(source.weights)
+    reference = Gemma3Model.empty(source.config, torch.device("cpu"), torch.float32)
+    reference.load_hf_weights(load_source(tmp_path / "text").weights)
+    assert_same_weights(loaded.state_dict(), reference.state_dict())
 
 
 # ---------------------------------------------------------------- dummy
@@ -326,7 +382,43 @@ def test_dummy_folder_and_bare_config(tmp_path: Path) -> None:
     assert from_json.config.attention_bias and from_json.config.num_kv_heads == 2
 
 
+def test_dummy_gemma3_norms_are_identities(tmp_path: Path) -> None:
+    """Gemma's norms scale by (1 + weight): random weights get zeros there, not ones."""
+    tiny_model("gemma3_windows").config.save_pretrained(tmp_path)
+    config = load_source(tmp_path, load_format="dummy").config
+    model = Gemma3Model.empty(config, torch.device("cpu"), torch.float32)
+    model.init_random_weights(seed=0)
+    norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+    assert len(norms) == 2 * 6 + 1 and all(not p.any() for p in norms)
+
+
 # ---------------------------------------------------------------- bad input
+
+
+def test_unknown_hf_architecture_is_named_before_any_weight(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "vocab_size": 8}))
+    save_file({"backbone.embeddings.weight": torch.zeros(8, 4)}, str(tmp_path / "m.safetensors"))
+    monkeypatch.setattr(source_module, "safetensors_weights", _no_weights)
+    with pytest.raises(ValueError, match=r"'mamba' is not supported; .*llama.*gemma3_text"):
+        load_source(tmp_path)
+
+
+def test_unknown_gguf_architecture_is_named_before_any_weight(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    writer = gguf.GGUFWriter(tmp_path / "m.gguf", "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    monkeypatch.setattr(source_module, "gguf_weights", _no_weights)
+    with pytest.raises(ValueError, match=r"'mamba' is not supported; .*qwen3, gemma3"):
+        load_source(tmp_path / "m.gguf")
+
+
+def _no_weights(*args, **kwargs):
+    raise AssertionError("a weight was read")
 
 
 def test_unknown_load_format() -> None:

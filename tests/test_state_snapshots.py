@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from tests.conftest import save_tiny_gemma3
 from tova_engine import LLM, InvalidRequestError, SamplingParams, StateSnapshot
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -78,8 +79,9 @@ def test_fifty_turns_keep_the_state_size_and_prefill_only_new_tokens(tiny_llama)
         assert sum(prefilled) == len(new) + (0 if state is None else 1), turn
         state = out.state
         if turn:  # the first turn's 6 tokens do not fill the 8 entries yet
-            sizes.add((state.nbytes, tuple(state.k.shape)))
-    assert sizes == {(state.nbytes, (2, 2, 8, 16))}  # full: 8 entries whatever the length
+            sizes.add((state.nbytes, tuple(tuple(layer.shape) for layer in state.k)))
+    # Full: 8 entries in each layer whatever the length.
+    assert sizes == {(state.nbytes, ((2, 8, 16), (2, 8, 16)))}
     assert state.num_tokens > 50 * 6
     assert llm.engine.slots_used == 0
 
@@ -93,7 +95,8 @@ def test_a_snapshot_survives_its_file(tiny_llama, tmp_path):
     assert loaded.spec == turn1.state.spec and loaded.num_seen == turn1.state.num_seen
     assert loaded.pending_token_ids == turn1.state.pending_token_ids
     for name in ("k", "v", "positions", "stats"):
-        assert torch.equal(getattr(loaded, name), getattr(turn1.state, name))
+        for got, want in zip(getattr(loaded, name), getattr(turn1.state, name), strict=True):
+            assert torch.equal(got, want)
     follow = tokens(4, 5)
     from_memory = run(llm, follow, max_tokens=5, resume=turn1.state, keep=False)
     from_file = run(llm, follow, max_tokens=5, resume=loaded, keep=False)
@@ -140,3 +143,21 @@ def test_an_aborted_request_saves_no_state(tiny_llama):
     final = engine.abort_request("gone")
     assert final.outputs[0].finish_reason == "abort" and final.state is None
     assert "gone" not in engine.core.store and engine.core.store.saved() == []
+
+
+def test_gemma3_snapshots_hold_each_layers_own_entries(tmp_path):
+    """Local layers (window 6: 5 entries) and global ones (8) snapshot their own counts; a
+    continuation, from memory or from the file, equals one request over the whole stream."""
+    llm = make_llm(save_tiny_gemma3(tmp_path / "gemma3", sliding_window=6), "tova", chunk=1)
+    first, second = tokens(9, 11), tokens(4, 12)
+    turn1 = run(llm, first, max_tokens=3)
+    state = turn1.state
+    assert [tuple(layer.shape) for layer in state.k] == [(2, 5, 16), (2, 8, 16)] * 2
+    assert [len(p) for p in state.positions] == [5, 8, 5, 8] and state.num_entries == 8
+    path = tmp_path / "state.safetensors"
+    state.save(path)
+    whole = run(llm, first + turn1.outputs[0].token_ids + second, max_tokens=5, keep=False)
+    for resumed in (state, StateSnapshot.load(path)):
+        out = run(llm, second, max_tokens=5, resume=resumed, keep=False)
+        assert out.outputs[0].token_ids == whole.outputs[0].token_ids
+        assert out.outputs[0].state_positions == whole.outputs[0].state_positions

@@ -16,9 +16,9 @@ SPEC = SnapshotSpec("m", "float32", 8, 8, "tova")
 
 def snapshot(seed: int, entries: int = 8) -> StateSnapshot:
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(2, 2, entries, 4, generator=g)
-    v = torch.randn(2, 2, entries, 4, generator=g)
-    positions = torch.arange(entries).repeat(2, 1)
+    k = tuple(torch.randn(2, entries, 4, generator=g) for _ in range(2))  # 2 layers
+    v = tuple(torch.randn(2, entries, 4, generator=g) for _ in range(2))
+    positions = tuple(torch.arange(entries) for _ in range(2))
     return StateSnapshot(SPEC, 10 + seed, [seed], k, v, positions)
 
 
@@ -27,7 +27,9 @@ SIZE = snapshot(0).nbytes  # 768 bytes
 
 def same(a: StateSnapshot, b: StateSnapshot) -> bool:
     return a.num_seen == b.num_seen and all(
-        torch.equal(getattr(a, n), getattr(b, n)) for n in ("k", "v", "positions")
+        torch.equal(x, y)
+        for n in ("k", "v", "positions")
+        for x, y in zip(getattr(a, n), getattr(b, n), strict=True)
     )
 
 

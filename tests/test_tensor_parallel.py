@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from tests.conftest import save_tiny_model
+from tests.conftest import save_tiny_gemma3, save_tiny_model
 from tova_engine import LLM, InvalidRequestError, SamplingParams
 
 pytest_plugins = ("tests.server_fixtures",)
@@ -52,6 +52,21 @@ def test_two_ranks_equal_one(four_kv_heads, policy, chunk):
     (positions, entries), (other_positions, other_entries) = ranks
     assert entries.equal(other_entries) and positions.equal(other_positions)
     assert entries.sum() > 0
+
+
+def test_gemma3_over_two_ranks_equals_one(tmp_path):
+    """Gemma 3's shards (its four norms and q/k norms replicated, q/k/v/gate/up by rows,
+    o/down by columns) and its local layers' windows (4 entries of the 6) over 2 ranks."""
+    model = save_tiny_gemma3(tmp_path / "gemma3", num_attention_heads=8, num_key_value_heads=4,
+                             sliding_window=5)
+    options = dict(policy="tova", state_size=6, prefill_chunk_size=4)
+    (one, _), (two, ranks) = generate(model, 1, **options), generate(model, 2, **options)
+    for a, b in zip(one, two, strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert b.outputs[0].state_positions == a.outputs[0].state_positions
+        assert [len(layer) for layer in a.outputs[0].state_positions] == [4, 6, 4, 6]
+    (positions, entries), (other_positions, other_entries) = ranks
+    assert entries.equal(other_entries) and positions.equal(other_positions)
 
 
 def test_sizes_that_do_not_divide_the_heads_are_refused_before_loading(four_kv_heads,

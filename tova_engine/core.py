@@ -119,6 +119,12 @@ class EngineCore:
             ),
             state_total_bytes=self.state.total_bytes(),
             eos_token_ids=sorted(self.eos_token_ids),
+            state_bytes_by_layer_kind=KVState.bytes_by_kind(
+                self.model_config, config.state_size, self.dtype
+            ),
+            state_bytes_saved_per_sequence=KVState.bytes_saved_per_sequence(
+                self.model_config, config.state_size, self.dtype
+            ),
         )
 
     def _log_startup(self) -> None:
@@ -135,6 +141,21 @@ class EngineCore:
             info.state_total_bytes / 2**20,
             info.max_num_seqs,
         )
+        if info.state_bytes_saved_per_sequence:
+            local = sum(self.state.local_layers)
+            by_kind = info.state_bytes_by_layer_kind
+            logger.info(
+                "%d of %d layers are sliding-window (window %d): their state holds %d entries, "
+                "%.2f MiB per request (global layers %.2f MiB); %.2f MiB per request saved "
+                "against every layer holding state_size entries",
+                local,
+                self.model_config.num_layers,
+                self.model_config.sliding_window,
+                min(self.state.layer_sizes),
+                by_kind["local"] / 2**20,
+                by_kind["global"] / 2**20,
+                info.state_bytes_saved_per_sequence / 2**20,
+            )
 
     # ----- requests -----------------------------------------------------------------------
 

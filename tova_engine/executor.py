@@ -17,6 +17,7 @@ from tova_engine.fused_attention import check_kernel_runs
 from tova_engine.loader import load_source
 from tova_engine.memory import resolve_config, weight_bytes
 from tova_engine.model.config import ModelConfig
+from tova_engine.model.gemma3 import model_class
 from tova_engine.model.llama import LlamaModel
 from tova_engine.model.sharding import check_divisible
 from tova_engine.parallel import SINGLE, TensorParallel
@@ -111,7 +112,8 @@ def _build_model(
     fused_kernels: bool,
     tp: TensorParallel,
 ) -> LlamaModel:
-    model = LlamaModel.empty(model_config, config.torch_device, config.torch_dtype, tp)
+    family = model_class(model_config)
+    model = family.empty(model_config, config.torch_device, config.torch_dtype, tp)
     if weights is None:
         model.init_random_weights(config.seed)
     else:

@@ -9,11 +9,26 @@ the per-entry attention sums of this rank's heads (`KVState.tp`) before they cho
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from tova_engine.attention_backend import AttentionBackend
-from tova_engine.policies import Policy
+from tova_engine.policies import POLICIES, Policy
 from tova_engine.state import KVState
+
+# A sliding-window layer's state is a window whatever the engine's policy: the oldest goes.
+WINDOW = POLICIES["window"]
+
+
+class _Rows(NamedTuple):
+    """What the kernel reads for layers of one kind."""
+
+    entries: torch.Tensor  # [B] valid entries before this token
+    capacity: torch.Tensor  # [B]
+    recent: torch.Tensor  # [rows] latest positions protected, read by slot
+    score_code: int
+    protect_first: int
 
 
 def check_kernel_runs(policy: Policy) -> None:
@@ -43,13 +58,23 @@ class FusedDecodeAttention(AttentionBackend):
 
         self.kernels = kernels
         self.state = state
-        self.score_code = kernels.SCORE_CODES[policy.score]
-        self.protect_first = policy.protect_first
         self.uses_attention = policy.uses_attention
         self.slots = slots
         self.entries = state.num_entries[slots]  # [B] valid entries before this token
         self.newest = state.num_seen[slots]  # [B] position of this token
         self.capacity = state.capacity[slots]
+        codes = kernels.SCORE_CODES
+        # Keyed by `state.is_local(layer)`; derived on the device, so graphs capture them.
+        self._rows = {
+            False: _Rows(self.entries, self.capacity, state.protect_recent,
+                         codes[policy.score], policy.protect_first),
+        }
+        if any(state.local_layers):
+            size = state.layer_sizes[state.local_layers.index(True)]
+            self._rows[True] = _Rows(
+                torch.clamp(self.entries, max=size), torch.clamp(self.capacity, max=size),
+                state.no_protection, codes[WINDOW.score], WINDOW.protect_first,
+            )
         batch = slots.shape[0]
         if ages is None:
             ages = torch.empty(state.num_layers, batch, dtype=torch.int64, device=slots.device)
@@ -63,6 +88,7 @@ class FusedDecodeAttention(AttentionBackend):
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         state = self.state
+        rows = self._rows[state.is_local(layer)]
         if self.scratch is None:
             batch, heads, head_dim = q.shape
             self.scratch = self.kernels.allocate_scratch(
@@ -84,16 +110,17 @@ class FusedDecodeAttention(AttentionBackend):
             state.positions[layer],
             None if state.stats is None else state.stats[layer],
             self.slots,
-            self.entries,
-            self.capacity,
+            rows.entries,
+            rows.capacity,
             self.newest,
-            state.protect_recent,
+            rows.recent,
             self._ages[layer],
             self.scratch,
-            self.score_code,
-            self.protect_first,
+            rows.score_code,
+            rows.protect_first,
             total_heads=state.total_heads,
             all_reduce=state.tp.all_reduce,
+            scale=state.attention_scalar**-0.5,
         )
 
     def finish(self) -> None:

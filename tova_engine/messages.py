@@ -35,6 +35,11 @@ class EngineInfo(msgspec.Struct, frozen=True):
     state_bytes_per_sequence: int
     state_total_bytes: int
     eos_token_ids: list[int]
+    # K/V bytes per sequence by layer kind: "global" (state_size entries) and "local"
+    # (sliding-window layers, at most their window); local is 0 for models without them.
+    state_bytes_by_layer_kind: dict[str, int] = msgspec.field(default_factory=dict)
+    # What the local layers' windows save per sequence against holding state_size entries.
+    state_bytes_saved_per_sequence: int = 0
 
 
 @dataclass(slots=True, frozen=True)

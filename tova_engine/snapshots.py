@@ -48,54 +48,67 @@ class SnapshotSpec:
         return None
 
 
+Layers = tuple[torch.Tensor, ...]  # one tensor per layer: layers hold different counts
+
+
 @dataclass(slots=True, eq=False)
 class StateSnapshot:
     spec: SnapshotSpec
     num_seen: int  # tokens fed to the state: the next token's RoPE position
     pending_token_ids: list[int]  # sampled, not yet fed: a continuation feeds them first
-    k: torch.Tensor  # [layers, kv_heads, entries, head_dim], on the host
-    v: torch.Tensor
-    positions: torch.Tensor  # [layers, entries] int64
-    stats: torch.Tensor | None = None  # [layers, entries], policies with a running statistic
+    # Per layer, on the host: [kv_heads, entries, head_dim]; a sliding-window layer holds
+    # fewer entries than a global one.
+    k: Layers
+    v: Layers
+    positions: Layers  # per layer [entries] int64
+    stats: Layers | None = None  # per layer [entries], policies with a running statistic
 
     @property
     def num_entries(self) -> int:
-        return self.k.shape[2]
+        """Entries of the fullest layer (a global one's): the state's `num_entries`."""
+        return max(layer.shape[1] for layer in self.k)
 
     @property
     def num_tokens(self) -> int:
         """Tokens the snapshot stands for: everything read and generated so far."""
         return self.num_seen + len(self.pending_token_ids)
 
+    def _parts(self) -> dict[str, Layers]:
+        parts = {"k": self.k, "v": self.v, "positions": self.positions}
+        if self.stats is not None:
+            parts["stats"] = self.stats
+        return parts
+
     @property
     def nbytes(self) -> int:
-        tensors = [self.k, self.v, self.positions]
-        if self.stats is not None:
-            tensors.append(self.stats)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for part in self._parts().values() for t in part)
 
     def pinned(self) -> StateSnapshot:
         """The same in page-locked memory (fast, asynchronous copies to the device)."""
-        if not torch.cuda.is_available() or self.k.is_pinned():
+        if not torch.cuda.is_available() or self.k[0].is_pinned():
             return self
-        stats = None if self.stats is None else self.stats.pin_memory()
+
+        def pin(layers: Layers | None) -> Layers | None:
+            return None if layers is None else tuple(t.pin_memory() for t in layers)
+
         return StateSnapshot(
             self.spec,
             self.num_seen,
             list(self.pending_token_ids),
-            self.k.pin_memory(),
-            self.v.pin_memory(),
-            self.positions.pin_memory(),
-            stats,
+            pin(self.k),
+            pin(self.v),
+            pin(self.positions),
+            pin(self.stats),
         )
 
     # ----- files --------------------------------------------------------------------------
 
     def save(self, path: Path, key: str | None = None) -> int:
-        """Write `path` (safetensors, metadata and `key` in its header); returns its size."""
-        tensors = {"k": self.k, "v": self.v, "positions": self.positions}
-        if self.stats is not None:
-            tensors["stats"] = self.stats
+        """Write `path` (safetensors, metadata and `key` in its header); returns its size.
+        Layer i's tensors are "k.i", "v.i", "positions.i" (and "stats.i")."""
+        tensors = {
+            f"{name}.{i}": t for name, part in self._parts().items() for i, t in enumerate(part)
+        }
         meta = {
             "spec": asdict(self.spec),
             "num_seen": self.num_seen,
@@ -119,11 +132,20 @@ class StateSnapshot:
             SnapshotSpec(**meta["spec"]),
             meta["num_seen"],
             meta["pending_token_ids"],
-            tensors["k"],
-            tensors["v"],
-            tensors["positions"],
-            tensors.get("stats"),
+            _layers(tensors, "k"),
+            _layers(tensors, "v"),
+            _layers(tensors, "positions"),
+            _layers(tensors, "stats") if "stats.0" in tensors or "stats" in tensors else None,
         )
+
+
+def _layers(tensors: dict[str, torch.Tensor], name: str) -> Layers:
+    """Layer i's tensor is `name.i`; files written before layers could differ in size hold
+    one `name` tensor with the layers stacked first."""
+    if name in tensors:
+        return tuple(tensors[name].unbind(0))
+    count = sum(1 for key in tensors if key.startswith(f"{name}."))
+    return tuple(tensors[f"{name}.{i}"] for i in range(count))
 
 
 def read_metadata(path: Path) -> dict:

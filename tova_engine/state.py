@@ -1,10 +1,16 @@
 """The bounded multi-state: per-layer key/value buffers, one row (slot) per running sequence.
 
-Layout per layer: K and V `[max_num_seqs, num_kv_heads, state_size + 1, head_dim]`. A row holds
-`num_entries[slot]` valid entries at indices `[0, num_entries)`; index `num_entries` is where
-the incoming token is written before the policy decides which entry it replaces, hence the
-extra entry. Keys are stored already rotated at their absolute position (`positions`), so
-entries are order-free and an evicted one is overwritten in place.
+Layout per layer: K and V `[max_num_seqs, num_kv_heads, size + 1, head_dim]`, where `size` is
+the layer's (`layer_sizes`): the engine's state_size S for a global layer, min(window - 1, S)
+for a sliding-window (local) layer (`layer_state_sizes` says why). A row holds `num_entries[slot]`
+valid entries in a global layer, `min(num_entries[slot], size)` in a local one, at indices
+`[0, entries)`; index `entries` is where the incoming token is written before the policy
+decides which entry it replaces, hence the extra entry. Keys are stored already rotated at
+their absolute position (`positions`), so entries are order-free and an evicted one is
+overwritten in place.
+
+Every layer of a row has read the same tokens and none evicts before it is full, so one
+counter per row gives every layer's entries: min(tokens read, capacity, layer size).
 """
 
 from __future__ import annotations
@@ -14,6 +20,24 @@ import torch
 from tova_engine.model.config import ModelConfig
 from tova_engine.parallel import SINGLE, TensorParallel
 from tova_engine.snapshots import SnapshotSpec, StateSnapshot
+
+LAYER_KINDS = ("global", "local")
+
+
+def layer_state_sizes(config: ModelConfig, state_size: int) -> list[int]:
+    """Entries each layer's state holds at most. A sliding layer's query at position p sees
+    the positions (p - window, p] (transformers: key > query - window), itself included, so
+    the window - 1 positions before it are all its state ever needs; whatever the policy,
+    it keeps the latest of them."""
+    sizes = []
+    for layer in range(config.num_layers):
+        window = config.layer_window(layer)
+        sizes.append(state_size if window is None else min(window - 1, state_size))
+    return sizes
+
+
+def layer_kind(config: ModelConfig, layer: int) -> str:
+    return "global" if config.layer_window(layer) is None else "local"
 
 
 class KVState:
@@ -37,12 +61,24 @@ class KVState:
         self.total_heads = c.num_heads * tp.size
         self.num_layers = c.num_layers
         self.state_size = state_size
+        self.layer_sizes = layer_state_sizes(c, state_size)
+        self.local_layers = [c.layer_window(layer) is not None for layer in range(c.num_layers)]
+        # Attention logits are q.k / sqrt(attention_scalar) (head_dim, or Gemma's scalar).
+        self.attention_scalar = c.attention_scalar
+        # Positions a sliding layer's query sees, itself included (None: no sliding layers).
+        self.sliding_window = c.sliding_window
         self.dtype = dtype
         self.pad_slot = max_num_seqs if pad_slot else None
         rows = max_num_seqs + 1 if pad_slot else max_num_seqs
-        shape = (rows, c.num_kv_heads, state_size + 1, c.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
+
+        def buffer(size: int) -> torch.Tensor:
+            shape = (rows, c.num_kv_heads, size + 1, c.head_dim)
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.k = [buffer(size) for size in self.layer_sizes]
+        self.v = [buffer(size) for size in self.layer_sizes]
+        # Positions and statistics are S + 1 wide in every layer: one tensor, a small
+        # fraction of K/V's bytes; a local layer's entries past its size are never read.
         entries = (c.num_layers, rows, state_size + 1)
         # Absolute position of the token held by each entry, per layer (layers evict apart).
         self.positions = torch.zeros(entries, dtype=torch.int64, device=device)
@@ -56,6 +92,20 @@ class KVState:
         self.capacity = torch.full((rows,), state_size, dtype=torch.int64, device=device)
         # The latest positions each row never evicts (its policy's `recent_count`).
         self.protect_recent = torch.zeros(rows, dtype=torch.int64, device=device)
+        # What local layers read instead: their window keeps the latest by construction.
+        self.no_protection = (
+            torch.zeros(rows, dtype=torch.int64, device=device)
+            if self.sliding_window is not None
+            else None
+        )
+
+    def is_local(self, layer: int) -> bool:
+        """A sliding-window layer (whatever its size: with S below the window it is S)."""
+        return self.local_layers[layer]
+
+    def layer_entries(self, layer: int, entries: int) -> int:
+        """A layer's valid entries when a global layer holds `entries`."""
+        return min(entries, self.layer_sizes[layer])
 
     def head_mean(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """Per-entry attention averaged over every query head of the layer, from this rank's
@@ -65,15 +115,38 @@ class KVState:
     @staticmethod
     def bytes_per_sequence(model_config: ModelConfig, state_size: int, dtype: torch.dtype) -> int:
         """K and V of every layer for one sequence: constant whatever its length."""
+        return sum(KVState.bytes_by_kind(model_config, state_size, dtype).values())
+
+    @staticmethod
+    def bytes_by_kind(
+        model_config: ModelConfig, state_size: int, dtype: torch.dtype
+    ) -> dict[str, int]:
+        """K and V bytes per sequence of the global and of the local (sliding-window) layers."""
         c = model_config
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * state_size * element
+        per_entry = 2 * c.num_kv_heads * c.head_dim * element
+        totals = dict.fromkeys(LAYER_KINDS, 0)
+        for layer, size in enumerate(layer_state_sizes(c, state_size)):
+            totals[layer_kind(c, layer)] += per_entry * size
+        return totals
+
+    @staticmethod
+    def bytes_saved_per_sequence(
+        model_config: ModelConfig, state_size: int, dtype: torch.dtype
+    ) -> int:
+        """What sliding-window layers save per sequence against every layer holding
+        `state_size` entries."""
+        c = model_config
+        uniform = 2 * c.num_layers * c.num_kv_heads * c.head_dim * state_size
+        element = torch.empty((), dtype=dtype).element_size()
+        return uniform * element - KVState.bytes_per_sequence(c, state_size, dtype)
 
     def total_bytes(self) -> int:
         tensors = [*self.k, *self.v, self.positions, self.num_entries, self.num_seen,
                    self.capacity, self.protect_recent]
-        if self.stats is not None:
-            tensors.append(self.stats)
+        for optional in (self.stats, self.no_protection):
+            if optional is not None:
+                tensors.append(optional)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def reset_slot(self, slot: int, capacity: int, protect_recent: int = 0) -> None:
@@ -99,41 +172,48 @@ class KVState:
     def retained_positions(self, slot: int) -> list[list[int]]:
         """Per layer, the sorted absolute positions the slot's state holds."""
         count = int(self.num_entries[slot])
-        held = self.positions[:, slot, :count].sort(dim=-1).values
-        return held.tolist()
+        return [
+            self.positions[layer, slot, : self.layer_entries(layer, count)].sort().values.tolist()
+            for layer in range(self.num_layers)
+        ]
 
     def snapshot(
         self, slot: int, spec: SnapshotSpec, pending_token_ids: list[int]
     ) -> StateSnapshot:
-        """A host copy of the slot's state (its valid entries only)."""
+        """A host copy of the slot's state (each layer's valid entries only)."""
         count = int(self.num_entries[slot])
 
         def host(t: torch.Tensor) -> torch.Tensor:  # a copy: on CPU .cpu() would be a view
             return t.to("cpu", copy=True)
 
-        k = host(torch.stack([layer[slot, :, :count] for layer in self.k]))
-        v = host(torch.stack([layer[slot, :, :count] for layer in self.v]))
-        stats = None if self.stats is None else host(self.stats[:, slot, :count])
-        positions = host(self.positions[:, slot, :count])
+        counts = [self.layer_entries(layer, count) for layer in range(self.num_layers)]
+        k = tuple(host(layer[slot, :, :n]) for layer, n in zip(self.k, counts, strict=True))
+        v = tuple(host(layer[slot, :, :n]) for layer, n in zip(self.v, counts, strict=True))
+        positions = tuple(host(self.positions[i, slot, :n]) for i, n in enumerate(counts))
+        stats = None
+        if self.stats is not None:
+            stats = tuple(host(self.stats[i, slot, :n]) for i, n in enumerate(counts))
         return StateSnapshot(
             spec, int(self.num_seen[slot]), list(pending_token_ids), k, v, positions, stats
         )
 
     def restore(self, slot: int, snapshot: StateSnapshot, protect_recent: int = 0) -> None:
         """Put a snapshot's state in a slot (device copies; nothing is recomputed)."""
-        count = snapshot.num_entries
         device = self.num_seen.device
-        k = snapshot.k.to(device, non_blocking=True)
-        v = snapshot.v.to(device, non_blocking=True)
-        for layer in range(self.num_layers):
-            self.k[layer][slot, :, :count] = k[layer]
-            self.v[layer][slot, :, :count] = v[layer]
-        self.positions[:, slot, :count] = snapshot.positions.to(device, non_blocking=True)
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
         if self.stats is not None:
             self.stats[:, slot] = 0
-            if snapshot.stats is not None:
-                self.stats[:, slot, :count] = snapshot.stats.to(device, non_blocking=True)
-        self.num_entries[slot] = count
+        for layer in range(self.num_layers):
+            n = snapshot.k[layer].shape[1]
+            self.k[layer][slot, :, :n] = dev(snapshot.k[layer])
+            self.v[layer][slot, :, :n] = dev(snapshot.v[layer])
+            self.positions[layer, slot, :n] = dev(snapshot.positions[layer])
+            if self.stats is not None and snapshot.stats is not None:
+                self.stats[layer, slot, :n] = dev(snapshot.stats[layer])
+        self.num_entries[slot] = snapshot.num_entries
         self.num_seen[slot] = snapshot.num_seen
         self.capacity[slot] = snapshot.spec.capacity
         self.protect_recent[slot] = protect_recent

@@ -8,20 +8,36 @@ the runner for one step and called once per layer.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from tova_engine.attention_backend import AttentionBackend
-from tova_engine.policies import Policy
+from tova_engine.policies import POLICIES, Policy
 from tova_engine.state import KVState
 from tova_engine.transfer import to_device
+
+# A sliding-window layer's state is a window whatever the engine's policy: the oldest goes.
+WINDOW = POLICIES["window"]
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
     """At least float32 for softmax and scores (float64 stays float64 for exact tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _Rows(NamedTuple):
+    """The step's rows as layers of one state size see them."""
+
+    entries: torch.Tensor  # [B] valid entries before this token (the new token's index)
+    capacity: torch.Tensor  # [B]
+    valid: torch.Tensor  # [B, W] entries attended: the valid ones and the new token
+    full: torch.Tensor  # [B] the token replaces an entry
+    width: int  # W
+    policy: Policy
+    recent: torch.Tensor  # [B] latest positions protected
 
 
 class DecodeAttention(AttentionBackend):
@@ -30,6 +46,7 @@ class DecodeAttention(AttentionBackend):
     Per layer: write the token at index `num_entries` (the spare entry), attend over the
     valid entries plus itself, score with the policy, and if the row is full move the token
     onto the lowest-scored entry (or leave it to be dropped when it is the lowest itself).
+    A sliding-window layer does the same within its own size, dropping the oldest.
     Static shapes throughout, no host synchronisation.
     """
 
@@ -50,57 +67,74 @@ class DecodeAttention(AttentionBackend):
         self.entries = state.num_entries[self.slots]  # [B] valid entries before this token
         self.newest = state.num_seen[self.slots]  # [B] position of this token
         self.capacity = state.capacity[self.slots]
-        self.recent = state.protect_recent[self.slots]
         self.rows = torch.arange(len(slots), device=device)
-        entry_index = torch.arange(self.width, device=device)
-        self.valid = entry_index.unsqueeze(0) <= self.entries.unsqueeze(1)  # [B, W]
-        self.full = self.entries >= self.capacity
+        global_rows = self._view(
+            self.entries, self.capacity, self.width, policy, state.protect_recent[self.slots]
+        )
+        # Keyed by `state.is_local(layer)`: every local layer has the one window's size.
+        self._views = {False: global_rows}
+        if any(state.local_layers):
+            size = state.layer_sizes[state.local_layers.index(True)]
+            self._views[True] = self._view(
+                torch.clamp(self.entries, max=size),
+                torch.clamp(self.capacity, max=size),
+                min(self.width, size + 1),
+                WINDOW,
+                state.no_protection[self.slots],
+            )
         # Per layer: tokens back from the newest that each row's evicted entry was; -1 = none.
         self._ages: list[torch.Tensor] = []
+
+    def _view(self, entries, capacity, width: int, policy: Policy, recent) -> _Rows:
+        entry_index = torch.arange(width, device=entries.device)
+        valid = entry_index.unsqueeze(0) <= entries.unsqueeze(1)  # [B, W]
+        return _Rows(entries, capacity, valid, entries >= capacity, width, policy, recent)
 
     @property
     def positions(self) -> torch.Tensor:
         return self.newest
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        view = self._views[self.state.is_local(layer)]
         k_buf, v_buf = self.state.k[layer], self.state.v[layer]
-        k_buf[self.slots, :, self.entries] = k
-        v_buf[self.slots, :, self.entries] = v
-        self.state.positions[layer, self.slots, self.entries] = self.newest
-        rows, width = self.rows_of_state, self.width
-        out, attn = self._attend(q, k_buf[rows, :, :width], v_buf[rows, :, :width])
-        self._evict(layer, attn, k, v)
+        k_buf[self.slots, :, view.entries] = k
+        v_buf[self.slots, :, view.entries] = v
+        self.state.positions[layer, self.slots, view.entries] = self.newest
+        rows, width = self.rows_of_state, view.width
+        out, attn = self._attend(view, q, k_buf[rows, :, :width], v_buf[rows, :, :width])
+        self._evict(layer, view, attn, k, v)
         return out
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    def _attend(self, view: _Rows, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         batch, kv_heads, _, head_dim = keys.shape
         heads = q.shape[1]
         q = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # [B, Hkv, G, D]
-        logits = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(head_dim)  # [B, Hkv, G, E]
-        logits = _widen(logits).masked_fill(~self.valid[:, None, None, :], float("-inf"))
+        scalar = self.state.attention_scalar
+        logits = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(scalar)  # [B, Hkv, G, E]
+        logits = _widen(logits).masked_fill(~view.valid[:, None, None, :], float("-inf"))
         probs = logits.softmax(dim=-1)
         out = torch.matmul(probs.to(values.dtype), values)  # [B, Hkv, G, D]
         return out.reshape(batch, heads, head_dim), self.state.head_mean(probs.sum(dim=(1, 2)))
 
-    def _evict(self, layer: int, attn: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        state = self.state
-        positions = state.positions[layer, self.rows_of_state, : self.width]  # [B, W]
+    def _evict(self, layer: int, view: _Rows, attn, k: torch.Tensor, v: torch.Tensor) -> None:
+        state, rows, width = self.state, self.rows_of_state, view.width
+        positions = state.positions[layer, rows, :width]  # [B, W]
         stats = None
-        if state.stats is not None:
-            stats = state.stats[layer, self.rows_of_state, : self.width].clone()
-            stats[self.rows, self.entries] = 0.0  # the spare entry's leftover from a past token
+        if state.stats is not None and view.policy.uses_stats:
+            stats = state.stats[layer, rows, :width].clone()
+            stats[self.rows, view.entries] = 0.0  # the spare entry's leftover from a past token
             stats = stats + attn
-        score = self.policy.scores(attn, positions, stats, self.newest, self.recent)
-        score = score.masked_fill(~self.valid, float("inf"))
-        target = torch.where(self.full, score.argmin(dim=-1), self.entries)
+        score = view.policy.scores(attn, positions, stats, self.newest, view.recent)
+        score = score.masked_fill(~view.valid, float("inf"))
+        target = torch.where(view.full, score.argmin(dim=-1), view.entries)
         evicted = positions[self.rows, target]
-        self._ages.append(torch.where(self.full, self.newest - evicted, -1))
+        self._ages.append(torch.where(view.full, self.newest - evicted, -1))
         state.k[layer][self.slots, :, target] = k
         state.v[layer][self.slots, :, target] = v
         state.positions[layer, self.slots, target] = self.newest
         if stats is not None:
-            stats[self.rows, target] = stats[self.rows, self.entries]
-            state.stats[layer, self.rows_of_state, : self.width] = stats
+            stats[self.rows, target] = stats[self.rows, view.entries]
+            state.stats[layer, rows, :width] = stats
 
     def finish(self) -> None:
         """Advance the counters once all layers have run."""
@@ -120,7 +154,9 @@ class ChunkAttention(AttentionBackend):
 
     Each row's chunk attends causally to itself and fully to the row's state; then, if more
     than the capacity would remain, each row keeps the entries with the highest policy score
-    for its chunk's last query (C = whole prompt is the reference TOVA prefill).
+    for its chunk's last query (C = whole prompt is the reference TOVA prefill). In a
+    sliding-window layer a query sees only the positions within its window, and the layer
+    keeps the latest entries its size holds.
     """
 
     def __init__(
@@ -134,8 +170,9 @@ class ChunkAttention(AttentionBackend):
         capacity: int,
     ) -> None:
         """slots: the rows' slots, a list or a device tensor (a captured graph's input);
-        entries: valid entries every row holds before the chunk; capacity: the rows'
-        state size, as the host knows it (reading it back would be a host-device sync)."""
+        entries: valid entries every global layer of a row holds before the chunk; capacity:
+        the rows' state size, as the host knows it (reading it back would be a host-device
+        sync)."""
         self.state = state
         self.policy = policy
         device = state.num_seen.device
@@ -151,7 +188,7 @@ class ChunkAttention(AttentionBackend):
         self.length = length
         self.capacity = capacity
         self.chunk_positions = torch.arange(start, start + length, device=device)  # [C]
-        self._mask_cache: torch.Tensor | None = None
+        self._masks: dict[int, torch.Tensor] = {}
         self._causal_bias = causal_lower_right(length, entries + length)
         # Per layer that evicted: [R, entries + C], tokens back from the chunk's last position
         # of each dropped entry, -1 for kept ones (fixed size: no host sync to filter).
@@ -161,65 +198,88 @@ class ChunkAttention(AttentionBackend):
     def positions(self) -> torch.Tensor:
         return self.chunk_positions.repeat(self.num_rows)  # [R*C], row after row
 
-    def _past(self, buffer: torch.Tensor) -> torch.Tensor:
-        """buffer [slots, S+1, ...] -> the rows' valid entries [R, n, ...]."""
+    def _past(self, buffer: torch.Tensor, count: int) -> torch.Tensor:
+        """buffer [slots, S+1, ...] -> the rows' first `count` entries [R, count, ...]."""
         if isinstance(self.rows, int):
-            return buffer[self.rows, : self.entries].unsqueeze(0)
-        return buffer[self.rows, : self.entries]
+            return buffer[self.rows, :count].unsqueeze(0)
+        return buffer[self.rows, :count]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         rows, length = self.num_rows, self.length
         state = self.state
+        local = state.is_local(layer)
+        n = state.layer_entries(layer, self.entries)
         q = q.view(rows, length, *q.shape[1:])  # [R, C, H, D]
         k = k.view(rows, length, *k.shape[1:])  # [R, C, Hkv, D]
         v = v.view(rows, length, *v.shape[1:])
-        past_k = self._past(state.k[layer].transpose(1, 2)).transpose(1, 2)  # [R, Hkv, n, D]
-        past_v = self._past(state.v[layer].transpose(1, 2)).transpose(1, 2)
+        past_k = self._past(state.k[layer].transpose(1, 2), n).transpose(1, 2)  # [R, Hkv, n, D]
+        past_v = self._past(state.v[layer].transpose(1, 2), n).transpose(1, 2)
         keys = torch.cat((past_k, k.transpose(1, 2)), dim=2)  # [R, Hkv, n+C, D]
         values = torch.cat((past_v, v.transpose(1, 2)), dim=2)
         queries = q.transpose(1, 2)  # [R, H, C, D]
-        mask = self._mask(queries.device)
+        mask = self._window_mask(layer, n) if local else self._mask(n, queries.device)
         # On CUDA the same mask as a lower-right causal bias: SDPA can take its flash kernel.
         # Grouped-query heads share their K/V inside SDPA: no per-head copies of the state.
-        bias = self._causal_bias if queries.is_cuda else mask
+        bias = self._causal_bias if queries.is_cuda and not local else mask
         gqa = queries.shape[1] != keys.shape[1]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, enable_gqa=gqa)
-        self._keep(layer, queries, keys, values, mask)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=bias, enable_gqa=gqa, scale=self._scale
+        )
+        self._keep(layer, n, queries, keys, values, mask)
         return out.transpose(1, 2).reshape(rows * length, out.shape[1], out.shape[-1])
 
-    def _mask(self, device: torch.device) -> torch.Tensor:
+    @property
+    def _scale(self) -> float:
+        return 1.0 / math.sqrt(self.state.attention_scalar)
+
+    def _mask(self, n: int, device: torch.device) -> torch.Tensor:
         """[C, n+C] bool: every state entry, and the chunk causally. The same for every
-        layer: built on first use (a step's host time is mostly kernel launches)."""
-        if self._mask_cache is None:
+        global layer: built on first use (a step's host time is mostly kernel launches)."""
+        if n not in self._masks:
             chunk = torch.ones(self.length, self.length, dtype=torch.bool, device=device).tril()
-            past = torch.ones(self.length, self.entries, dtype=torch.bool, device=device)
-            self._mask_cache = torch.cat((past, chunk), dim=1)
-        return self._mask_cache
+            past = torch.ones(self.length, n, dtype=torch.bool, device=device)
+            self._masks[n] = torch.cat((past, chunk), dim=1)
+        return self._masks[n]
+
+    def _window_mask(self, layer: int, n: int) -> torch.Tensor:
+        """[R, 1, C, n+C] bool for a sliding layer: query at p sees keys at (p - window, p].
+        Read from each row's positions: its entries' order is the order they were written."""
+        past = self._past(self.state.positions[layer], n)  # [R, n]
+        keys = torch.cat((past, self.chunk_positions.expand(self.num_rows, -1)), dim=1)
+        query = self.chunk_positions[None, :, None]  # [1, C, 1]
+        keys = keys[:, None, :]  # [R, 1, n+C]
+        seen = (keys <= query) & (keys > query - self.state.sliding_window)
+        return seen.unsqueeze(1)
 
     def _probs(self, queries, keys, mask) -> torch.Tensor:
         """Head-averaged attention probabilities of the given queries: [R, C', n+C].
 
         queries [R, H, C', D], keys [R, Hkv, n+C, D]: query head h reads kv head h // G, so
-        the G heads of a kv head are one matmul against it (no repeated keys)."""
+        the G heads of a kv head are one matmul against it (no repeated keys). mask: [C', n+C]
+        or [R, 1, C', n+C]."""
         rows, heads, count, dim = queries.shape
         kv_heads, total = keys.shape[1], keys.shape[2]
         grouped = queries.reshape(rows, kv_heads, heads // kv_heads * count, dim)
-        logits = torch.matmul(grouped, keys.transpose(-1, -2)) / math.sqrt(dim)
+        scalar = self.state.attention_scalar
+        logits = torch.matmul(grouped, keys.transpose(-1, -2)) / math.sqrt(scalar)
         logits = _widen(logits.view(rows, heads, count, total)).masked_fill(~mask, float("-inf"))
         return self.state.head_mean(logits.softmax(dim=-1).sum(dim=1))
 
-    def _keep(self, layer, queries, keys, values, mask) -> None:
+    def _keep(self, layer, n, queries, keys, values, mask) -> None:
         state, rows = self.state, self.num_rows
-        total = self.entries + self.length
+        local = state.is_local(layer)
+        policy = WINDOW if local else self.policy
+        capacity = state.layer_entries(layer, self.capacity)
+        total = n + self.length
         chunk_positions = self.chunk_positions.expand(rows, self.length)
-        positions = torch.cat((self._past(state.positions[layer]), chunk_positions), dim=1)
+        positions = torch.cat((self._past(state.positions[layer], n), chunk_positions), dim=1)
         stats = None
-        if state.stats is not None:
+        if state.stats is not None and policy.uses_stats:
             # Accumulated attention needs every chunk query, not just the last one.
             received = self._probs(queries, keys, mask).sum(dim=1)  # [R, n+C]
             fresh = received.new_zeros(rows, self.length)
-            stats = torch.cat((self._past(state.stats[layer]), fresh), dim=1) + received
-        if total <= self.capacity:
+            stats = torch.cat((self._past(state.stats[layer], n), fresh), dim=1) + received
+        if total <= capacity:
             # Everything stays, in order: written as is, no gathers.
             self._write(state.k[layer], keys, total)
             self._write(state.v[layer], values, total)
@@ -227,14 +287,18 @@ class ChunkAttention(AttentionBackend):
             if stats is not None:
                 self._write(state.stats[layer], stats, total)
             return
-        last = self._probs(queries[:, :, -1:], keys, mask[-1:]).squeeze(1)  # [R, n+C]
+        last = None
+        if policy.uses_attention:
+            last = self._probs(queries[:, :, -1:], keys, mask[..., -1:, :]).squeeze(1)  # [R, n+C]
         newest = self.chunk_positions[-1:].expand(rows)
-        recent = self.state.protect_recent[self.slots]
-        score = self.policy.scores(last, positions, stats, newest, recent)
-        keep = score.topk(self.capacity, dim=-1).indices.sort(dim=-1).values  # [R, S]
+        recent = (state.no_protection if local else state.protect_recent)[self.slots]
+        score = policy.scores(last, positions, stats, newest, recent)
+        keep = score.topk(capacity, dim=-1).indices.sort(dim=-1).values  # [R, S]
         dropped = torch.ones(rows, total, dtype=torch.bool, device=keys.device)
         dropped.scatter_(1, keep, False)
-        self._ages.append(torch.where(dropped, newest[:, None] - positions, -1))
+        ages = torch.where(dropped, newest[:, None] - positions, -1)
+        # Left-padded to the global layers' width: every layer's ages stack into one tensor.
+        self._ages.append(F.pad(ages, (self.entries + self.length - total, 0), value=-1))
         count = keep.shape[1]
         entry_index = keep[:, None, :, None].expand(rows, keys.shape[1], count, keys.shape[-1])
         self._write(state.k[layer], keys.gather(2, entry_index), count)

@@ -63,6 +63,15 @@ class ServerMetrics:
             "tova_state_slots_capacity", "State slots allocated at start-up (max_num_seqs).")
         self.memory_bytes = self._gauge(
             "tova_state_memory_bytes", "Bytes of the state buffers, allocated once at start-up.")
+        self.sequence_bytes = Gauge(
+            "tova_state_sequence_bytes",
+            "K/V bytes of one sequence's state by layer kind: global layers hold state_size "
+            "entries, local (sliding-window) layers at most their window.",
+            ["model_name", "layer_kind"], registry=self.registry)
+        self.sequence_saved_bytes = self._gauge(
+            "tova_state_sequence_saved_bytes",
+            "K/V bytes per sequence that local layers' windows save against every layer "
+            "holding state_size entries.")
         self.engine_info = Gauge(
             "tova_engine_info", "Constant 1; the labels describe the engine's configuration.",
             ["model_name", "policy", "state_size", "max_num_seqs", "dtype", "device"],
@@ -156,6 +165,12 @@ class ServerMetrics:
         self.slots_used.labels(self.model_name).set_function(slots_used)
         self.slots_total.labels(self.model_name).set(slots_total)
         self.memory_bytes.labels(self.model_name).set(memory_bytes)
+
+    def set_sequence_bytes(self, by_layer_kind: dict[str, int], saved: int) -> None:
+        """The per-sequence state breakdown, constant for the engine's life."""
+        for kind, value in by_layer_kind.items():
+            self.sequence_bytes.labels(self.model_name, kind).set(value)
+        self.sequence_saved_bytes.labels(self.model_name).set(saved)
 
     def set_engine_info(self, **labels: object) -> None:
         values = {k: str(v) for k, v in labels.items()}

@@ -346,6 +346,7 @@ def decode_attention(
     protect_first: int,
     total_heads: int | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """One layer's decode step for B rows; updates the state in place.
 
@@ -357,6 +358,7 @@ def decode_attention(
 
     Tensor parallelism: H is this rank's share of `total_heads`; `all_reduce` sums
     `scratch.sums` across ranks in place (needed when the policy reads attention).
+    scale: of the attention logits, head_dim ** -0.5 when None.
     """
     batch, num_heads, head_dim = q.shape
     kv_heads = k_new.shape[1]
@@ -378,7 +380,7 @@ def decode_attention(
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
         v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
         scratch.logits.stride(0), scratch.logits.stride(1),
-        scratch.split_len, head_dim**-0.5,
+        scratch.split_len, head_dim**-0.5 if scale is None else scale,
         NUM_HEADS=num_heads, G=group, D=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=TUNING["block_n"], STORE_LOGITS=uses_attention, DOT_PRECISION=precision,

@@ -14,9 +14,11 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from tova_engine.model.gemma3_config import DEFAULT_SLIDING_PATTERN, FULL, SLIDING
+
 logger = logging.getLogger("tova_engine")
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -35,6 +37,14 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 names its four norms apart: ffn_norm is the one before the MLP, and the
+# post-attention one is a norm of its own.
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -72,7 +82,7 @@ def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
         or _field(reader, f"{arch}.rope.dimension_count")
         or hidden // heads
     )
-    return {
+    hf = {
         "model_type": arch,
         "vocab_size": _vocab_size(reader, arch, tensors),
         "hidden_size": hidden,
@@ -93,6 +103,30 @@ def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _stop_ids(reader),
     }
+    if arch == "gemma3":
+        hf.update(gemma3_fields(reader, hf))
+    return hf
+
+
+def gemma3_fields(reader: GGUFReader, hf: dict[str, Any]) -> dict[str, Any]:
+    """What a gemma3 GGUF adds, with llama.cpp's own values for what it does not store: the
+    local layers' RoPE base (10000) and their pattern (five local, one global), and the
+    attention scalar (hidden / heads for the 62-layer 27B, head_dim otherwise)."""
+    layers, head_dim = hf["num_hidden_layers"], hf["head_dim"]
+    pattern = _field(reader, "gemma3.attention.sliding_window_pattern", DEFAULT_SLIDING_PATTERN)
+    if isinstance(pattern, list):  # one flag per layer (True: sliding), as newer files write
+        types = [SLIDING if sliding else FULL for sliding in pattern]
+    else:  # every pattern-th layer is global
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
+    scalar = hf["hidden_size"] // hf["num_attention_heads"] if layers == 62 else head_dim
+    return {
+        "model_type": "gemma3_text",  # "gemma3" would name the multimodal wrapper
+        "sliding_window": _required(reader, "gemma3.attention.sliding_window"),
+        "layer_types": types,
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": scalar,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
 
 
 def gguf_weights(
@@ -101,18 +135,24 @@ def gguf_weights(
     """Dequantize one tensor at a time, yielding (HF name, tensor in HF [out, in] layout)."""
     # llama.cpp permutes q/k rows for arch llama only; qwen2 and qwen3 keep the HF layout.
     permuted = {"attn_q": hf["num_attention_heads"], "attn_k": hf["num_key_value_heads"]}
+    gemma = hf["model_type"] == "gemma3_text"
     for tensor, hf_name in gguf_name_map(reader):
         # dequantize returns numpy's reversed GGUF shape, which is already HF's [out, in].
         array = dequantize(tensor.data, tensor.tensor_type)
         kind = tensor.name.split(".")[-2]
         if hf["model_type"] == "llama" and kind in permuted:
             array = unpermute_rope_rows(array, permuted[kind])
+        if gemma and hf_name.endswith("norm.weight"):
+            # llama.cpp's converter stores Gemma's norm weights with the 1 of (1 + weight)
+            # added; transformers' (and this engine's) weight excludes it.
+            array = array - np.float32(1.0)
         yield hf_name, _to_torch(array, dtype)
 
 
 def gguf_name_map(reader: GGUFReader) -> list[tuple[ReaderTensor, str]]:
     """(tensor, HF name) pairs, built up front so that an unknown tensor fails before loading."""
-    return [(t, _hf_name(t.name)) for t in reader.tensors if t.name != _ROPE_FREQS]
+    names = _GEMMA3_BLOCK_NAMES if _field(reader, "general.architecture") == "gemma3" else None
+    return [(t, _hf_name(t.name, names)) for t in reader.tensors if t.name != _ROPE_FREQS]
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -135,11 +175,12 @@ def gguf_tokenizer(reader: GGUFReader, path: Path) -> PreTrainedTokenizerBase | 
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, block_names: dict[str, str] | None = None) -> str:
+    block_names = block_names or _BLOCK_NAMES
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, suffix = m.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{suffix}"
+        if part in block_names:
+            return f"model.layers.{layer}.{block_names[part]}.{suffix}"
     elif (m := _GLOBAL_RE.fullmatch(gguf_name)) and m.group(1) in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama-family equivalent")

@@ -94,6 +94,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fuses_silu = True  # the CUDA path may take the fused silu(gate) * up kernel
+
     def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.tp = tp
@@ -151,6 +153,8 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class LlamaModel(nn.Module):
+    norm_identity = 1.0  # the norm weight that leaves normalised activations unchanged
+
     def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         """config: the whole model's; with tp, this rank builds its shard only."""
         super().__init__()
@@ -161,14 +165,18 @@ class LlamaModel(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         else:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(self.local, i, tp) for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(self._make_layer(i) for i in range(config.num_layers))
+        self.norm = self._make_norm(config.hidden_size)
         vocab_rows = self.embed_tokens.weight.shape[0]
         self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False)
         self._tie_weights()
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+
+    def _make_layer(self, index: int) -> nn.Module:
+        return DecoderLayer(self.local, index, self.tp)
+
+    def _make_norm(self, size: int) -> nn.Module:
+        return RMSNorm(size, self.config.rms_norm_eps)
 
     @classmethod
     def empty(
@@ -226,7 +234,7 @@ class LlamaModel(nn.Module):
                 module.kernel = elementwise.rms_norm
             elif isinstance(module, Attention):
                 module.rope_kernel = elementwise.rope
-            elif isinstance(module, MLP):
+            elif isinstance(module, MLP) and module.fuses_silu:
                 module.act_kernel = elementwise.silu_mul
 
     def reset_buffers(self) -> None:
@@ -243,7 +251,7 @@ class LlamaModel(nn.Module):
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith("norm.weight"):
-                    param.fill_(1.0)
+                    param.fill_(self.norm_identity)
                 else:
                     noise = torch.randn(param.shape, generator=generator, device=device)
                     param.copy_(noise * 0.02)
@@ -253,6 +261,7 @@ class LlamaModel(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
+            hf_name = text_model_name(hf_name)
             target = _map_hf_name(hf_name)
             if target is None:
                 continue
@@ -263,6 +272,9 @@ class LlamaModel(nn.Module):
                 param[row_offset : row_offset + tensor.shape[0]].copy_(tensor)
             loaded.add(hf_name)
         self._check_complete(loaded)
+
+    def _layer_norm_names(self) -> tuple[str, ...]:
+        return ("input_layernorm.weight", "post_attention_layernorm.weight")
 
     def _resolve_fused(self, name: str, part: str | None) -> tuple[str, int]:
         if part is None:
@@ -284,9 +296,8 @@ class LlamaModel(nn.Module):
             expected.add("lm_head.weight")
         for i in range(c.num_layers):
             prefix = f"model.layers.{i}."
+            expected |= {prefix + name for name in self._layer_norm_names()}
             expected |= {
-                prefix + "input_layernorm.weight",
-                prefix + "post_attention_layernorm.weight",
                 prefix + "mlp.down_proj.weight",
                 prefix + "self_attn.o_proj.weight",
             }
@@ -305,6 +316,9 @@ _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _LAYER_MAP: dict[str, tuple[str, str | None]] = {
     "input_layernorm.weight": ("input_norm.weight", None),
     "post_attention_layernorm.weight": ("post_attention_norm.weight", None),
+    # Gemma 3's norms around the MLP (its post_attention_layernorm follows attention).
+    "pre_feedforward_layernorm.weight": ("pre_feedforward_norm.weight", None),
+    "post_feedforward_layernorm.weight": ("post_feedforward_norm.weight", None),
     "self_attn.o_proj.weight": ("attn.o_proj.weight", None),
     "mlp.down_proj.weight": ("mlp.down_proj.weight", None),
     "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
@@ -322,6 +336,18 @@ _TOP_MAP = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+
+
+# The multimodal Gemma 3 wrapper's text model: "language_model.model.layers..." (transformers
+# 4.49-4.51) or "model.language_model.layers..." (later); its vision tower is not read.
+_TEXT_MODEL_PREFIXES = (("language_model.", ""), ("model.language_model.", "model."))
+
+
+def text_model_name(hf_name: str) -> str:
+    for prefix, replacement in _TEXT_MODEL_PREFIXES:
+        if hf_name.startswith(prefix):
+            return replacement + hf_name.removeprefix(prefix)
+    return hf_name
 
 
 def _map_hf_name(hf_name: str) -> tuple[str, str | None] | None:

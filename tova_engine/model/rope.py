@@ -12,8 +12,7 @@ from tova_engine.model.config import ModelConfig
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     """[head_dim // 2] float32, with linear or llama3 scaling applied."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = _plain_frequencies(config.rope_theta, config.head_dim)
     scaling = config.rope_scaling or {}
     rope_type = scaling.get("rope_type", "default")
     if rope_type == "linear":
@@ -21,6 +20,15 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     if rope_type == "llama3":
         return _llama3_scaled(inv_freq, scaling)
     return inv_freq
+
+
+def local_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Gemma 3's sliding layers: their own base (rope_local_base_freq), never scaled."""
+    return _plain_frequencies(config.rope_local_theta or 10000.0, config.head_dim)
+
+
+def _plain_frequencies(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

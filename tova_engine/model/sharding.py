@@ -4,8 +4,9 @@ Column-parallel (each rank holds a block of output rows): q/k/v (its query heads
 heads they share), gate/up (a block of the MLP's width). Row-parallel (a block of input
 columns, partial sums all-reduced): o and down. Vocabulary-parallel: the embedding (rows,
 looked up where held and all-reduced) and the LM head (its vocabulary block's logits,
-gathered once). Norms are replicated. A Hugging Face tensor is sliced to this rank's block as
-it is loaded, so no rank ever holds the whole model.
+gathered once). Norms are replicated (Gemma 3's four per layer and its per-head q/k norms
+too: they act on whole hidden vectors or on one head). A Hugging Face tensor is sliced to
+this rank's block as it is loaded, so no rank ever holds the whole model.
 """
 
 from __future__ import annotations
