@@ -253,7 +253,8 @@ def test_gemma3_retained_positions_match_slow_reference(tiny_gemma3, whole_prefi
     size = capacity or 10
     generated, positions = gemma3_reference(hf.eval(), size).generate(PROMPT, 10, whole_prefill)
     llm = LLM(str(tiny_gemma3), state_size=10, dtype="float64", device="cpu",
-              prefill_chunk_size=len(PROMPT) if whole_prefill else 1)
+              prefill_chunk_size=len(PROMPT) if whole_prefill else 1,
+              protect_recent=0)  # the paper's TOVA, as the reference has it
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, return_state=True,
                             state_size=capacity)
     out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
