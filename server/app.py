@@ -28,6 +28,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     """The caller owns the engine (and shuts it down after the server stops)."""
     settings = settings or ServerSettings()
     info = engine.info
+    if settings.chat_template is not None:
+        if engine.tokenizer is None:
+            raise ValueError("chat_template needs a tokenizer, and this model has none")
+        engine.tokenizer.chat_template = settings.chat_template
     names = settings.served_model_names or (info.model_name,)
     metrics = _metrics(engine, names[0])
     admission = Admission(lambda: engine.last_stats.num_running, settings.max_queue_len,

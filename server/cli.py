@@ -15,6 +15,7 @@ import sys
 import uvicorn
 
 from server.app import create_app
+from server.chat_template import load_chat_template, shipped_names
 from server.graceful import FLUSH_TIMEOUT_S, GracefulServer
 from server.keepalive import KeepAliveProtocol
 from server.reasoning import PARSERS
@@ -134,6 +135,10 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reasoning-parser", choices=PARSERS, default=None,
                        help="split a reasoning model's <think> block into reasoning_content "
                             "(qwen3); default: none, the thinking stays in the content")
+    group.add_argument("--chat-template", default=None, metavar="NAME|FILE|TEMPLATE",
+                       help="the chat template to use instead of the tokenizer's (or where it "
+                            "has none): a shipped one (" + ", ".join(shipped_names()) + "), a "
+                            "Jinja file, or the template text; default: the tokenizer's")
     group.add_argument("--port", type=int, default=8000, help="port to listen on")
     group.add_argument("--served-model-name", nargs="+", default=None,
                        help="names clients may use in `model`; default: the model's name")
@@ -201,6 +206,8 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
         timeout_keep_alive_s=args.timeout_keep_alive,
         log_requests=args.log_requests, enable_fault_injection=args.enable_fault_injection,
         reasoning_parser=args.reasoning_parser,
+        chat_template=None if args.chat_template is None else load_chat_template(
+            args.chat_template),
     )
     return engine, server
 
@@ -226,6 +233,7 @@ def log_resolved(engine: AsyncEngine, settings: ServerSettings,
         "access_log": settings.access_log,
         "log_requests": settings.log_requests,
         "enable_fault_injection": settings.enable_fault_injection,
+        "chat_template": "given" if settings.chat_template is not None else None,
     }
     logger.info("resolved config: %s", json.dumps(resolved))
     logger.info("state memory: %.2f MiB per request, %.2f MiB in total for %d slots",
@@ -276,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     log_resolved(engine, settings, args)
     try:
         serve(engine, settings, args)
+    except ValueError as exc:  # a setting the app cannot honour for this model
+        sys.exit(f"tova-serve: error: {exc}")
     finally:
         engine.shutdown()
 

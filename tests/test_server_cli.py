@@ -122,6 +122,8 @@ def test_empty_api_key_in_environment_means_no_key(monkeypatch):
     (["--shutdown-timeout", "nan"], "shutdown_timeout_s"),
     (["--policy", "lru"], "--policy"),
     (["--dtype", "int8"], "--dtype"),
+    (["--chat-template", "no-such-template"], "chat_template 'no-such-template' is not a file"),
+    (["--chat-template", "{% if %}"], "chat_template does not parse"),
 ])
 def test_invalid_flags_exit_with_the_setting_named(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -138,3 +140,15 @@ def test_unloadable_model_exits_cleanly(tmp_path):
     )
     assert result.returncode == 1
     assert "tova-serve: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chat_template_by_name_file_or_text(tmp_path):
+    from server.chat_template import SHIPPED, load_chat_template, shipped_names
+
+    assert "gemma3" in shipped_names()
+    gemma = (SHIPPED / "gemma3.jinja").read_text()
+    assert configs(parse("--chat-template", "gemma3"))[1].chat_template == gemma
+    path = tmp_path / "mine.jinja"
+    path.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert load_chat_template(str(path)) == path.read_text()
+    assert load_chat_template("{{ messages[0]['content'] }}") == "{{ messages[0]['content'] }}"
