@@ -159,9 +159,16 @@ class EngineCore:
 
     # ----- requests -----------------------------------------------------------------------
 
-    def add(self, core_request: CoreRequest, resume: StateSnapshot | None = None) -> None:
+    def add(
+        self,
+        core_request: CoreRequest,
+        resume: StateSnapshot | None = None,
+        grammars: list | None = None,
+    ) -> None:
         """resume: the state to continue from, given in process (`LLM`); a request from the
-        front end names a stored one instead (`CoreRequest.resume_key`)."""
+        front end names a stored one instead (`CoreRequest.resume_key`). grammars: the
+        structured-output matchers, one per sequence, when the caller built them beside the
+        step loop (`core_process`); built here otherwise."""
         if core_request.request_id in self._requests:
             raise InvalidRequestError(
                 "request_id", f"request_id {core_request.request_id!r} is already in use"
@@ -178,7 +185,7 @@ class EngineCore:
             )
         request = Request.of(core_request, generators)
         if params.structured_outputs is not None:
-            grammars = self.grammars.matchers(params)
+            grammars = grammars or self.grammars.matchers(params)
             for seq, grammar in zip(request.sequences, grammars, strict=True):
                 seq.grammar = grammar
         if resume is not None:

@@ -17,6 +17,7 @@ import queue
 import signal
 import sys
 import threading
+from typing import NamedTuple
 
 import zmq
 
@@ -28,6 +29,7 @@ from tova_engine.messages import (
     AddRequest,
     CoreFailed,
     CoreReady,
+    CoreRequest,
     DropStates,
     RequestFailure,
     SequenceFinish,
@@ -79,6 +81,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _Prepared(NamedTuple):
+    request: CoreRequest
+    grammars: list | None  # one matcher per sequence, or None without a constraint
+    error: InvalidRequestError | None = None
+
+
 class CoreLoop:
     def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
         self.core = core
@@ -120,7 +128,7 @@ class CoreLoop:
             block = False
             if isinstance(message, Shutdown):
                 return False
-            if isinstance(message, AddRequest):
+            if isinstance(message, _Prepared):
                 self._add(message)
             elif isinstance(message, Abort):
                 self._abort(message)
@@ -130,10 +138,12 @@ class CoreLoop:
                 self.core.take_store_updates(step)
                 self._outbox.put(step)
 
-    def _add(self, message: AddRequest) -> None:
-        request = message.to_request()
+    def _add(self, message: _Prepared) -> None:
+        request = message.request
         try:
-            self.core.add(request)
+            if message.error is not None:
+                raise message.error
+            self.core.add(request, grammars=message.grammars)
         except InvalidRequestError as exc:  # the front end validated; only a clash is left
             rid = request.request_id
             step = StepOutputs.empty(0.0)
@@ -163,9 +173,18 @@ class CoreLoop:
                     return
                 continue
             message = decoder.decode(inputs.recv())
-            self._inbox.put(message)
+            self._inbox.put(self._prepare(message) if isinstance(message, AddRequest) else message)
             if isinstance(message, Shutdown):
                 return
+
+    def _prepare(self, message: AddRequest) -> _Prepared:
+        """On the input thread, beside the running step: the request decoded and its
+        structured-output matchers built (llguidance releases the GIL while it builds)."""
+        request = message.to_request()
+        try:
+            return _Prepared(request, self.core.grammars.matchers(request.params))
+        except InvalidRequestError as exc:
+            return _Prepared(request, None, exc)
 
     def _send(self, outputs: zmq.Socket) -> None:
         encoder = Wire().encoder

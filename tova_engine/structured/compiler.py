@@ -5,6 +5,7 @@ matcher per constrained sequence."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 
@@ -22,8 +23,13 @@ class GrammarCompiler:
         self._tokenizer = None
         self._grammars: OrderedDict[str, str] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()
 
     def _ll_tokenizer(self):
+        with self._lock:
+            return self._build_tokenizer()
+
+    def _build_tokenizer(self):
         if self._tokenizer is None:
             if self._hf_tokenizer is None:
                 raise InvalidRequestError(
@@ -43,6 +49,10 @@ class GrammarCompiler:
         return self._tokenizer
 
     def grammar(self, spec: StructuredOutputs) -> str:
+        with self._lock:  # the core's input thread and its loop (in process) both compile
+            return self._grammar(spec)
+
+    def _grammar(self, spec: StructuredOutputs) -> str:
         key = spec.key()
         text = self._grammars.get(key)
         if text is None:
