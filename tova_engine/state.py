@@ -182,17 +182,16 @@ class KVState:
     ) -> StateSnapshot:
         """A host copy of the slot's state (each layer's valid entries only)."""
         count = int(self.num_entries[slot])
-
-        def host(t: torch.Tensor) -> torch.Tensor:  # a copy: on CPU .cpu() would be a view
-            return t.to("cpu", copy=True)
-
         counts = [self.layer_entries(layer, count) for layer in range(self.num_layers)]
-        k = tuple(host(layer[slot, :, :n]) for layer, n in zip(self.k, counts, strict=True))
-        v = tuple(host(layer[slot, :, :n]) for layer, n in zip(self.v, counts, strict=True))
-        positions = tuple(host(self.positions[i, slot, :n]) for i, n in enumerate(counts))
+        kv = _to_host([
+            *(layer[slot, :, :n] for layer, n in zip(self.k, counts, strict=True)),
+            *(layer[slot, :, :n] for layer, n in zip(self.v, counts, strict=True)),
+        ])
+        positions = _to_host([self.positions[i, slot, :n] for i, n in enumerate(counts)])
         stats = None
         if self.stats is not None:
-            stats = tuple(host(self.stats[i, slot, :n]) for i, n in enumerate(counts))
+            stats = _to_host([self.stats[i, slot, :n] for i, n in enumerate(counts)])
+        k, v = kv[: self.num_layers], kv[self.num_layers :]
         return StateSnapshot(
             spec, int(self.num_seen[slot]), list(pending_token_ids), k, v, positions, stats
         )
@@ -217,3 +216,15 @@ class KVState:
         self.num_seen[slot] = snapshot.num_seen
         self.capacity[slot] = snapshot.spec.capacity
         self.protect_recent[slot] = protect_recent
+
+
+def _to_host(parts: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Host copies of device tensors of one dtype through one device-to-host copy (one per
+    layer would be 4 x layers synchronising copies per saved state); each its own storage,
+    as a snapshot file's tensors must be."""
+    flat = torch.cat([part.reshape(-1) for part in parts])  # a new tensor: never a view
+    flat = flat.to("cpu")
+    pieces = flat.split([part.numel() for part in parts])
+    return tuple(
+        piece.view(part.shape).clone() for piece, part in zip(pieces, parts, strict=True)
+    )
