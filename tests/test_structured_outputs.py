@@ -113,3 +113,27 @@ def test_a_grammar_that_completes_stops_without_an_end_token(smol):
     choice = out.outputs[0]
     assert choice.text == "alpha" and choice.finish_reason == "stop"
     assert len(choice.token_ids) < 20
+
+
+@needs_model
+def test_matchers_are_built_as_the_request_arrives_beside_the_step(smol):
+    """The core process's input thread decodes an arriving request and builds its matchers
+    (one per choice) before the step loop sees it; a constraint that does not compile comes
+    back as the request's error instead."""
+    from types import SimpleNamespace
+
+    from tova_engine.core_process import CoreLoop
+    from tova_engine.messages import AddRequest, CoreRequest
+
+    loop = SimpleNamespace(core=smol.engine.core)
+    params = SamplingParams(n=2, max_tokens=4,
+                            structured_outputs=StructuredOutputs(choice=["yes", "no"]))
+    prepared = CoreLoop._prepare(loop, AddRequest.of(CoreRequest("a", [1, 2], params, 64, 4)))
+    assert prepared.error is None and len(prepared.grammars) == 2
+    assert prepared.grammars[0] is not prepared.grammars[1]  # each choice its own matcher
+    assert prepared.request.params.structured_outputs == params.structured_outputs
+    free = CoreLoop._prepare(loop, AddRequest.of(CoreRequest("b", [1], SamplingParams(), 64, 4)))
+    assert free.grammars is None and free.error is None
+    bad = SamplingParams(structured_outputs=StructuredOutputs(regex="(("))
+    failed = CoreLoop._prepare(loop, AddRequest.of(CoreRequest("c", [1], bad, 64, 4)))
+    assert failed.error is not None and failed.error.param == "regex"
