@@ -178,8 +178,9 @@ def bench_hf(args, model_config: ModelConfig) -> dict:
     import transformers
 
     dtype = getattr(torch, args.dtype)
-    per_token = KVState.bytes_per_sequence(model_config, 1, dtype)
-    batch = int(args.state_budget_gib * 2**30) // (per_token * (args.input_len + args.output_len))
+    # The whole workload's cache; sliding-window layers (Gemma 3) hold their window only.
+    per_seq = KVState.bytes_per_sequence(model_config, args.input_len + args.output_len, dtype)
+    batch = int(args.state_budget_gib * 2**30) // per_seq
     batch = max(1, min(batch, args.max_batch))
     free_memory()
     hf_config = transformers.AutoConfig.for_model(**read_json(Path(args.model)))
