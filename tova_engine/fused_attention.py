@@ -14,11 +14,8 @@ from typing import NamedTuple
 import torch
 
 from tova_engine.attention_backend import AttentionBackend
-from tova_engine.policies import POLICIES, Policy
+from tova_engine.policies import SLIDING_LAYER_POLICY, Policy
 from tova_engine.state import KVState
-
-# A sliding-window layer's state is a window whatever the engine's policy: the oldest goes.
-WINDOW = POLICIES["window"]
 
 
 class _Rows(NamedTuple):
@@ -69,11 +66,11 @@ class FusedDecodeAttention(AttentionBackend):
             False: _Rows(self.entries, self.capacity, state.protect_recent,
                          codes[policy.score], policy.protect_first),
         }
-        if any(state.local_layers):
-            size = state.layer_sizes[state.local_layers.index(True)]
+        if (size := state.local_size) is not None:
+            window = SLIDING_LAYER_POLICY
             self._rows[True] = _Rows(
                 torch.clamp(self.entries, max=size), torch.clamp(self.capacity, max=size),
-                state.no_protection, codes[WINDOW.score], WINDOW.protect_first,
+                state.no_protection, codes[window.score], window.protect_first,
             )
         batch = slots.shape[0]
         if ages is None:

@@ -134,6 +134,11 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+# What a sliding-window layer's state runs (Gemma 3's local layers), whatever the engine's
+# policy: it never needs more than its window, so it keeps the latest.
+SLIDING_LAYER_POLICY = POLICIES["window"]
+
+
 def make_policy(policy: str | Policy, protect_recent: int | float | None = None) -> Policy:
     """A built-in policy by name, or a declared one as it is; `protect_recent` overrides its
     recency protection."""

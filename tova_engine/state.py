@@ -63,6 +63,10 @@ class KVState:
         self.state_size = state_size
         self.layer_sizes = layer_state_sizes(c, state_size)
         self.local_layers = [c.layer_window(layer) is not None for layer in range(c.num_layers)]
+        # Every local layer has the one window, so one size (None: no local layers).
+        self.local_size = next(
+            (size for size, local in zip(self.layer_sizes, self.local_layers, strict=True)
+             if local), None)
         # Attention logits are q.k / sqrt(attention_scalar) (head_dim, or Gemma's scalar).
         self.attention_scalar = c.attention_scalar
         # Positions a sliding layer's query sees, itself included (None: no sliding layers).

@@ -15,12 +15,9 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from tova_engine.attention_backend import AttentionBackend
-from tova_engine.policies import POLICIES, Policy
+from tova_engine.policies import SLIDING_LAYER_POLICY, Policy
 from tova_engine.state import KVState
 from tova_engine.transfer import to_device
-
-# A sliding-window layer's state is a window whatever the engine's policy: the oldest goes.
-WINDOW = POLICIES["window"]
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
@@ -73,13 +70,12 @@ class DecodeAttention(AttentionBackend):
         )
         # Keyed by `state.is_local(layer)`: every local layer has the one window's size.
         self._views = {False: global_rows}
-        if any(state.local_layers):
-            size = state.layer_sizes[state.local_layers.index(True)]
+        if (size := state.local_size) is not None:
             self._views[True] = self._view(
                 torch.clamp(self.entries, max=size),
                 torch.clamp(self.capacity, max=size),
                 min(self.width, size + 1),
-                WINDOW,
+                SLIDING_LAYER_POLICY,
                 state.no_protection[self.slots],
             )
         # Per layer: tokens back from the newest that each row's evicted entry was; -1 = none.
@@ -268,7 +264,7 @@ class ChunkAttention(AttentionBackend):
     def _keep(self, layer, n, queries, keys, values, mask) -> None:
         state, rows = self.state, self.num_rows
         local = state.is_local(layer)
-        policy = WINDOW if local else self.policy
+        policy = SLIDING_LAYER_POLICY if local else self.policy
         capacity = state.layer_entries(layer, self.capacity)
         total = n + self.length
         chunk_positions = self.chunk_positions.expand(rows, self.length)
