@@ -8,8 +8,9 @@ unprotected ones. A policy says
   * which entries are never evicted: the first `protect_first` positions (attention sinks)
     and the latest `protect_recent` positions, a count or a fraction of the row's state size.
 The PyTorch decode path and the chunked-prefill path (`state_attention.py`) call `scores`;
-the Triton kernel (`kernels/decode_attention.py`) implements the same primitives from
-`kernel_spec`, so a policy declared here, a built-in or a user's, runs on all three.
+the Triton kernel (`kernels/decode_attention.py`) implements the same primitives from the
+declaration's fields (`score` as its SCORE_CODES, `protect_first`, and each slot's
+`KVState.protect_recent`), so a policy declared here, a built-in or a user's, runs on all three.
 """
 
 from __future__ import annotations
