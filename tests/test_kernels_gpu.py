@@ -13,10 +13,9 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tests.elementwise_checks import check_elementwise_kernels
 from tova_engine.model.config import ModelConfig
-from tova_engine.model.rope import apply_rope
 from tova_engine.policies import Policy, make_policy
 from tova_engine.state import KVState
 from tova_engine.state_attention import DecodeAttention
@@ -167,37 +166,5 @@ def test_fused_decode_matches_pytorch(policy_name, dtype, shape_name, batch, sta
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_elementwise_kernels_match_pytorch(dtype):
-    from tova_engine.kernels import elementwise
-    from tova_engine.model.llama import RMSNorm
-
-    generator = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
-
-    tolerance = {"rtol": 1e-5, "atol": 1e-5}
-    if dtype == torch.bfloat16:
-        tolerance = {"rtol": 1e-2, "atol": 1e-2}
-    tokens, hidden, heads, kv_heads, head_dim = 37, 576, 9, 3, 64
-    norm = RMSNorm(hidden, 1e-5).to(DEVICE, dtype)
-    norm.weight.data = rand(hidden)
-    x, residual = rand(tokens, hidden), rand(tokens, hidden)
-    torch.testing.assert_close(elementwise.rms_norm(x, norm.weight, 1e-5), norm(x), **tolerance)
-    normed, summed = elementwise.rms_norm(x, norm.weight, 1e-5, residual)
-    expected_normed, expected_summed = norm.add_forward(x, residual)
-    assert torch.equal(summed, expected_summed)
-    torch.testing.assert_close(normed, expected_normed, **tolerance)
-
-    qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim)
-    angles = torch.rand(tokens, head_dim // 2, generator=generator).to(DEVICE) * 100
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    q, k = elementwise.rope(qkv, cos, sin, heads, kv_heads)
-    q_ref, k_ref, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
-    q_ref = apply_rope(q_ref.reshape(tokens, heads, head_dim), cos, sin)
-    k_ref = apply_rope(k_ref.reshape(tokens, kv_heads, head_dim), cos, sin)
-    torch.testing.assert_close(q, q_ref, **tolerance)
-    torch.testing.assert_close(k, k_ref, **tolerance)
-
-    gate_up = rand(tokens, 2 * 1536)
-    gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(elementwise.silu_mul(gate_up), F.silu(gate) * up, **tolerance)
+    """Norms of both styles, RoPE with and without q/k norms, both gated activations."""
+    assert check_elementwise_kernels(DEVICE, dtype) == 24

@@ -12,8 +12,10 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+import torch
 
 from tests.conftest import save_tiny_gemma3, save_tiny_model
+from tests.elementwise_checks import check_elementwise_kernels
 from tova_engine import LLM, SamplingParams
 from tova_engine.policies import Policy, make_policy
 
@@ -31,14 +33,20 @@ def four_kv_heads(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    """`run` in a process started with the variable set: Triton reads it when it is imported,
-    and torch imports it (the tensor-parallel ranks inherit it)."""
+def interpreted_call():
+    """Runs a function in a process started with the variable set: Triton reads it when it is
+    imported, and torch imports it (the tensor-parallel ranks inherit it)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            yield lambda *args: pool.submit(run, *args).result(timeout=600)
+            yield lambda function, *args: pool.submit(function, *args).result(timeout=600)
+
+
+@pytest.fixture(scope="module")
+def interpreted(interpreted_call):
+    """`run` in the interpreted process."""
+    return lambda *args: interpreted_call(run, *args)
 
 
 def prompts() -> list[list[int]]:
@@ -101,9 +109,15 @@ def test_fused_kernels_over_two_ranks_evict_alike(interpreted, four_kv_heads, po
     assert_ranks_agree(retained)
 
 
+def test_elementwise_kernels_equal_the_pytorch_modules(interpreted_call):
+    """RMSNorm (Llama's, Gemma's; with the residual add), RoPE after each style of q/k norm,
+    silu and gelu(tanh) gating, float32: the kernels the fused path runs for every family."""
+    assert interpreted_call(check_elementwise_kernels, "cpu", torch.float32) == 24
+
+
 def test_qwen3_through_the_fused_kernels(interpreted, tmp_path):
-    """Qwen3's per-head q/k norms on the fused path (the RMSNorm kernel per head, then RoPE)
-    give the PyTorch path's tokens and retained positions."""
+    """Qwen3's per-head q/k norms on the fused path (in the RoPE kernel's launch) give the
+    PyTorch path's tokens and retained positions."""
     model = save_tiny_model(tmp_path / "qwen3", "qwen3", num_attention_heads=8,
                             num_key_value_heads=4, head_dim=16)
     reference, _ = run(model, "tova", "torch")

@@ -16,50 +16,33 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tova_engine.model.config import ModelConfig
-from tova_engine.model.llama import MLP, Attend, Attention, LlamaModel
+from tova_engine.model.llama import MLP, Attend, Attention, LlamaModel, RMSNorm
 from tova_engine.model.rope import local_inverse_frequencies, rope_cos_sin
 from tova_engine.parallel import SINGLE, TensorParallel
 
 
-class GemmaRMSNorm(nn.Module):
-    """x / rms(x) * (1 + weight). Always PyTorch: the fused CUDA norm multiplies by the
-    weight in the activations' dtype, where 1 + weight would be rounded first."""
+class GemmaRMSNorm(RMSNorm):
+    """x / rms(x) * (1 + weight), in float32, cast back last (the fused kernel's
+    `unit_offset` style)."""
 
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(size))
-        self.eps = eps
+    unit_offset = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return (wide * (1.0 + self.weight.to(wide.dtype))).to(x.dtype)
 
-    def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + x), residual + x), as `RMSNorm.add_forward`."""
-        summed = residual + x
-        return self(summed), summed
-
 
 class GemmaAttention(Attention):
-    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
-        super().__init__(config, tp)
-        self.q_norm = GemmaRMSNorm(config.head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(config.head_dim, config.rms_norm_eps)
+    def _head_norm(self, config: ModelConfig) -> RMSNorm:
+        return GemmaRMSNorm(config.head_dim, config.rms_norm_eps)
 
 
 class GemmaMLP(MLP):
-    fuses_silu = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.gelu(gate, approximate="tanh") * up))
+    activation = "gelu_tanh"
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +26,22 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
+    # Gemma's norm scales by (1 + weight) (model/gemma3.py); the fused kernel takes either.
+    unit_offset = False
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.full((size,), 0.0 if self.unit_offset else 1.0))
         self.eps = eps
         self.kernel: Callable | None = None  # fused Triton version (kernels/elementwise.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
-            return self.kernel(x, self.weight, self.eps)
-        # Normalise in at least float32 (half precision loses the mean), then cast back.
+            return self.kernel(x, self.weight, self.eps, unit_offset=self.unit_offset)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's version. Normalise in at least float32 (half precision loses the mean)."""
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * wide.to(x.dtype)
@@ -44,7 +51,7 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x): the residual add and the next norm, fused."""
         if self.kernel is not None:
-            return self.kernel(x, self.weight, self.eps, residual)
+            return self.kernel(x, self.weight, self.eps, residual, unit_offset=self.unit_offset)
         summed = residual + x
         return self(summed), summed
 
@@ -66,8 +73,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.rope_kernel: Callable | None = None  # fused Triton RoPE of q and k
         # Qwen3: each head's queries and keys RMS-normalised before RoPE (replicated weights).
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = self._head_norm(config) if config.qk_norm else None
+        self.k_norm = self._head_norm(config) if config.qk_norm else None
+
+    def _head_norm(self, config: ModelConfig) -> RMSNorm:
+        return RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def head_norms(self):
+        """The q/k norms as the fused RoPE kernel takes them (None without them)."""
+        if self.q_norm is None:
+            return None
+        from tova_engine.kernels.elementwise import HeadNorms
+
+        return HeadNorms(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                         self.q_norm.unit_offset)  # fmt: skip
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, attend: Attend
@@ -75,26 +94,29 @@ class Attention(nn.Module):
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:
-            # Normalised per head (the norm's own fused kernel on CUDA), then rotated; the
-            # fused RoPE reads the packed q/k/v, so these heads take PyTorch's.
-            d = self.head_dim
-            q = self.q_norm(q.reshape(-1, d)).view(tokens, self.num_heads, d)
-            k = self.k_norm(k.reshape(-1, d)).view(tokens, self.num_kv_heads, d)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        elif self.rope_kernel is not None:
+        if self.rope_kernel is not None:  # the heads' norms, if any, in the same launch
             q, k = self.rope_kernel(qkv, cos, sin, self.num_heads, self.num_kv_heads)
         else:
-            q = apply_rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+            q = q.reshape(tokens, self.num_heads, self.head_dim)
+            k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = attend(layer, q, k, v)
         # Row-parallel: each rank's heads give a partial sum of the projection.
         return self.tp.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 
+# The gated MLP's activations by name (the fused kernel knows the same names).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+}
+
+
 class MLP(nn.Module):
-    fuses_silu = True  # the CUDA path may take the fused silu(gate) * up kernel
+    activation = "silu"  # act(gate) * up
 
     def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
@@ -102,14 +124,16 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act_kernel: Callable | None = None  # fused Triton silu(gate) * up
+        self.act_kernel: Callable | None = None  # fused Triton act(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act_kernel is not None:
-            return self.tp.all_reduce(self.down_proj(self.act_kernel(gate_up)))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+            hidden = self.act_kernel(gate_up, self.activation)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = ACTIVATIONS[self.activation](gate) * up
+        return self.tp.all_reduce(self.down_proj(hidden))
 
 
 class DecoderLayer(nn.Module):
@@ -226,16 +250,17 @@ class LlamaModel(nn.Module):
         return logits if logits.dtype == torch.float64 else logits.float()
 
     def use_triton_kernels(self) -> None:
-        """Fused RMSNorm (+ residual), RoPE and SwiGLU kernels instead of PyTorch ops (CUDA)."""
+        """Fused RMSNorm (+ residual), q/k norm + RoPE and gated-activation kernels instead of
+        PyTorch ops (CUDA)."""
         from tova_engine.kernels import elementwise
 
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.kernel = elementwise.rms_norm
             elif isinstance(module, Attention):
-                module.rope_kernel = elementwise.rope
-            elif isinstance(module, MLP) and module.fuses_silu:
-                module.act_kernel = elementwise.silu_mul
+                module.rope_kernel = partial(elementwise.rope, norms=module.head_norms())
+            elif isinstance(module, MLP):
+                module.act_kernel = elementwise.gated_activation
 
     def reset_buffers(self) -> None:
         """Recompute the RoPE frequencies in float32 on the model's device: `.to(dtype)` casts
