@@ -4,12 +4,14 @@ the measured bf16 matmul rate. The larger of the two is the roofline limit of th
 
 from __future__ import annotations
 
+import math
 import time
 from typing import NamedTuple
 
 import torch
 
 from tova_engine.model.config import ModelConfig
+from tova_engine.state import layer_state_sizes
 
 
 class Ceilings(NamedTuple):
@@ -86,17 +88,18 @@ def weight_counts(c: ModelConfig) -> tuple[int, int]:
 def decode_step_cost(
     c: ModelConfig, batch: int, entries: float, dtype_bytes: int, ceilings: Ceilings
 ) -> StepCost:
-    """One decode step of `batch` rows, each attending over `entries` state entries + 1."""
+    """One decode step of `batch` rows, each attending over `entries` state entries + 1 (a
+    sliding-window layer over at most its window's, as the state holds them)."""
     read_params, matmul_params = weight_counts(c)
-    entry_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * dtype_bytes  # K and V
+    head_bytes = c.num_kv_heads * c.head_dim * dtype_bytes
+    layer_entries = [min(entries, cap) for cap in layer_state_sizes(c, math.inf)]
+    attended = sum(layer_entries) + c.num_layers  # the new token included, every layer
     moved = (
         read_params * dtype_bytes
-        + batch * (entries + 1) * entry_bytes  # state read, the new token included
-        + batch * entry_bytes  # the new entry written
+        + batch * attended * 2 * head_bytes  # K and V read
+        + batch * c.num_layers * 2 * head_bytes  # the new entry written
     )
-    flops = 2 * batch * matmul_params + 4 * batch * c.num_layers * c.num_heads * c.head_dim * (
-        entries + 1
-    )
+    flops = 2 * batch * matmul_params + 4 * batch * c.num_heads * c.head_dim * attended
     return StepCost(
         moved,
         flops,

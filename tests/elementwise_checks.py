@@ -43,7 +43,7 @@ def check_elementwise_kernels(device: str, dtype: torch.dtype) -> int:
             torch.testing.assert_close(normed, norm.reference(residual + x), **tolerance)
             checked += 2
 
-        qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim) * 3
+        qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim)
         angles = torch.rand(tokens, head_dim // 2, generator=generator).to(device) * 100
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
