@@ -34,10 +34,20 @@ def test_cuda_float32_matches_cpu(tiny_llama, policy, chunk, mode):
 
 @pytest.mark.parametrize("mode", list(CUDA_MODES))
 def test_qwen3_cuda_float32_matches_cpu(tmp_path, mode):
-    """Qwen3's per-head q/k norms (their fused RMSNorm before RoPE) on the GPU paths."""
+    """Qwen3's per-head q/k norms (inside the fused RoPE kernel) on the GPU paths."""
     from tests.conftest import save_tiny_model
 
     model = save_tiny_model(tmp_path / "qwen3", "qwen3", head_dim=16)
+    assert_cuda_matches_cpu(model, "tova", 7, mode)
+
+
+@pytest.mark.parametrize("mode", list(CUDA_MODES))
+def test_gemma3_cuda_float32_matches_cpu(tmp_path, mode):
+    """Gemma 3 on the GPU paths: (1 + weight) norms, q/k norms in the RoPE kernel, gelu(tanh)
+    gating, local layers (window 6) in their own buffers beside global ones running TOVA."""
+    from tests.conftest import save_tiny_gemma3
+
+    model = save_tiny_gemma3(tmp_path / "gemma3", sliding_window=6)
     assert_cuda_matches_cpu(model, "tova", 7, mode)
 
 
@@ -124,6 +134,55 @@ def test_sampler_flags_broken_rows_on_cuda():
     rows = [SampleRow(SamplingParams(temperature=0), [1], [], None)] * 4
     out = Sampler(device="cuda")(logits, rows)
     assert out.finite.tolist() == [False, False, False, True]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_an_engine_on_the_second_gpu_equals_one_on_the_first(tiny_llama):
+    """LLM(device="cuda:1") in a process whose current device is 0: its state lives on
+    cuda:1 and its graphs over the fused kernels give the first GPU's tokens and positions."""
+    params = greedy(16, return_state=True)
+    outs = {}
+    for device in ("cuda:0", "cuda:1"):
+        llm = LLM(str(tiny_llama), state_size=8, dtype="float32", device=device)
+        try:
+            outs[device] = llm.generate([PROMPT, PROMPT[::-1]], params, use_tqdm=False)
+            [(positions, entries)] = llm.engine.core.retained_by_rank()
+            assert positions.device == entries.device == torch.device(device)
+        finally:
+            llm.close()
+    for first, second in zip(outs["cuda:0"], outs["cuda:1"], strict=True):
+        assert second.outputs[0].token_ids == first.outputs[0].token_ids
+        assert second.outputs[0].state_positions == first.outputs[0].state_positions
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_tensor_parallel_families_over_two_gpus_equal_one(tmp_path, family):
+    """Qwen3 and Gemma 3 over NCCL with CUDA graphs over the fused kernels (replicated q/k
+    norms; Gemma's local layers beside global ones): one GPU's tokens and positions."""
+    import random
+
+    from tests.conftest import save_tiny_gemma3, save_tiny_model
+
+    shapes = dict(num_attention_heads=8, num_key_value_heads=4, hidden_size=128, head_dim=16)
+    if family == "gemma3":
+        model = save_tiny_gemma3(tmp_path / family, sliding_window=6, **shapes)
+    else:
+        model = save_tiny_model(tmp_path / family, family, **shapes)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 96) for _ in range(n)] for n in (13, 30, 7)]
+    params = greedy(24, return_state=True)
+    outs = {}
+    for size in (1, 2):
+        llm = LLM(str(model), state_size=8, dtype="float32", device="cuda",
+                  prefill_chunk_size=5, tensor_parallel_size=size)
+        try:
+            outs[size] = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.close()
+    for a, b in zip(outs[1], outs[2], strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert b.outputs[0].state_positions == a.outputs[0].state_positions
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
