@@ -146,8 +146,8 @@ def test_an_engine_on_the_second_gpu_equals_one_on_the_first(tiny_llama):
         llm = LLM(str(tiny_llama), state_size=8, dtype="float32", device=device)
         try:
             outs[device] = llm.generate([PROMPT, PROMPT[::-1]], params, use_tqdm=False)
-            [(positions, entries)] = llm.engine.core.retained_by_rank()
-            assert positions.device == entries.device == torch.device(device)
+            state = llm.engine.core.state
+            assert state.positions.device == state.k[0].device == torch.device(device)
         finally:
             llm.close()
     for first, second in zip(outs["cuda:0"], outs["cuda:1"], strict=True):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -74,6 +75,9 @@ class EngineCore:
         self.state = executor.state
         self.eos_token_ids = executor.eos_token_ids
         self.runner = executor.runner
+        self._on_device = (
+            torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        )
         # Under tensor parallelism the other ranks start once this one knows the resolved
         # configuration; each step's plan goes to them before the step is launched.
         self._workers = start_workers(config, size) if self.tp.enabled else None
@@ -291,6 +295,12 @@ class EngineCore:
         """Run one scheduled step and return its outputs. With async scheduling, launch the
         next step and return the outputs of the one launched before it. None when no step
         finished."""
+        # Triton launches and graph replays go to the thread's current device, not the
+        # tensors': another engine in this process (or thread) may have made another current.
+        with self._on_device:
+            return self._step()
+
+    def _step(self) -> StepOutputs | None:
         # Requests whose logits processors read the token lists, or that return their state
         # positions, need the host to be current: then the engine runs one step at a time.
         overlap = self.async_scheduling and not self._exact

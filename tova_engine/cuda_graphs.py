@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -76,15 +77,7 @@ class DecodeGraphs:
         self.inputs[size : 2 * size].fill_(self.state.pad_slot)
         # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels); it only
         # writes to the spare slot.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(size)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._forward(size)
-        return graph
+        return capture_on(self.state.num_seen.device, self.pool, lambda: self._forward(size))
 
     def run(self, token_ids: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for len(slots) <= max_batch_size rows, `token_ids` [B] on the
@@ -106,3 +99,19 @@ def _ranges(sizes: list[int]) -> str:
     if len(sizes) <= 10:
         return ", ".join(map(str, sizes))
     return ", ".join([*map(str, sizes[:5]), "...", *map(str, sizes[-2:])])
+
+
+def capture_on(device: torch.device, pool, forward: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """`forward` run once on a side stream of `device` (Triton compiles, cuBLAS picks its
+    kernels), then captured on that stream. The stream is named: torch.cuda.graph's default
+    capture stream is made once per process, on whichever device was current then, and a
+    graph of this device's kernels captured on another device's stream is empty."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        forward()
+    return graph

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from tova_engine.cuda_graphs import capture_on
 from tova_engine.model.llama import LlamaModel
 from tova_engine.policies import Policy
 from tova_engine.scheduler import PrefillChunk
@@ -171,16 +172,12 @@ class PrefillGraphs:
             self.captures += 1
             return captured
         started = time.perf_counter()
-        # Warm up on a side stream (kernel selection, Triton compiles); spare slot only.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(captured, shape)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # Warmed up first on the capture's side stream; spare slot only until replayed.
+
+        def forward() -> None:
             captured.logits, captured.ages = self._forward(captured, shape)
-        captured.graph = graph
+
+        captured.graph = capture_on(self.device, self.pool, forward)
         self.captures += 1
         logger.info(
             "captured a prefill CUDA graph for %d rows x %d tokens at %d (%.2f s)",
