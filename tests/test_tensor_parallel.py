@@ -83,6 +83,20 @@ def test_sizes_that_do_not_divide_the_heads_are_refused_before_loading(four_kv_h
         LLM(str(four_kv_heads), device="cpu", tensor_parallel_size=0)
 
 
+def test_a_gpu_index_is_refused_under_tensor_parallelism(monkeypatch):
+    """Rank r runs on cuda:r: a device naming another GPU would put two ranks on one."""
+    import torch
+
+    from tova_engine.config import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device 'cuda:1'.*CUDA_VISIBLE_DEVICES"):
+        EngineConfig(device="cuda:1", tensor_parallel_size=2)
+    EngineConfig(device="cuda:0", tensor_parallel_size=2)  # rank 0's own device
+    EngineConfig(device="cuda:1")  # one engine anywhere
+
+
 def test_saved_states_are_refused_under_tensor_parallelism(four_kv_heads):
     llm = LLM(str(four_kv_heads), dtype="float64", device="cpu", state_size=6,
               tensor_parallel_size=2)

@@ -93,6 +93,11 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
         _require_positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size > 1 and self.torch_device.index not in (None, 0):
+            raise ValueError(
+                f"device {self.device!r}: with tensor_parallel_size > 1 rank r runs on cuda:r; "
+                "choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
         if self.tensor_parallel_size > 1 and self.torch_device.type == "cuda":
             visible = torch.cuda.device_count()
             if self.tensor_parallel_size > visible:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 
 from tova_engine.config import EngineConfig
 from tova_engine.errors import InvalidRequestError
-from tova_engine.executor import build_executor, capture_graphs
+from tova_engine.executor import build_executor, capture_graphs, on_device
 from tova_engine.messages import (
     CoreRequest,
     EngineInfo,
@@ -60,11 +59,11 @@ class _Launched(NamedTuple):
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        self.device = config.torch_device
         self.dtype = config.torch_dtype
         size = config.tensor_parallel_size
         self.tp = TensorParallel(0, size)
         executor = build_executor(config, self.tp)
+        self.device = executor.config.torch_device  # with its index (executor.pinned_device)
         self.model_config = executor.model_config
         self.model_name = executor.model_name
         self.tokenizer = executor.tokenizer
@@ -75,13 +74,16 @@ class EngineCore:
         self.state = executor.state
         self.eos_token_ids = executor.eos_token_ids
         self.runner = executor.runner
-        self._on_device = (
-            torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
-        )
+        self._on_device = on_device(self.device)
         # Under tensor parallelism the other ranks start once this one knows the resolved
         # configuration; each step's plan goes to them before the step is launched.
         self._workers = start_workers(config, size) if self.tp.enabled else None
-        capture_graphs(executor)
+        try:
+            capture_graphs(executor)
+        except BaseException:  # the ranks wait in the group: let them go, or none can form
+            if self._workers is not None:
+                self._workers.stop()
+            raise
         self._retired: list[str] = []  # requests gone since the last plan
         self._core_requests: dict[str, CoreRequest] = {}
         self.scheduler = Scheduler(

@@ -6,6 +6,7 @@ once every rank has joined the group."""
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +46,31 @@ class Executor:
     runner: ModelRunner
 
 
+def pinned_device(config: EngineConfig, tp: TensorParallel = SINGLE) -> EngineConfig:
+    """`config` with its GPU named by index: rank r of a tensor-parallel group on cuda:r,
+    one engine on "cuda" on the device current now. Every later use (the step's device
+    context, generators, the start-up log) then means the device the state was built on,
+    whatever another engine in the process makes current meanwhile."""
+    device = config.torch_device
+    if device.type != "cuda" or device.index is not None:
+        return config
+    return config.replace(device=f"cuda:{tp.rank if tp.enabled else torch.cuda.current_device()}")
+
+
+def on_device(device: torch.device) -> AbstractContextManager:
+    """`device` current in the context: Triton launches, graph captures and replays follow
+    the thread's current device, not their tensors'."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def build_executor(config: EngineConfig, tp: TensorParallel = SINGLE) -> Executor:
+    config = pinned_device(config, tp)
+    with on_device(config.torch_device):
+        return _build_executor(config, tp)
+
+
+def _build_executor(config: EngineConfig, tp: TensorParallel) -> Executor:
     device, dtype = config.torch_device, config.torch_dtype
-    if device.type == "cuda" and device.index is not None:
-        # Triton launches and CUDA-graph captures go to the current device: make it this one
-        # (LLM(device="cuda:1") in a process whose current device is 0 failed to build).
-        torch.cuda.set_device(device)
     configure_cpu_threads(device)  # before loading: GGUF dequantization uses threads
     source = load_source(config.model, config.load_format, dtype)
     model_config = source.config
@@ -91,9 +111,15 @@ def capture_graphs(executor: Executor) -> None:
     """Capture the decode graphs and set up the prefill ones (when the state has a padding
     slot, i.e. graphs are on). Under tensor parallelism a captured step holds collectives:
     every rank calls this once the group is formed, in the same order."""
-    state, config, runner = executor.state, executor.config, executor.runner
+    state, config = executor.state, executor.config
     if state.pad_slot is None:
         return
+    with on_device(config.torch_device):
+        _capture_graphs(executor)
+
+
+def _capture_graphs(executor: Executor) -> None:
+    state, config, runner = executor.state, executor.config, executor.runner
     runner.graphs = DecodeGraphs(executor.model, state, executor.policy, config.graph_batch_sizes)
     if config.max_prefill_graphs:
         runner.prefill_graphs = PrefillGraphs(
