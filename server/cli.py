@@ -239,12 +239,6 @@ def log_resolved(engine: AsyncEngine, settings: ServerSettings,
     logger.info("state memory: %.2f MiB per request, %.2f MiB in total for %d slots",
                 info.state_bytes_per_sequence / 2**20, info.state_total_bytes / 2**20,
                 info.max_num_seqs)
-    if info.state_bytes_saved_per_sequence:
-        by_kind = info.state_bytes_by_layer_kind
-        logger.info("state per request by layer kind: global %.2f MiB, local (sliding-window) "
-                    "%.2f MiB; the windows save %.2f MiB per request",
-                    by_kind["global"] / 2**20, by_kind["local"] / 2**20,
-                    info.state_bytes_saved_per_sequence / 2**20)
     if settings.enable_fault_injection:
         logger.warning("fault injection is on: X-Tova-Fault headers can break requests and "
                        "kill the engine; this is for tests only")

@@ -111,24 +111,21 @@ def capture_graphs(executor: Executor) -> None:
     """Capture the decode graphs and set up the prefill ones (when the state has a padding
     slot, i.e. graphs are on). Under tensor parallelism a captured step holds collectives:
     every rank calls this once the group is formed, in the same order."""
-    state, config = executor.state, executor.config
+    state, config, runner = executor.state, executor.config, executor.runner
     if state.pad_slot is None:
         return
     with on_device(config.torch_device):
-        _capture_graphs(executor)
-
-
-def _capture_graphs(executor: Executor) -> None:
-    state, config, runner = executor.state, executor.config, executor.runner
-    runner.graphs = DecodeGraphs(executor.model, state, executor.policy, config.graph_batch_sizes)
-    if config.max_prefill_graphs:
-        runner.prefill_graphs = PrefillGraphs(
-            executor.model,
-            state,
-            executor.policy,
-            max_graphs=config.max_prefill_graphs,
-            max_tokens=config.batched_token_budget,
+        runner.graphs = DecodeGraphs(
+            executor.model, state, executor.policy, config.graph_batch_sizes
         )
+        if config.max_prefill_graphs:
+            runner.prefill_graphs = PrefillGraphs(
+                executor.model,
+                state,
+                executor.policy,
+                max_graphs=config.max_prefill_graphs,
+                max_tokens=config.batched_token_budget,
+            )
 
 
 def _build_model(

@@ -99,7 +99,7 @@ class KVState:
         # What local layers read instead: their window keeps the latest by construction.
         self.no_protection = (
             torch.zeros(rows, dtype=torch.int64, device=device)
-            if self.sliding_window is not None
+            if self.local_size is not None
             else None
         )
 

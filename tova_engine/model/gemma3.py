@@ -73,8 +73,6 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class Gemma3Model(LlamaModel):
-    norm_identity = 0.0  # (1 + weight): zeros leave the normalised activations unchanged
-
     def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__(config, tp)
         self.register_buffer("inv_freq_local", local_inverse_frequencies(config), persistent=False)

@@ -31,9 +31,14 @@ class RMSNorm(nn.Module):
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.full((size,), 0.0 if self.unit_offset else 1.0))
+        self.weight = nn.Parameter(torch.full((size,), self.identity))
         self.eps = eps
         self.kernel: Callable | None = None  # fused Triton version (kernels/elementwise.py)
+
+    @property
+    def identity(self) -> float:
+        """The weight that leaves normalised activations unchanged."""
+        return 0.0 if self.unit_offset else 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
@@ -177,8 +182,6 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class LlamaModel(nn.Module):
-    norm_identity = 1.0  # the norm weight that leaves normalised activations unchanged
-
     def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         """config: the whole model's; with tp, this rank builds its shard only."""
         super().__init__()
@@ -273,10 +276,12 @@ class LlamaModel(nn.Module):
         device = self.embed_tokens.weight.device
         # Each rank draws its own shard (dummy weights need not match another size's).
         generator = torch.Generator(device=device).manual_seed(seed + 7919 * self.tp.rank)
+        # Norms start as the identity of their own style (Gemma's (1 + weight) at zeros).
+        norms = {id(m.weight): m.identity for m in self.modules() if isinstance(m, RMSNorm)}
         with torch.no_grad():
-            for name, param in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.fill_(self.norm_identity)
+            for param in self.parameters():
+                if id(param) in norms:
+                    param.fill_(norms[id(param)])
                 else:
                     noise = torch.randn(param.shape, generator=generator, device=device)
                     param.copy_(noise * 0.02)
