@@ -16,11 +16,11 @@ import torch
 import triton.testing
 from roofline import measure_ceilings
 
-from tova_engine.fused_attention import FusedDecodeAttention
+from tova_engine.attention.fused import FusedDecodeAttention
 from tova_engine.kernels import decode_attention
 from tova_engine.model.config import ModelConfig
-from tova_engine.policies import make_policy
-from tova_engine.state import KVState
+from tova_engine.state.kv_state import KVState
+from tova_engine.state.policies import make_policy
 
 SCENARIOS = (("full", 4096, 16), ("tova", 2048, 32), ("tova", 1024, 64), ("tova", 512, 128))
 SCENARIOS += (("tova", 256, 256),)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.roofline import decode_step_cost, measure_ceilings
 from tova_engine import SamplingParams
 from tova_engine.config import EngineConfig
-from tova_engine.engine import LLMEngine
+from tova_engine.frontend.llm_engine import LLMEngine
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,8 +118,9 @@ class Split:
         self.seconds: dict[str, float] = {}
         core = engine.core
         self._wrap(core.scheduler, "schedule", "schedule")
-        self._wrap(core.runner, "launch", "runner.launch (model, sampling, queue read-back)")
-        self._wrap(core.runner, "collect", "runner.collect (wait for the read-back)")
+        runner = core.executor.worker.runner
+        self._wrap(runner, "launch", "runner.launch (model, sampling, queue read-back)")
+        self._wrap(runner, "collect", "runner.collect (wait for the read-back)")
         self._wrap(engine.outputs, "process", "output processing (front end)")
 
     def _wrap(self, owner, name: str, label: str) -> None:
@@ -210,7 +211,7 @@ def replay_alone_ms(runner, reps: int = 10) -> float | None:
 def device_split(engine: LLMEngine, steps: int) -> dict:
     """Median GPU ms per step from CUDA events: the whole launch (model, sampler, read-back
     queued), the decode graph replay and the sampler; then the eager forward's kernels."""
-    runner = engine.core.runner
+    runner = engine.core.executor.worker.runner
     original_sampler, original_graphs = runner.sampler, runner.graphs
     spans = _EventSpans()
     spans.wrap(runner, "launch", "launch: whole step on the GPU")
@@ -327,8 +328,8 @@ def roofline_row(args, ceilings, batch: int, state_size: int, first: bool) -> di
     if first and args.mixed_prefill and torch.cuda.is_available():
         extra["mixed_prefill"] = mixed_prefill(engine, args.mixed_prefill, args.mixed_prompt_len,
                                                profile_to=args.mixed_profile)
-    config = engine.core.model_config
-    element = torch.empty((), dtype=engine.core.dtype).element_size()
+    config = engine.core.executor.model_config
+    element = torch.empty((), dtype=engine.config.torch_dtype).element_size()
     cost = decode_step_cost(config, batch, state_size, element, ceilings)
     row = {"batch": batch, "state_size": state_size, "wall_ms": 1e3 * wall,
            "gpu_busy_ms": None if busy is None else 1e3 * busy,

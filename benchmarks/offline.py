@@ -40,7 +40,7 @@ def run_one(args: argparse.Namespace, state_size: int) -> dict:
         prefill_chunk_size=args.prefill_chunk_size,
         max_model_len=max(args.input_len + args.output_len, state_size),
     )
-    vocab = llm.engine.core.model_config.vocab_size
+    vocab = llm.engine.core.executor.model_config.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)]
                for _ in range(args.num_seqs)]
@@ -52,7 +52,7 @@ def run_one(args: argparse.Namespace, state_size: int) -> dict:
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {
         "policy": args.policy, "state_size": state_size, "num_seqs": args.num_seqs,
-        "device": str(llm.engine.core.device), "dtype": str(llm.engine.core.dtype),
+        "device": llm.engine.info.device, "dtype": str(llm.engine.config.torch_dtype),
         "output_tokens": generated, "seconds": elapsed,
         "output_tokens_per_s": generated / elapsed,
         "state_bytes_per_seq": llm.engine.info.state_bytes_per_sequence,

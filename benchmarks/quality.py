@@ -37,8 +37,8 @@ import torch
 from benchmarks.quality_data import Passkey, load_ids, passkey_found, passkey_prompts, ppl_windows
 from tova_engine import LLM, RequestOutput, SamplingParams
 from tova_engine.loader import load_source
-from tova_engine.policies import POLICIES as BUILT_IN
-from tova_engine.policies import Policy, make_policy
+from tova_engine.state.policies import POLICIES as BUILT_IN
+from tova_engine.state.policies import Policy, make_policy
 
 PARTS = ("ppl", "chunks", "passkey")
 POLICIES = ("full", "tova", "h2o", "sink", "window")
@@ -294,8 +294,8 @@ def run_job(job: Job, model: ModelArgs, device: str) -> dict[str, Any]:
         "timed": job.timed,
         "state_size": job.state_size,
         "sequences": len(job.tasks),
-        "device": str(llm.engine.core.device),
-        "dtype": str(llm.engine.core.dtype).removeprefix("torch."),
+        "device": llm.engine.info.device,
+        "dtype": llm.engine.info.dtype,
         "model": llm.engine.model_name,
         "torch": torch.__version__,
         "load_s": load_s,

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from tova_engine.model.config import ModelConfig
-from tova_engine.state import layer_state_sizes
+from tova_engine.state.kv_state import layer_state_sizes
 
 
 class Ceilings(NamedTuple):

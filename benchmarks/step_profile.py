@@ -21,8 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from tova_engine import SamplingParams
 from tova_engine.config import EngineConfig
-from tova_engine.engine import LLMEngine
-from tova_engine.request_builder import PreparedRequest
+from tova_engine.frontend.llm_engine import LLMEngine
+from tova_engine.frontend.request_builder import PreparedRequest
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,7 +50,7 @@ class StepTimer:
             max_num_seqs=args.decodes + args.prompts,
             max_num_batched_tokens=max(2048, args.decodes + args.prompts * args.input_len),
         ))
-        self.vocab = self.engine.core.model_config.vocab_size
+        self.vocab = self.engine.core.executor.model_config.vocab_size
         self.rng = random.Random(0)
         self.requests: list[PreparedRequest] = []  # every request added, finished or not
 
@@ -92,7 +92,8 @@ def sync() -> None:
 def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     """Prints the step times and the profile; returns the measured seconds per step kind."""
     timer = StepTimer(args)
-    print(f"device {timer.engine.core.device}, {timer.engine.core.dtype}, kernels {args.kernels}")
+    config = timer.engine.config
+    print(f"device {config.torch_device}, {config.torch_dtype}, kernels {args.kernels}")
     decode, prefill, mixed = [], [], []
     for _ in range(args.repeats + 1):  # the first round warms up (compiles, graph capture)
         timer.add(args.prompts, args.input_len, 1)

@@ -36,11 +36,12 @@ from benchmarks.decode_roofline import start, timed
 from benchmarks.roofline import decode_step_cost, measure_ceilings
 from tova_engine import SamplingParams
 from tova_engine.config import EngineConfig
-from tova_engine.engine import LLMEngine
+from tova_engine.execution.memory import weight_bytes
+from tova_engine.frontend.llm_engine import LLMEngine
 from tova_engine.loader.hf_folder import read_json
-from tova_engine.memory import weight_bytes
 from tova_engine.model.config import ModelConfig
-from tova_engine.state import KVState
+from tova_engine.model.registry import config_from_hf
+from tova_engine.state.kv_state import KVState
 
 
 def parse_args() -> argparse.Namespace:
@@ -108,10 +109,10 @@ def step_row(engine: LLMEngine, batch: int, args, ceilings, size: int) -> dict:
     wall = statistics.median(timed(engine) for _ in range(args.steps))
     while engine.has_unfinished_requests():
         engine.step()
-    whole = engine.core.model_config
+    whole = engine.core.executor.model_config
     # One GPU's share: 1/N of the heads, the MLP and the vocabulary (padded up).
     share = dataclasses.replace(
-        engine.core.model.local, vocab_size=-(-whole.vocab_size // size))
+        engine.core.executor.worker.model.local, vocab_size=-(-whole.vocab_size // size))
     element = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     cost = decode_step_cost(share, batch, args.state_size, element, ceilings)
     # Per step: two all-reduces of the hidden states per layer (bf16), one of the attention
@@ -124,7 +125,7 @@ def step_row(engine: LLMEngine, batch: int, args, ceilings, size: int) -> dict:
 
 
 def measure(args, size: int, ceilings) -> dict:
-    whole = ModelConfig.from_hf(read_json(Path(args.model)))
+    whole = config_from_hf(read_json(Path(args.model)))
     per_seq = state_bytes_per_gpu(whole, args, size)
     if args.state_gib_per_gpu:
         fit = int(args.state_gib_per_gpu * 2**30 // per_seq)
@@ -135,12 +136,13 @@ def measure(args, size: int, ceilings) -> dict:
     started = time.perf_counter()
     engine = build(args, size, seqs)
     built_s = time.perf_counter() - started
-    slots = engine.core.config.max_num_seqs
+    slots = engine.config.max_num_seqs
     fit = slots if seqs == "auto" else fit
     print(f"TP={size}: built in {built_s:.0f} s, {slots} slots; a wave of {fit}", flush=True)
     result = {"tp": size, "max_num_seqs": slots, "sequences_that_fit": fit,
               "state_mib_per_sequence_per_gpu": per_seq / 2**20,
-              "weights_gib_per_gpu": weight_bytes(engine.core.model) / 2**30, "build_s": built_s}
+              "weights_gib_per_gpu": weight_bytes(engine.core.executor.worker.model) / 2**30,
+              "build_s": built_s}
     try:
         result["wave"] = wave(engine, fit, args)
         result["steps"] = [step_row(engine, b, args, ceilings, size)

@@ -32,7 +32,8 @@ from roofline import Ceilings, decode_step_cost, measure_ceilings
 from tova_engine import EngineConfig, LLMEngine, SamplingParams
 from tova_engine.loader.hf_folder import read_json
 from tova_engine.model.config import ModelConfig
-from tova_engine.state import KVState
+from tova_engine.model.registry import config_from_hf
+from tova_engine.state.kv_state import KVState
 
 CONFIGS = Path(__file__).parent / "configs"
 ROWS = ("full:4096", "tova:512", "tova:256", "tova:1024", "tova:2048")
@@ -123,7 +124,7 @@ def run_engine(config: EngineConfig, prompts, output_len: int) -> tuple[dict, St
         "output_tok_s": generated / elapsed,
         "prefill_s": first_token_s,
         "state_bytes_per_seq": engine.info.state_bytes_per_sequence,
-        "cuda_graphs": engine.core.runner.graphs is not None,
+        "cuda_graphs": engine.core.executor.worker.runner.graphs is not None,
     }
     del engine
     return result, log
@@ -222,7 +223,7 @@ def bench_hf(args, model_config: ModelConfig) -> dict:
 
 def bench_small_batch1(args) -> list[dict]:
     """Batch-1 decode on small-model shapes: launch overhead is what it pays."""
-    vocab = ModelConfig.from_hf(read_json(Path(args.small_model))).vocab_size
+    vocab = config_from_hf(read_json(Path(args.small_model))).vocab_size
     prompts = random_prompts(1, args.input_len, vocab)
     modes = {
         "cuda graphs (triton)": {},
@@ -255,7 +256,7 @@ def small_model_config(args, **options) -> EngineConfig:
 def bench_memory(args) -> dict:
     """GPU memory in use after the first and the last of `--memory-tokens` generated tokens."""
     early, late = args.memory_tokens
-    vocab = ModelConfig.from_hf(read_json(Path(args.small_model))).vocab_size
+    vocab = config_from_hf(read_json(Path(args.small_model))).vocab_size
     free_memory()
     config = small_model_config(args, max_num_seqs=4, max_model_len=args.input_len + late)
     readings: dict[int, int] = {}
@@ -275,7 +276,7 @@ def bench_memory(args) -> dict:
         "allocated_bytes": [readings.get(early), readings.get(late - 1)],
         "constant": readings.get(early) == readings.get(late - 1),
         "seconds": time.perf_counter() - started,
-        "state_bytes_total": engine.core.state.total_bytes(),
+        "state_bytes_total": engine.core.executor.state_total_bytes(),
     }
 
 
@@ -338,7 +339,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    model_config = ModelConfig.from_hf(read_json(Path(args.model)))
+    model_config = config_from_hf(read_json(Path(args.model)))
     ceilings = measure_ceilings(device)
     print(
         f"{gpu}: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, "

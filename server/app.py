@@ -6,20 +6,20 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from server.admission import Admission
-from server.auth import APIKeyMiddleware
-from server.body_limit import BodyLimitMiddleware
-from server.context import ServerContext
-from server.drain import Drain, DrainMiddleware
-from server.errors import install_error_handlers
-from server.http_metrics import HTTPMetricsMiddleware
+from server.http.admission import Admission
+from server.http.auth import APIKeyMiddleware
+from server.http.body_limit import BodyLimitMiddleware
+from server.http.drain import Drain, DrainMiddleware
+from server.http.errors import install_error_handlers
+from server.http.openapi import install_openapi
+from server.http.request_log import RequestLogMiddleware
+from server.http.route_metrics import HTTPMetricsMiddleware
 from server.metrics import ServerMetrics
-from server.metrics.state_store import StateStoreCollector
-from server.openapi import install_openapi
-from server.request_log import RequestLogMiddleware
-from server.responses_store import ResponseStore
+from server.metrics.saved_states import SavedStatesCollector
 from server.routes import chat, completions, models, system, tokenize
 from server.routes import responses as responses_route
+from server.serving.context import ServerContext
+from server.serving.responses_store import ResponseStore
 from server.settings import ServerSettings
 from tova_engine import AsyncEngine, __version__
 
@@ -85,6 +85,6 @@ def _metrics(engine: AsyncEngine, model_name: str) -> ServerMetrics:
         dtype=info.dtype, device=info.device,
     )
     engine.on_stats(metrics.observe_step)
-    metrics.registry.register(StateStoreCollector(engine, model_name))
+    metrics.registry.register(SavedStatesCollector(engine, model_name))
     engine.on_restart(metrics.engine_restarts.inc)
     return metrics

@@ -1,9 +1,16 @@
-"""Settings of the HTTP layer (the engine's live in `tova_engine.EngineConfig`)."""
+"""Settings of the HTTP server (the engine's live in `tova_engine.EngineConfig`).
+
+Each field carries its `tova-serve` flag's help text (`setting`); server/cli.py builds the
+flags from the fields.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from server.chat_template import load_chat_template, shipped_names
+from tova_engine.config import setting
+from tova_engine.validation import is_finite_number, require_positive_int
 
 # Large enough for a batch of long token-id prompts (8192 ids of 5 digits are ~50 KB), small
 # enough that a client cannot make the server buffer gigabytes before it is refused.
@@ -15,62 +22,78 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 8.0
 # keepalive_timeout and AWS ALB 60 s), so that they, not the server, close an idle connection:
 # a client never sends a request into a close already under way (docs/serving.md).
 DEFAULT_TIMEOUT_KEEP_ALIVE_S = 75.0
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# What --reasoning-parser accepts: the models whose <think> block server/serving/reasoning.py
+# splits out.
+REASONING_PARSERS = ("qwen3",)
 
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    # Names clients may put in `model`; the first is the one responses report by default.
-    # Empty: the engine's model name.
-    served_model_names: tuple[str, ...] = ()
-    # Bearer token required on /v1/*; None leaves the API open.
-    api_key: str | None = None
-    # Also require the key on /metrics (needs api_key).
-    protect_metrics: bool = False
-    # Requests allowed to wait for a slot; beyond it new ones get 429. None: unbounded.
-    max_queue_len: int | None = None
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "port to listen on")
+    # The first is the one responses report by default. Empty: the engine's model name.
+    served_model_names: tuple[str, ...] = setting(
+        (), "names clients may use in `model`; default: the model's name",
+        flag="--served-model-name")
+    # None leaves the API open. The key itself must never appear in --help or the log: the
+    # help names where the default comes from, the log says whether one is set.
+    api_key: str | None = setting(
+        None, "require 'Authorization: Bearer KEY' on /v1/*; default: env TOVA_API_KEY, else "
+              "none (the API is open)", env="TOVA_API_KEY", log_as="set")
+    # Needs api_key.
+    protect_metrics: bool = setting(False, "also require the API key on /metrics")
+    # Beyond it new requests get 429. None: unbounded.
+    max_queue_len: int | None = setting(
+        None, "requests allowed to wait for a slot before 429; default: no limit")
     # Seconds a refused client is told to wait before retrying.
     retry_after_s: int = 1
-    # Request bodies above this many bytes are refused with 413 before they are parsed.
-    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    max_request_body_bytes: int = setting(
+        DEFAULT_MAX_REQUEST_BODY_BYTES, "larger request bodies get 413 before they are parsed")
     # After SIGTERM/SIGINT, how long in-flight requests may run before they are cut.
-    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
-    # Seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive).
-    timeout_keep_alive_s: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S
-    # One log line per HTTP request (id, status, timings); never the prompt text.
-    access_log: bool = True
-    # Also log each generation request's prompt and parameters (they may hold private data).
-    log_requests: bool = False
-    # Testing only: honour the X-Tova-Fault header (see server/fault_injection.py).
-    enable_fault_injection: bool = False
-    # Split reasoning models' thinking into `reasoning_content` (server/reasoning.py).
-    reasoning_parser: str | None = None
-    # A chat template (its text) replacing the tokenizer's, or giving one where it has none.
-    chat_template: str | None = None
+    shutdown_timeout_s: float = setting(
+        DEFAULT_SHUTDOWN_TIMEOUT_S, "seconds in-flight requests may run after SIGTERM/SIGINT "
+                                    "while new ones get 503", flag="--shutdown-timeout")
+    # uvicorn's timeout_keep_alive.
+    timeout_keep_alive_s: float = setting(
+        DEFAULT_TIMEOUT_KEEP_ALIVE_S, "seconds an idle keep-alive connection stays open; keep it "
+                                      "above the idle timeout of the clients and proxies in "
+                                      "front", flag="--timeout-keep-alive")
+    log_level: str = setting("info", "of the server's and the engine's logs", choices=LOG_LEVELS)
+    # Never the prompt text.
+    access_log: bool = setting(True, "no log line per request (id, status, timings)",
+                               flag="--disable-access-log")
+    # They may hold private data.
+    log_requests: bool = setting(
+        False, "also log each generation request's body: prompts and parameters")
+    # See server/http/fault_injection.py.
+    enable_fault_injection: bool = setting(
+        False, "testing only: honour the X-Tova-Fault request header (docs/reliability.md); "
+               "never in production")
+    # See server/serving/reasoning.py.
+    reasoning_parser: str | None = setting(
+        None, "split a reasoning model's <think> block into reasoning_content (qwen3); "
+              "default: none, the thinking stays in the content", choices=REASONING_PARSERS)
+    # The template's text; the flag takes a shipped template's name, a file or the text.
+    chat_template: str | None = setting(
+        None, "the chat template to use instead of the tokenizer's (or where it has none): a "
+              "shipped one (" + ", ".join(shipped_names()) + "), a Jinja file, or the template "
+              "text; default: the tokenizer's", metavar="NAME|FILE|TEMPLATE",
+        convert=load_chat_template, log_as="given")
 
     def __post_init__(self) -> None:
-        if self.max_queue_len is not None and not _positive_int(self.max_queue_len):
-            raise ValueError(f"max_queue_len must be an integer >= 1; got {self.max_queue_len!r}")
+        if self.max_queue_len is not None:
+            require_positive_int("max_queue_len", self.max_queue_len)
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
         if self.protect_metrics and self.api_key is None:
             raise ValueError("protect_metrics needs an api_key to protect /metrics with")
         if any(not name for name in self.served_model_names):
             raise ValueError("served model names must not be empty")
-        if not _positive_int(self.max_request_body_bytes):
-            raise ValueError("max_request_body_bytes must be an integer >= 1; got "
-                             f"{self.max_request_body_bytes!r}")
+        require_positive_int("max_request_body_bytes", self.max_request_body_bytes)
         timeout = self.shutdown_timeout_s
-        if not (_finite_number(timeout) and timeout >= 0):
+        if not (is_finite_number(timeout) and timeout >= 0):
             raise ValueError(f"shutdown_timeout_s must be a number >= 0; got {timeout!r}")
         keep_alive = self.timeout_keep_alive_s
-        if not (_finite_number(keep_alive) and keep_alive > 0):
+        if not (is_finite_number(keep_alive) and keep_alive > 0):
             raise ValueError(f"timeout_keep_alive_s must be a number > 0; got {keep_alive!r}")
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _finite_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))

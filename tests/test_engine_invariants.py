@@ -41,7 +41,7 @@ def check_slots_and_rows(engine: LLMEngine) -> None:
     assert len(slots) == len(set(slots)), slots
     assert all(s >= 0 for s in slots)
     assert not set(slots) & set(engine.core.scheduler.free_slots)
-    state = engine.core.state
+    state = engine.core.executor.worker.state
     for request in engine.core.scheduler.running:
         for seq in request.live_sequences():
             # The host-side counters the runner sizes attention with match the device's.
@@ -63,14 +63,15 @@ def greedy(max_tokens: int, **extra) -> SamplingParams:
 
 def test_constant_memory_over_long_generation(tiny_llama):
     engine = make_engine(tiny_llama, state_size=16)
-    buffers = [(t.data_ptr(), t.shape) for t in (*engine.core.state.k, *engine.core.state.v)]
-    total = engine.core.state.total_bytes()
+    state = engine.core.executor.worker.state
+    buffers = [(t.data_ptr(), t.shape) for t in (*state.k, *state.v)]
+    total = state.total_bytes()
     engine.add_request("long", PROMPT, greedy(8 * 16, return_state=True))
     out = run_to_completion(engine, check_slots_and_rows)["long"].outputs[0]
     assert len(out.token_ids) == 8 * 16
-    state = engine.core.state
+    state = engine.core.executor.worker.state
     assert [(t.data_ptr(), t.shape) for t in (*state.k, *state.v)] == buffers
-    assert engine.core.state.total_bytes() == total
+    assert state.total_bytes() == total
     assert all(len(layer) == 16 for layer in out.state_positions)
     # layers, kv heads, head_dim, S, float64
     assert engine.info.state_bytes_per_sequence == 2 * 2 * 2 * 16 * 16 * 8
@@ -83,7 +84,7 @@ def test_gemma3_local_layers_hold_their_window_in_smaller_buffers(tmp_path, capl
     with caplog.at_level("INFO", logger="tova_engine"):
         engine = make_engine(save_tiny_gemma3(tmp_path / "gemma3", sliding_window=6),
                              state_size=16)
-    state = engine.core.state
+    state = engine.core.executor.worker.state
     assert [k.shape[2] for k in state.k] == [6, 17, 6, 17]
     engine.add_request("long", PROMPT, greedy(8 * 16, return_state=True))
     out = run_to_completion(engine, check_slots_and_rows)["long"].outputs[0]

@@ -114,7 +114,7 @@ def test_prefill_graphs_replay_equals_eager_prefill(tiny_llama, policy):
                   **extra)
         outs[name] = [llm.generate(batch, params, use_tqdm=False) for batch in rounds]
         if name == "graphs":
-            graphs = llm.engine.core.runner.prefill_graphs
+            graphs = llm.engine.core.executor.worker.runner.prefill_graphs
             assert graphs.captures > 0 and graphs.replays > graphs.captures
     for name in ("eager", "cpu"):
         for want_round, got_round in zip(outs[name], outs["graphs"], strict=True):
@@ -125,7 +125,7 @@ def test_prefill_graphs_replay_equals_eager_prefill(tiny_llama, policy):
 
 def test_sampler_flags_broken_rows_on_cuda():
     """A row with a NaN, a +inf or nothing samplable is reported, on the device's kernels."""
-    from tova_engine.sampler import Sampler, SampleRow
+    from tova_engine.execution.sampler import Sampler, SampleRow
 
     logits = torch.zeros(4, 50, device="cuda")
     logits[0, 3] = float("nan")
@@ -146,7 +146,7 @@ def test_an_engine_on_the_second_gpu_equals_one_on_the_first(tiny_llama):
         llm = LLM(str(tiny_llama), state_size=8, dtype="float32", device=device)
         try:
             outs[device] = llm.generate([PROMPT, PROMPT[::-1]], params, use_tqdm=False)
-            state = llm.engine.core.state
+            state = llm.engine.core.executor.worker.state
             assert state.positions.device == state.k[0].device == torch.device(device)
         finally:
             llm.close()
@@ -215,6 +215,6 @@ def test_tensor_parallel_over_two_gpus_equals_one(tmp_path, policy, mode):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].state_positions == a.outputs[0].state_positions
     (positions, entries), (other_positions, other_entries) = ranks[2]
-    live = slice(0, llm.engine.core.config.max_num_seqs)  # not the graphs' padding slot
+    live = slice(0, llm.engine.config.max_num_seqs)  # not the graphs' padding slot
     assert entries[live].equal(other_entries[live])
     assert positions[:, live].equal(other_positions[:, live])

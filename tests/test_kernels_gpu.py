@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tests.elementwise_checks import check_elementwise_kernels
+from tova_engine.attention.pytorch import DecodeAttention
 from tova_engine.model.config import ModelConfig
-from tova_engine.policies import Policy, make_policy
-from tova_engine.state import KVState
-from tova_engine.state_attention import DecodeAttention
+from tova_engine.state.kv_state import KVState
+from tova_engine.state.policies import Policy, make_policy
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -109,7 +109,7 @@ POLICIES_UNDER_TEST = {
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("batch,state_size", [(1, 300), (6, 40), (64, 130)])
 def test_fused_decode_matches_pytorch(policy_name, dtype, shape_name, batch, state_size):
-    from tova_engine.fused_attention import FusedDecodeAttention
+    from tova_engine.attention.fused import FusedDecodeAttention
 
     generator = torch.Generator().manual_seed(
         zlib.crc32(f"{policy_name}{batch}{shape_name}".encode())

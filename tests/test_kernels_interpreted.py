@@ -17,7 +17,7 @@ import torch
 from tests.conftest import save_tiny_gemma3, save_tiny_model
 from tests.elementwise_checks import check_elementwise_kernels
 from tova_engine import LLM, SamplingParams
-from tova_engine.policies import Policy, make_policy
+from tova_engine.state.policies import Policy, make_policy
 
 # Not imported here: Triton reads TRITON_INTERPRET when it is first imported.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -59,7 +59,7 @@ def run(model, policy: str, kernels: str, tp: int = 1):
     llm = LLM(str(model), dtype="float32", device="cpu", max_num_seqs=4, policy=policy,
               state_size=5, prefill_chunk_size=1, kernels=kernels, tensor_parallel_size=tp)
     try:
-        assert llm.engine.core.runner.fused_attention == (kernels == "triton")
+        assert llm.engine.core.executor.worker.runner.fused_attention == (kernels == "triton")
         outputs = llm.generate(prompts(), PARAMS, use_tqdm=False)
         results = [(o.outputs[0].token_ids, o.outputs[0].state_positions) for o in outputs]
         return results, llm.engine.core.retained_by_rank()

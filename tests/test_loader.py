@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tova_engine.loader import ModelSource, default_model_path, load_source
 from tova_engine.loader import source as source_module
 from tova_engine.loader.source import gguf_name
 from tova_engine.model.gemma3 import Gemma3Model
+from tova_engine.model.registry import model_class
 
 TINY = dict(
     vocab_size=64,
@@ -380,6 +382,27 @@ def test_dummy_folder_and_bare_config(tmp_path: Path) -> None:
     assert from_json.name == "tiny-qwen"
     assert from_json.config == from_folder.config
     assert from_json.config.attention_bias and from_json.config.num_kv_heads == 2
+
+
+@pytest.mark.parametrize(("kind", "dropped"), [
+    ("llama_tied", "model.layers.1.post_attention_layernorm.weight"),
+    ("llama_untied_llama3_rope", "lm_head.weight"),
+    ("qwen2_bias", "model.layers.0.self_attn.v_proj.bias"),
+    ("qwen3_qk_norm", "model.layers.1.self_attn.k_norm.weight"),
+    ("gemma3_windows", "model.layers.0.post_feedforward_layernorm.weight"),
+])
+def test_a_checkpoint_lacking_a_tensor_is_refused(kind: str, dropped: str,
+                                                  tmp_path: Path) -> None:
+    """Each family expects every tensor its layers have, and nothing else: the whole
+    checkpoint loads, one tensor fewer is named."""
+    model = tiny_model(kind)
+    model.save_pretrained(tmp_path)
+    source = load_source(tmp_path)
+    ours = model_class(source.config).empty(source.config, torch.device("cpu"), torch.float32)
+    ours.load_hf_weights(source.weights)
+    fewer = [(name, tensor) for name, tensor in source.weights if name != dropped]
+    with pytest.raises(ValueError, match=rf"missing 1 tensors, e.g. \['{re.escape(dropped)}'\]"):
+        ours.load_hf_weights(fewer)
 
 
 def test_dummy_gemma3_norms_are_identities(tmp_path: Path) -> None:

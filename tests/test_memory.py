@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import write_files
-from tova_engine import memory
 from tova_engine.config import EngineConfig
-from tova_engine.memory import (
+from tova_engine.execution import memory
+from tova_engine.execution.memory import (
     AUTO_MAX_NUM_SEQS,
     DeviceMemory,
     activation_bytes,
@@ -22,7 +22,7 @@ from tova_engine.memory import (
 )
 from tova_engine.model.config import ModelConfig
 from tova_engine.model.llama import LlamaModel
-from tova_engine.state import KVState
+from tova_engine.state.kv_state import KVState
 
 GiB = 1 << 30
 # SmolLM2-135M's shapes (the embedded default model), without loading it.

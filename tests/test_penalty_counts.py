@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tova_engine import EngineConfig, LLMEngine, SamplingParams
-from tova_engine.penalty_counts import PenaltyCounts, counts_from_lists
-from tova_engine.sampler import Sampler, SampleRow, apply_penalties, make_generator
+from tova_engine.execution.penalty_counts import PenaltyCounts, counts_from_lists
+from tova_engine.execution.sampler import Sampler, SampleRow, apply_penalties, make_generator
 
 VOCAB = 40
 
@@ -105,7 +105,7 @@ class ListSampler(Sampler):
 
 def runner_of(engine: LLMEngine):
     # The runner lives in the engine core once LLMEngine is split into front end and core.
-    return engine.core.runner if hasattr(engine, "core") else engine.runner
+    return engine.core.executor.worker.runner if hasattr(engine, "core") else engine.runner
 
 
 def engine_requests() -> list[tuple[list[int], SamplingParams]]:

@@ -1,5 +1,5 @@
-"""Policies declared once (tova_engine/policies.py) and TOVA's recency protection: the latest r
-positions always stay; r = 0 is the paper's TOVA (the slow reference), r = S/2 the default
+"""Policies declared once (tova_engine/state/policies.py) and TOVA's recency protection: the
+latest r positions always stay; r = 0 is the paper's TOVA (the slow reference), r = S/2 the default
 and r >= S a window; TOVA with r equals a slow
 reference decoder that protects the same positions (float64, per-token and whole-prompt
 prefill); bad declarations and values are refused naming the parameter."""
@@ -12,8 +12,8 @@ import pytest
 
 from tests.test_correctness import PROMPT, reference_decoder
 from tova_engine import LLM, EngineConfig, InvalidRequestError, SamplingParams
-from tova_engine.fused_attention import check_kernel_runs
-from tova_engine.policies import POLICIES, Policy, make_policy
+from tova_engine.attention.fused import check_kernel_runs
+from tova_engine.state.policies import POLICIES, Policy, make_policy
 
 
 def run(model, prompts, state_size=8, max_tokens=12, chunk=1, engine_recent=None, **params):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tova_engine.attention.pytorch import ChunkAttention, DecodeAttention
 from tova_engine.model.config import ModelConfig
-from tova_engine.policies import Policy, make_policy
-from tova_engine.state import KVState
-from tova_engine.state_attention import ChunkAttention, DecodeAttention
+from tova_engine.state.kv_state import KVState
+from tova_engine.state.policies import Policy, make_policy
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 8, 2
 POLICIES = {

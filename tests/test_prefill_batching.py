@@ -27,13 +27,13 @@ def test_batched_chunks_equal_chunks_alone(tiny_llama, policy):
         max_num_seqs=8,
     )
     groups: list[int] = []
-    run_chunks = llm.engine.core.runner._run_chunks
+    run_chunks = llm.engine.core.executor.worker.runner._run_chunks
 
     def recording(chunks, step):
         groups.append(len(chunks))
         return run_chunks(chunks, step)
 
-    llm.engine.core.runner._run_chunks = recording
+    llm.engine.core.executor.worker.runner._run_chunks = recording
     same_length = prompts(5, 22, seed=1)
     greedy = dict(temperature=0, max_tokens=10, ignore_eos=True, return_state=True)
     # A smaller per-request state, and a prompt of another length: not batched with the rest.

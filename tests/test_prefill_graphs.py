@@ -11,9 +11,9 @@ import random
 import pytest
 
 from tova_engine import LLM, SamplingParams
-from tova_engine.prefill_graphs import ChunkShape, PrefillGraphs
-from tova_engine.runner import ModelRunner
-from tova_engine.state import KVState
+from tova_engine.execution.prefill_graphs import ChunkShape, PrefillGraphs
+from tova_engine.execution.runner import ModelRunner
+from tova_engine.state.kv_state import KVState
 
 GREEDY = dict(temperature=0, max_tokens=6, ignore_eos=True, return_state=True)
 
@@ -27,17 +27,18 @@ def make_llm(model, policy: str) -> LLM:
 
 def use_prefill_graphs(llm: LLM, **options) -> PrefillGraphs:
     """Give the engine a state with a spare slot and a runner that replays prefill groups."""
-    core = llm.engine.core
-    config = core.config
+    worker = llm.engine.core.executor.worker
+    config = worker.config
     state = KVState(
-        core.model_config, config.max_num_seqs, config.state_size, core.dtype, core.device,
-        track_stats=core.policy.uses_stats, pad_slot=True,
+        worker.model_config, config.max_num_seqs, config.state_size, config.torch_dtype,
+        config.torch_device, track_stats=worker.policy.uses_stats, pad_slot=True,
     )
-    graphs = PrefillGraphs(core.model, state, core.policy, replay="eager", **options)
-    old = core.runner
-    core.state = state
-    core.runner = ModelRunner(
-        core.model, state, core.policy, old.sampler, core.eos_token_ids, prefill_graphs=graphs
+    graphs = PrefillGraphs(worker.model, state, worker.policy, replay="eager", **options)
+    old = worker.runner
+    worker.state = state
+    worker.runner = ModelRunner(
+        worker.model, state, worker.policy, old.sampler, worker.eos_token_ids,
+        prefill_graphs=graphs,
     )
     return graphs
 
@@ -102,13 +103,13 @@ def test_chunks_that_want_prompt_logprobs_run_eagerly(tiny_llama):
 
 
 def test_a_state_without_a_spare_slot_is_refused(tiny_llama):
-    core = make_llm(tiny_llama, "tova").engine.core
+    worker = make_llm(tiny_llama, "tova").engine.core.executor.worker
     with pytest.raises(ValueError, match="spare slot"):
-        PrefillGraphs(core.model, core.state, core.policy, replay="eager")
+        PrefillGraphs(worker.model, worker.state, worker.policy, replay="eager")
 
 
-def test_max_tokens_bounds_what_is_captured(tiny_llama):
+def test_max_captured_tokens_bounds_what_is_captured(tiny_llama):
     llm = make_llm(tiny_llama, "tova")
-    graphs = use_prefill_graphs(llm, min_uses=1, max_tokens=8)
+    graphs = use_prefill_graphs(llm, min_uses=1, max_captured_tokens=8)
     llm.generate(prompts(3, 4, 1), SamplingParams(**GREEDY), use_tqdm=False)  # 4 x 4 > 8
     assert len(graphs) == 0 and graphs.replays == 0

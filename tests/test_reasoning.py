@@ -10,9 +10,9 @@ import random
 import pytest
 
 from server.cli import build_parser
-from server.logprobs import TokenNames
-from server.reasoning import split_reasoning
 from server.serving.chat import ChatChoiceState
+from server.serving.openai_logprobs import TokenNames
+from server.serving.reasoning import split_reasoning
 from tova_engine import CompletionOutput
 
 THOUGHT = "<think>\nTwo and two: four.\n</think>\n\nIt is 4."

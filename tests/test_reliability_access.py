@@ -15,7 +15,7 @@ import pytest
 
 from server import ServerSettings, create_app
 from server.cli import main
-from server.request_log import MAX_LOGGED_BODY_CHARS
+from server.http.request_log import MAX_LOGGED_BODY_CHARS
 from tests.server_utils import API_KEY, auth_headers, call
 from tests.tiny_chat_model import save_tiny_chat_model
 from tova_engine import AsyncEngine, EngineConfig
@@ -78,7 +78,7 @@ def test_key_is_compared_in_constant_time(engine, monkeypatch):
         compared.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr("server.auth.hmac.compare_digest", spy)
+    monkeypatch.setattr("server.http.auth.hmac.compare_digest", spy)
     app = create_app(engine, ServerSettings(api_key=API_KEY))
     for guess in ("x", "a much longer guess than the key itself", API_KEY):
         call(app, "GET", "/v1/models", headers={"Authorization": f"Bearer {guess}"})

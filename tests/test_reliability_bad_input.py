@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from server.body_limit import BodyLimitMiddleware
+from server.http.body_limit import BodyLimitMiddleware
 from tests.reliability_utils import BODY_LIMIT, assert_openai_error
 from tests.server_utils import auth_headers
 

@@ -1,7 +1,7 @@
 """Faults: 100 clients that drop mid-stream, a request that fails inside the engine
 (non-finite logits, injected through the X-Tova-Fault test hook), and an engine core process
 that dies (SIGKILL, or a fatal error in its loop) and is restarted. See
-server/fault_injection.py for the hook."""
+server/http/fault_injection.py for the hook."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from server import create_app
-from server.errors import APIError
-from server.fault_injection import parse_fault
+from server.http.errors import APIError
+from server.http.fault_injection import parse_fault
 from tests.reliability_utils import (
     assert_openai_error,
     read_stream,

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from server.http.sse import sse
 from server.protocol.common import ErrorInfo, ErrorResponse
-from server.streaming import sse
 from tests.reliability_utils import (
     assert_openai_error,
     read_stream,

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from tova_engine.sampler import (
+from tova_engine.execution.sampler import (
     Sampler,
     SampleRow,
+    apply_filters,
     apply_penalties,
     make_generator,
-    process_logits,
 )
 from tova_engine.sampling_params import SamplingParams
 
@@ -23,6 +23,14 @@ def row(params: SamplingParams | None = None, prompt=(), output=(), generator=No
         block=()) -> SampleRow:
     return SampleRow(params or SamplingParams(), list(prompt), list(output), generator,
                      tuple(block))
+
+
+def process_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """The logits a sampled row draws from, as the sampler computes them (filtered-out tokens
+    -inf)."""
+    x = apply_penalties(logits, rows)
+    apply_filters(x, rows)
+    return x
 
 
 def random_logits(batch: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from server import ServerSettings, create_app
-from server.admission import Admission
-from server.errors import APIError
+from server.http.admission import Admission
+from server.http.errors import APIError
 from tests.server_utils import Metrics, call
 from tova_engine import AsyncEngine, EngineConfig
 

@@ -93,6 +93,13 @@ def test_help_shows_every_default():
     assert checked > len(dataclasses.fields(EngineConfig))  # every engine flag, server ones too
 
 
+def test_every_flag_has_a_row_in_the_docs_table():
+    table = (REPO / "docs" / "serving.md").read_text()
+    for action in build_parser()._actions:
+        if action.option_strings and action.default is not argparse.SUPPRESS:
+            assert f"| `{action.option_strings[0]}`" in table, action.option_strings[0]
+
+
 def test_help_never_shows_the_api_key(monkeypatch):
     monkeypatch.setenv("TOVA_API_KEY", "secret-from-env")
     assert "secret-from-env" not in build_parser().format_help()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.server_utils import SMOL_NAMES, auth_headers
+from tests.server_utils import API_KEY, SMOL_NAMES, auth_headers
 
 pytest_plugins = ("tests.server_fixtures",)
 
@@ -245,6 +245,7 @@ def test_models_version_tokenize_detokenize(client, smol_server):
 def test_startup_logs_resolved_config_and_state_memory(smol_server):
     log = smol_server.log()
     assert "resolved config" in log and '"state_size": 128' in log
+    assert '"api_key": "set"' in log and API_KEY not in log
     # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x 2 (K, V) x 128 entries x 4 bytes.
     assert "5.62 MiB per request" in log
 

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from server.protocol.tools import ToolDefinition
-from server.tools import ToolPlan, parse_tool_calls, safe_prefix
+from server.serving.tools import ToolPlan, parse_tool_calls, safe_prefix
 from tests.server_utils import SMOL_NAMES, auth_headers
 
 pytest_plugins = ("tests.server_fixtures",)

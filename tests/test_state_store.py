@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tova_engine import LLM, InvalidRequestError, SamplingParams, SnapshotSpec, StateSnapshot
-from tova_engine.messages import CoreRequest
-from tova_engine.state_store import StateStore
+from tova_engine.state.store import StateStore
+from tova_engine.step.request import CoreRequest
 
 SPEC = SnapshotSpec("m", "float32", 8, 8, "tova")
 
@@ -122,8 +122,8 @@ def test_async_engine_continues_stored_states_across_a_core_restart(tiny_llama, 
     import time
 
     from tova_engine import AsyncEngine, EngineConfig
-    from tova_engine.core_client import RestartPolicy
     from tova_engine.errors import UnknownStateError
+    from tova_engine.frontend.core_client import RestartPolicy
 
     config = EngineConfig(model=str(tiny_llama), dtype="float64", device="cpu", state_size=8,
                           max_num_seqs=4, state_store_memory_bytes=0,

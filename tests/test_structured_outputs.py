@@ -68,9 +68,10 @@ def smol():
 @needs_model
 def test_the_mask_allows_exactly_the_tokens_the_matcher_accepts(smol):
     core = smol.engine.core
-    compiler = GrammarCompiler(core.tokenizer, core.model_config.vocab_size, core.eos_token_ids)
+    compiler = GrammarCompiler(core.executor.tokenizer, core.executor.model_config.vocab_size,
+                               core.executor.eos_token_ids)
     matcher = compiler.matcher(StructuredOutputs(choice=("yes", "no", "maybe")))
-    vocab = core.model_config.vocab_size
+    vocab = core.executor.model_config.vocab_size
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
     masked = logits.clone()
     mask_rows(masked, [1], [matcher])
@@ -122,8 +123,9 @@ def test_matchers_are_built_as_the_request_arrives_beside_the_step(smol):
     back as the request's error instead."""
     from types import SimpleNamespace
 
-    from tova_engine.core_process import CoreLoop
-    from tova_engine.messages import AddRequest, CoreRequest
+    from tova_engine.core.messages import AddRequest
+    from tova_engine.core.process import CoreLoop
+    from tova_engine.step.request import CoreRequest
 
     loop = SimpleNamespace(core=smol.engine.core)
     params = SamplingParams(n=2, max_tokens=4,

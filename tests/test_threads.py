@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import write_files
-from tova_engine import threads
-from tova_engine.threads import choose_cpu_threads, configure_cpu_threads
+from tova_engine.execution import threads
+from tova_engine.execution.threads import choose_cpu_threads, configure_cpu_threads
 
 
 @pytest.fixture

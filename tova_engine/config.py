@@ -1,15 +1,27 @@
-"""Engine configuration: one frozen dataclass, validated on construction. The CLI reads its
-defaults from here."""
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+Each field carries its `tova-serve` flag's help text (`setting`): server/cli.py builds the
+flag, its default and its help from the field, so the CLI and the library agree.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from tova_engine.kernels import triton_available
-from tova_engine.policies import POLICIES, Policy, make_policy
+from tova_engine.state.policies import POLICIES, Policy, make_policy
+from tova_engine.validation import (
+    is_int,
+    is_positive_int,
+    require_choice,
+    require_count,
+    require_fraction,
+    require_positive_int,
+)
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = {
@@ -25,74 +37,112 @@ DTYPES_BY_DEVICE = {
 KERNELS = ("auto", "triton", "torch")
 
 
+def setting(default: Any, help: str, **flag: Any) -> Any:
+    """A settings field with its command-line flag described beside it: `help`, and where the
+    flag needs them `choices`, `metavar`, `flag` (a spelling other than --field-name),
+    `aliases`, ... (server/cli.py lists them). A field declared without it has no flag."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
+def _own_protect_recent() -> str:
+    """The built-in policies' own recency protection, as the help states it ("tova: 0.5, ...")."""
+    return ", ".join(f"{policy.name}: {policy.protect_recent}"
+                     for policy in POLICIES.values() if policy.protects_recent)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    # Hugging Face folder, hub id, .gguf file, or config .json (dummy); None = embedded default.
-    model: str | None = None
-    load_format: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    # Entries per layer per sequence: the fixed memory every request gets.
-    state_size: int = 512
-    # A built-in policy's name, or a declared `Policy` (policies.py).
-    policy: str | Policy = "tova"
-    # The latest positions never evicted: a count, or a fraction of the state size; None =
-    # the policy's own (tova 0, h2o 0.5). Requests may set their own (SamplingParams).
-    protect_recent: int | float | None = None
-    # State slots (sequences that run at once), or "auto": as many as memory_utilization
-    # allows, resolved by tova_engine.memory.resolve_config once the weights are loaded.
-    max_num_seqs: int | str = 64
-    # Fraction of the device's memory (CUDA: total; CPU: RAM available at start-up) that the
-    # weights, the state and the step's activations may take when max_num_seqs="auto".
-    memory_utilization: float = 0.9
-    # Prompt tokens one sequence prefills per step; eviction happens between chunks.
-    prefill_chunk_size: int = 512
-    # Tokens (decodes plus prefill chunks) one step may process; None = sized from the above.
-    max_num_batched_tokens: int | None = None
-    # Longest prompt + output a request may ask for; None = the model's position limit.
-    max_model_len: int | None = None
-    seed: int = 0
+    # None: the embedded default model.
+    model: str | None = setting(
+        None, "Hugging Face folder, hub id, .gguf file or config .json (dummy); default: the "
+              "embedded SmolLM2-135M-Instruct")
+    load_format: str = setting(
+        "auto", "auto: safetensors when the folder has them, else GGUF; dummy: random weights "
+                "with the model's shapes", choices=LOAD_FORMATS)
+    dtype: str = setting("auto", "auto: bfloat16 on CUDA, float32 on CPU",
+                         choices=("auto", *DTYPES))
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    # The fixed memory every request gets.
+    state_size: int = setting(512, "key/value entries per layer per sequence")
+    # A built-in policy's name, or a declared `Policy` (state/policies.py). (`setting` makes
+    # a dataclasses.Field, which ruff cannot tell from a shared mutable default.)
+    policy: str | Policy = setting(  # noqa: RUF009
+        "tova", "which entry a full state drops", choices=tuple(POLICIES))
+    # None: the policy's own. Requests may set their own (SamplingParams).
+    protect_recent: int | float | None = setting(
+        None, "the latest R positions are never evicted: a count (64) or a fraction of the "
+              "state size (0.25); default: the policy's own "
+              f"({_own_protect_recent()}; 0 is the paper's TOVA)", metavar="R")
+    # "auto" is resolved by tova_engine.execution.memory.resolve_config once the weights are
+    # loaded.
+    max_num_seqs: int | Literal["auto"] = setting(
+        64, "state slots: choices that run at once; auto: as many as --memory-utilization "
+            "allows", metavar="N|auto")
+    # CUDA: of the device's total memory.
+    memory_utilization: float = setting(
+        0.9, "with --max-num-seqs auto: the share of the GPU's memory (CPU: of the RAM "
+             "available at start-up) that weights, state and activations may take")
+    # Eviction happens between chunks.
+    prefill_chunk_size: int = setting(512, "prompt tokens one sequence prefills per step")
+    # None: sized from the above (`token_budget_for`).
+    max_num_batched_tokens: int | None = setting(
+        None, "tokens (decodes + prefill chunks) one step may run; default: "
+              "max(2048, max-num-seqs + prefill-chunk-size)")
+    max_model_len: int | None = setting(
+        None, "longest prompt + output a request may ask for; default: the model's position "
+              "limit")
+    seed: int = setting(0, "seed of the sampler for requests without their own")
     # "auto": on CUDA the fused Triton kernels (decode attention + eviction, RMSNorm, RoPE,
-    # SwiGLU) when Triton is installed, PyTorch otherwise; "torch": PyTorch everywhere.
-    kernels: str = "auto"
-    # CUDA: run every step eagerly instead of replaying captured decode graphs.
-    enforce_eager: bool = False
-    # CUDA: decode batch sizes to capture (None: 1, 2, 4, 8, then every 16 up to
-    # max_num_seqs); a batch is padded to the next size, larger ones run eagerly.
-    cuda_graph_batch_sizes: tuple[int, ...] | None = None
-    # Devices (processes) the model is split over, Megatron-style: it must divide the model's
-    # key/value heads; on CUDA one GPU per rank, on CPU (gloo) one process per rank.
-    tensor_parallel_size: int = 1
-    # CUDA: prefill chunk shapes that recur are captured in graphs, this many at most (least
-    # recently used out first); 0 = every prefill runs eagerly.
-    max_prefill_graphs: int = 16
-    # Saved states (keep_state, the Responses API's stored responses): host memory for them
-    # (page-locked on CUDA), then a directory they spill to and survive restarts in.
-    state_store_memory_bytes: int = 4 * 2**30
-    state_store_dir: str | None = None
-    state_store_disk_bytes: int = 64 * 2**30
-    # Launch step N+1 before reading step N back, so the host's work overlaps the device's.
-    # None: on with CUDA, off on CPU (where nothing runs concurrently to overlap with).
-    async_scheduling: bool | None = None
+    # SwiGLU) when Triton is installed, PyTorch otherwise.
+    kernels: str = setting(
+        "auto", "auto: fused Triton kernels on CUDA when available; torch: PyTorch",
+        choices=KERNELS)
+    enforce_eager: bool = setting(
+        False, "CUDA: run every step eagerly, no captured decode or prefill graphs")
+    # A batch is padded to the next size; larger ones run eagerly.
+    cuda_graph_batch_sizes: tuple[int, ...] | None = setting(
+        None, "CUDA: decode batch sizes to capture; default: 1, 2, 4, 8, then every 16 up to "
+              "max-num-seqs")
+    # Megatron-style; on CPU (gloo) one process per rank.
+    tensor_parallel_size: int = setting(
+        1, "split the model over this many devices (processes; one GPU each on CUDA); must "
+           "divide the model's key/value heads", aliases=("-tp",))
+    # The least recently used graph goes first.
+    max_prefill_graphs: int = setting(
+        16, "CUDA: prefill chunk shapes that recur (rows, start, length) are captured in "
+            "graphs, this many at most; 0: prefill eagerly")
+    # Saved states (keep_state, the Responses API's stored responses): host memory (page-locked
+    # on CUDA), then a directory.
+    state_store_memory_bytes: int = setting(
+        4 * 2**30, "host memory for saved states (stored responses); the least recently used "
+                   "spill to --state-store-dir")
+    state_store_dir: str | None = setting(
+        None, "directory saved states spill to and survive restarts in (default: none, host "
+              "memory only)")
+    state_store_disk_bytes: int = setting(
+        64 * 2**30, "disk space for saved states; the least recently used are deleted")
+    # None: on with CUDA, off on CPU (where nothing runs concurrently to overlap with),
+    # resolved when the engine is built (execution.executor.resolve_device).
+    async_scheduling: bool | None = setting(
+        None, "launch each engine step before the previous one is read back, so host work "
+              "overlaps the device's (default: on with CUDA, off on CPU)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
-            _require_choice("policy", self.policy, tuple(POLICIES))
+            require_choice("policy", self.policy, tuple(POLICIES))
         make_policy(self.policy, self.protect_recent)  # protect_recent fits the policy
-        _require_choice("load_format", self.load_format, LOAD_FORMATS)
-        _require_choice("dtype", self.dtype, ("auto", *DTYPES))
-        _require_choice("kernels", self.kernels, KERNELS)
+        require_choice("load_format", self.load_format, LOAD_FORMATS)
+        require_choice("dtype", self.dtype, ("auto", *DTYPES))
+        require_choice("kernels", self.kernels, KERNELS)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(
                 f"async_scheduling must be a bool or None; got {self.async_scheduling!r}"
             )
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool; got {self.enforce_eager!r}")
-        for name in ("state_store_memory_bytes", "state_store_disk_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
-        _require_positive("tensor_parallel_size", self.tensor_parallel_size)
+        require_count("state_store_memory_bytes", self.state_store_memory_bytes)
+        require_count("state_store_disk_bytes", self.state_store_disk_bytes)
+        require_positive_int("tensor_parallel_size", self.tensor_parallel_size)
         if self.tensor_parallel_size > 1 and self.torch_device.index not in (None, 0):
             raise ValueError(
                 f"device {self.device!r}: with tensor_parallel_size > 1 rank r runs on cuda:r; "
@@ -105,10 +155,7 @@ class EngineConfig:
                     f"tensor_parallel_size ({self.tensor_parallel_size}) exceeds the visible "
                     f"GPUs ({visible})"
                 )
-        if not isinstance(self.max_prefill_graphs, int) or self.max_prefill_graphs < 0:
-            raise ValueError(
-                f"max_prefill_graphs must be an integer >= 0; got {self.max_prefill_graphs!r}"
-            )
+        require_count("max_prefill_graphs", self.max_prefill_graphs)
         if self.cuda_graph_batch_sizes is not None:
             sizes = self.cuda_graph_batch_sizes
             if not isinstance(sizes, (tuple, list)) or not sizes:
@@ -116,23 +163,23 @@ class EngineConfig:
                     f"cuda_graph_batch_sizes must be a non-empty tuple of integers; got {sizes!r}"
                 )
             for size in sizes:
-                _require_positive("cuda_graph_batch_sizes entries", size)
+                require_positive_int("cuda_graph_batch_sizes entries", size)
                 # "auto" checks the bound when it resolves (memory.resolve_config).
                 if self.max_num_seqs != "auto" and size > self.max_num_seqs:
                     raise ValueError(
                         f"cuda_graph_batch_sizes entries must not exceed max_num_seqs "
                         f"({self.max_num_seqs}); got {size}"
                     )
-        _require_positive("state_size", self.state_size)
-        if self.max_num_seqs != "auto" and not _is_positive_int(self.max_num_seqs):
+        require_positive_int("state_size", self.state_size)
+        if self.max_num_seqs != "auto" and not is_positive_int(self.max_num_seqs):
             raise ValueError(
                 f"max_num_seqs must be an integer >= 1 or 'auto'; got {self.max_num_seqs!r}"
             )
-        _require_fraction("memory_utilization", self.memory_utilization)
-        _require_positive("prefill_chunk_size", self.prefill_chunk_size)
+        require_fraction("memory_utilization", self.memory_utilization)
+        require_positive_int("prefill_chunk_size", self.prefill_chunk_size)
         if self.max_model_len is not None:
-            _require_positive("max_model_len", self.max_model_len)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            require_positive_int("max_model_len", self.max_model_len)
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < (
             1 if self.max_num_seqs == "auto" else self.max_num_seqs
@@ -179,13 +226,6 @@ class EngineConfig:
         return self.kernels != "torch" and triton_available(self.torch_device)
 
     @property
-    def overlap_steps(self) -> bool:
-        """Whether the engine core launches a step before reading the previous one back."""
-        if self.async_scheduling is not None:
-            return self.async_scheduling
-        return self.torch_device.type == "cuda"
-
-    @property
     def use_cuda_graphs(self) -> bool:
         """Decode steps replay CUDA graphs: CUDA, the Triton kernels, not enforce_eager."""
         return self.torch_device.type == "cuda" and self.triton_kernels and not self.enforce_eager
@@ -214,32 +254,10 @@ class EngineConfig:
         if self.max_num_seqs == "auto":
             raise ValueError(
                 "max_num_seqs='auto' is resolved once the model is loaded: use the engine's "
-                "config (tova_engine.memory.resolve_config), not the one it was given"
+                "config (tova_engine.execution.memory.resolve_config), not the one it was given"
             )
         return self.max_num_seqs
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
-
-def _require_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _require_fraction(name: str, value: object) -> None:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not 0 < value <= 1  # also rejects NaN
-    ):
-        raise ValueError(f"{name} must be a number in (0, 1]; got {value!r}")
-
-
-def _require_positive(name: str, value: object) -> None:
-    if not _is_positive_int(value):
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

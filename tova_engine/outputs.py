@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tova_engine.snapshots import StateSnapshot
+    from tova_engine.state.snapshots import StateSnapshot
 
 
 @dataclass(slots=True)

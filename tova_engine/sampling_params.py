@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tova_engine.errors import InvalidRequestError
-from tova_engine.policies import check_protect_recent
+from tova_engine.state.policies import check_protect_recent
 from tova_engine.structured.spec import StructuredOutputs
+from tova_engine.validation import is_int, is_number
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +33,7 @@ def _check_int(
 ) -> None:
     """`param`: the field the error names when `name` describes a part of it."""
     param = param or name
-    # bool is an int subclass, but `n=True` is a caller bug, not a count.
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):
         raise InvalidRequestError(param, f"{name} must be an int, got {value!r}")
     if low is not None and value < low:
         raise InvalidRequestError(param, f"{name} must be >= {low}, got {value}")
@@ -42,7 +42,7 @@ def _check_int(
 
 
 def _check_float(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_number(value):
         raise InvalidRequestError(name, f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise InvalidRequestError(name, f"{name} must be finite, got {value}")

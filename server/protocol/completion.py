@@ -17,7 +17,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int | None, count()] = 16
     echo: bool = False
     logprobs: Annotated[int | None, count(0, 20)] = None
-    # Declared so that they are refused by name (see `server.sampling`), not as unknown.
+    # Declared so that they are refused by name (see `server.serving.sampling`), not as unknown.
     suffix: str | None = None
     best_of: int | None = None
 

@@ -159,6 +159,11 @@ class ResponsesRequest(RequestModel):
     def streaming(self) -> bool:
         return bool(self.stream)
 
+    @property
+    def stored(self) -> bool:
+        """`store` as OpenAI reads it: null is the default, true."""
+        return self.store is not False
+
     def messages(self) -> list[dict[str, str]]:
         """The new turn's messages for the chat template: instructions first (as a system
         message), then the input."""

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import WithJsonSchema
 
 _NULL = {"type": "null"}
-# Marked, so that the app can add the vocabulary's size as the maximum (server.openapi).
+# Marked, so that the app can add the vocabulary's size as the maximum (server.http.openapi).
 TOKEN_ID_MARK = "x-token-id"
 _TOKEN_ID = {"type": "integer", "minimum": 0, TOKEN_ID_MARK: True}
 _TOKEN_IDS = {"type": "array", "items": _TOKEN_ID, "minItems": 1}

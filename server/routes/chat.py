@@ -5,21 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.context import get_context
-from server.fault_injection import fault_processors
-from server.generation import prepare_run
-from server.openapi import generation_responses
+from server.http.fault_injection import fault_processors
+from server.http.openapi import generation_responses
+from server.http.request_log import log_request_body, name_request, track_generation
 from server.protocol.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
 )
-from server.request_log import log_request_body, name_request, track_generation
-from server.sampling import chat_names, chat_params, check_chat, error_names
 from server.serving.chat import ChatSession
+from server.serving.context import get_context
+from server.serving.generation import prepare_run
 from server.serving.prompts import chat_prompt_ids, token_names
 from server.serving.respond import respond
-from server.tools import plan_tools
+from server.serving.sampling import chat_names, chat_params, check_chat, error_names
+from server.serving.tools import plan_tools
 
 router = APIRouter()
 
@@ -28,7 +28,7 @@ router = APIRouter()
              responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = get_context(request)
-    request_id = name_request(request, "chatcmpl")
+    request_id = name_request(request, "chatcmpl-")
     if ctx.settings.log_requests:
         log_request_body(request_id, body)
     model = ctx.resolve_model(body.model)

@@ -5,16 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.context import get_context
-from server.fault_injection import fault_processors
-from server.generation import prepare_run
-from server.openapi import generation_responses
+from server.http.fault_injection import fault_processors
+from server.http.openapi import generation_responses
+from server.http.request_log import log_request_body, name_request, track_generation
 from server.protocol.completion import CompletionRequest, CompletionResponse
-from server.request_log import log_request_body, name_request, track_generation
-from server.sampling import COMPLETION_NAMES, check_completion, completion_params, error_names
 from server.serving.completions import CompletionSession, Echo
+from server.serving.context import get_context
+from server.serving.generation import prepare_run
 from server.serving.prompts import prompt_ids, prompt_text, token_names
 from server.serving.respond import respond
+from server.serving.sampling import (
+    COMPLETION_NAMES,
+    check_completion,
+    completion_params,
+    error_names,
+)
 
 router = APIRouter()
 
@@ -23,7 +28,7 @@ router = APIRouter()
              responses=generation_responses(CompletionResponse, CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     ctx = get_context(request)
-    request_id = name_request(request, "cmpl")
+    request_id = name_request(request, "cmpl-")
     if ctx.settings.log_requests:
         log_request_body(request_id, body)
     model = ctx.resolve_model(body.model)

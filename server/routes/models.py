@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.context import ServerContext, get_context
-from server.openapi import json_responses
+from server.http.openapi import json_responses
 from server.protocol.tokenize import ModelCard, ModelList
+from server.serving.context import ServerContext, get_context
 from server.serving.respond import json_response
 
 router = APIRouter()

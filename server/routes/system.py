@@ -6,11 +6,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.context import get_context
-from server.errors import APIError
-from server.openapi import json_responses
+from server.http.errors import APIError
+from server.http.openapi import json_responses
 from server.protocol.common import ErrorResponse
 from server.protocol.system import HealthResponse, ReadyResponse, VersionResponse
+from server.serving.context import get_context
 from server.serving.respond import json_response
 from tova_engine import __version__
 

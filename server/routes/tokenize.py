@@ -6,9 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from server.context import ServerContext, get_context
-from server.errors import bad_request
-from server.openapi import body_responses, json_responses
+from server.http.errors import bad_request
+from server.http.openapi import body_responses, json_responses
 from server.protocol.fields import is_token_id
 from server.protocol.tokenize import (
     DetokenizeRequest,
@@ -17,6 +16,7 @@ from server.protocol.tokenize import (
     TokenizeResponse,
     TokenizerInfoResponse,
 )
+from server.serving.context import ServerContext, get_context
 from server.serving.prompts import chat_prompt_ids
 from server.serving.respond import json_response
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from server.generation import GenerationRun
-from server.logprobs import TokenNames, chat_logprobs
+from server.http.sse import sse
 from server.protocol.chat import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -24,9 +23,10 @@ from server.protocol.chat import (
 )
 from server.protocol.common import Usage
 from server.protocol.tools import FunctionCallDelta, ToolCallDelta
-from server.reasoning import ReasoningStream
-from server.streaming import sse
-from server.tools import ToolPlan, parse_tool_calls, safe_prefix
+from server.serving.generation import GenerationRun
+from server.serving.openai_logprobs import TokenNames, chat_logprobs
+from server.serving.reasoning import ReasoningStream
+from server.serving.tools import ToolPlan, parse_tool_calls, safe_prefix
 from tova_engine import CompletionOutput
 
 
@@ -35,7 +35,7 @@ class ChatChoiceState:
                  names: TokenNames, tools: ToolPlan | None = None,
                  reasoning: bool = False) -> None:
         """tools: calls may come back; a stream then holds back what may be one. reasoning:
-        split the model's thinking into `reasoning_content` (server/reasoning.py)."""
+        split the model's thinking into `reasoning_content` (server/serving/reasoning.py)."""
         self.index = index
         self._tools = tools
         self._reasoning = ReasoningStream() if reasoning else None

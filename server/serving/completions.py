@@ -9,8 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.generation import GenerationRun
-from server.logprobs import TokenNames, extend_completion_logprobs
+from server.http.sse import sse
 from server.protocol.common import Usage
 from server.protocol.completion import (
     CompletionChoice,
@@ -18,7 +17,8 @@ from server.protocol.completion import (
     CompletionRequest,
     CompletionResponse,
 )
-from server.streaming import sse
+from server.serving.generation import GenerationRun
+from server.serving.openai_logprobs import TokenNames, extend_completion_logprobs
 from tova_engine import CompletionOutput, RequestOutput
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.errors import bad_request
+from server.http.errors import bad_request
 
 # Private-use characters: no template or tokenizer gives them a meaning.
 _PLACEHOLDER = "\ue000tova-answer\ue001"

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.context import ServerContext
-from server.errors import bad_request
-from server.logprobs import TokenNames
+from server.http.errors import bad_request
 from server.protocol.chat import ChatMessage
-from server.tools import ToolPlan, render_messages, template_knows_tools
+from server.serving.context import ServerContext
+from server.serving.openai_logprobs import TokenNames
+from server.serving.tools import ToolPlan, render_messages, template_knows_tools
 
 
 def prompt_ids(ctx: ServerContext, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -51,7 +51,7 @@ def chat_prompt_ids(
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
     tools: ToolPlan | None = None,
 ) -> list[int]:
-    """tools: the request's tools, shown to the model (server.tools)."""
+    """tools: the request's tools, shown to the model (server.serving.tools)."""
     tokenizer = ctx.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad_request(

@@ -8,11 +8,11 @@ from typing import Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.cancellation import unless_disconnected
-from server.errors import APIError, bad_request, from_engine_error
-from server.generation import GenerationRun
+from server.http.cancellation import unless_disconnected
+from server.http.errors import APIError, bad_request, from_engine_error
+from server.http.sse import EventStreamResponse
 from server.protocol.common import ResponseModel
-from server.streaming import EventStreamResponse
+from server.serving.generation import GenerationRun
 
 
 class Session(Protocol):

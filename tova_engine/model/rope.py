@@ -23,7 +23,7 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 def local_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Gemma 3's sliding layers: their own base (rope_local_base_freq), never scaled."""
+    """Sliding-window layers (Gemma 3's): their own base (rope_local_theta), never scaled."""
     return _plain_frequencies(config.rope_local_theta or 10000.0, config.head_dim)
 
 

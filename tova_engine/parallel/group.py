@@ -1,9 +1,10 @@
 """The tensor-parallel group as the model sees it: rank, size and the few collectives it uses
-(torch.distributed: gloo on CPU, NCCL on CUDA). Size 1 makes every collective a no-op."""
+(torch.distributed: gloo on CPU, NCCL on CUDA), and joining and leaving it. Size 1 makes every
+collective a no-op."""
 
 from __future__ import annotations
 
-import gc
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,18 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+# A collective that waits longer than this means a rank is gone: fail instead of hanging.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)
+
+
+def join_group(device: torch.device, rank: int, size: int, init_method: str) -> TensorParallel:
+    """Join this process to the group as `rank`; on CUDA rank r runs on cuda:r."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    return TensorParallel(rank, size)
 
 
 def leave_group() -> None:
@@ -74,12 +87,3 @@ def leave_group() -> None:
     else:
         dist.destroy_process_group()
 
-
-def release_graphs(runner) -> None:
-    """Drop a runner's captured graphs before its group goes: NCCL keeps a communicator's
-    resources until the graphs that captured its collectives are destroyed."""
-    runner.graphs = None
-    runner.prefill_graphs = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()

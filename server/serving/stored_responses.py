@@ -1,0 +1,81 @@
+"""The Responses API's stored responses as requests use them: the turn a request runs (from
+scratch, or continuing a stored response's saved state), keeping a finished response, finding
+and deleting one. The records live in `ResponseStore`, their states in the engine's store; a
+record whose state the engine has dropped is gone too.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from server.http.errors import bad_request, not_found_response
+from server.protocol.responses import ResponsesRequest
+from server.serving.context import ServerContext
+from server.serving.conversation import continuation_ids, first_turn_ids
+from server.serving.responses import ResponseDraft
+from server.serving.responses_store import StoredResponse
+from tova_engine import SnapshotSpec
+
+
+class Turn(NamedTuple):
+    prompt_ids: list[int]  # what the engine prefills
+    cached_tokens: int  # tokens the continued state already stands for
+    resume_key: str | None  # the stored response whose state it continues
+
+    @property
+    def input_tokens(self) -> int:
+        return self.cached_tokens + len(self.prompt_ids)
+
+
+def next_turn(ctx: ServerContext, body: ResponsesRequest) -> Turn:
+    messages = body.messages()
+    if not body.previous_response_id:
+        return Turn(first_turn_ids(ctx.tokenizer, messages), 0, None)
+    previous = _previous(ctx, body)
+    ids = continuation_ids(ctx.tokenizer, messages, previous.last_token_id)
+    return Turn(ids, ctx.engine.saved_states[previous.id].num_tokens, previous.id)
+
+
+def keep_response(ctx: ServerContext, draft: ResponseDraft) -> None:
+    """Store a finished response, if it asked to be and its state was kept."""
+    if not draft.body.stored or draft.id not in ctx.engine.saved_states:
+        return  # store: false, or the state could not be kept (failed, too large)
+    ctx.responses.put(StoredResponse(
+        response=draft.snapshot(), last_token_id=draft.token_ids[-1] if draft.token_ids else None,
+        spec=_spec(ctx, draft.body),
+    ))
+
+
+def find_response(ctx: ServerContext, response_id: str) -> StoredResponse:
+    ctx.responses.prune(ctx.engine.saved_states)
+    record = ctx.responses.get(response_id)
+    if record is None:
+        raise not_found_response(None, response_id)
+    return record
+
+
+def drop_response(ctx: ServerContext, response_id: str) -> None:
+    find_response(ctx, response_id)
+    ctx.responses.delete(response_id)
+    ctx.engine.drop_states([response_id])
+
+
+def _previous(ctx: ServerContext, body: ResponsesRequest) -> StoredResponse:
+    """The stored response to continue: 404 if unknown or expired, 400 if its state was
+    made under another configuration than this request would run with."""
+    ctx.require_engine()
+    ctx.responses.prune(ctx.engine.saved_states)
+    record = ctx.responses.get(body.previous_response_id)
+    if record is None or record.id not in ctx.engine.saved_states:
+        raise not_found_response("previous_response_id", body.previous_response_id)
+    why = record.spec.mismatch(_spec(ctx, body))
+    if why is not None:
+        raise bad_request(f"previous_response_id {record.id!r} cannot be continued: {why}",
+                          "previous_response_id")
+    return record
+
+
+def _spec(ctx: ServerContext, body: ResponsesRequest) -> SnapshotSpec:
+    """What a state made by this request is, or must have been made with to continue."""
+    info = ctx.engine.info
+    return info.snapshot_spec(body.state_size if body.state_size is not None else info.state_size)

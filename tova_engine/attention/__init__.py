@@ -1,0 +1,2 @@
+"""Attention over the bounded state with the policy's eviction: the backend contract, the
+PyTorch path (CPU, and the reference the kernels are checked against), the fused path (CUDA)."""

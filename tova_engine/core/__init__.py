@@ -1,0 +1,2 @@
+"""The engine core: the scheduler, the requests it runs, the step loop, its own process and
+the typed messages it exchanges with the front end. It sees one executor."""

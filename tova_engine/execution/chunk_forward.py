@@ -1,0 +1,46 @@
+"""One forward of a group of prompt chunks at the same point of their prompts: the eager
+step (`runner.py`) and the captured one (`prefill_graphs.py`) run exactly this."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from tova_engine.attention.pytorch import ChunkAttention
+from tova_engine.model.llama import LlamaModel
+from tova_engine.state.kv_state import KVState
+from tova_engine.state.policies import Policy
+
+
+class ChunkShape(NamedTuple):
+    """What fixes a chunk group's forward: with these equal, two groups run the same kernels
+    on tensors of the same shapes."""
+
+    rows: int
+    start: int  # the chunks' first prompt position
+    entries: int  # valid entries every row holds before the chunk
+    length: int
+    capacity: int  # the rows' state size
+
+
+def forward_chunks(
+    model: LlamaModel,
+    state: KVState,
+    policy: Policy,
+    token_ids: torch.Tensor,
+    slots: list[int] | torch.Tensor,
+    shape: ChunkShape,
+    every_position: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """token_ids [rows * length], row after row; slots [rows]. Returns the logits, [rows, V]
+    at each row's last position or [rows * length, V] at every position, and the evicted
+    ages (`ChunkAttention.evicted_ages`, None when no layer evicted)."""
+    attend = ChunkAttention(
+        state, policy, slots, shape.entries, shape.start, shape.length, shape.capacity
+    )
+    hidden = model(token_ids, attend.positions, attend)  # [rows * length, hidden]
+    attend.finish()
+    if not every_position:  # logits only where they are used
+        hidden = hidden.view(shape.rows, shape.length, -1)[:, -1]
+    return model.compute_logits(hidden), attend.evicted_ages

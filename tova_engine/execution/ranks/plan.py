@@ -1,0 +1,71 @@
+"""What rank 0 tells the other ranks before each step, and how they rebuild the step from it.
+
+Rank 0 schedules; before it launches a step it broadcasts the step's plan (`StepPlan`:
+requests admitted with their slots, the choices that decode, the prefill chunks, the requests
+that left). Every other rank keeps mirror `Request`s, rebuilds the same `SchedulerOutput`
+from the plan and runs the same `ModelRunner.launch`: the same kernels and collectives in the
+same order, on its own heads. Rank 0 samples; the runner broadcasts the tokens, so every rank
+feeds the same ones next step. A plan is constant in size per request whatever its length:
+the prompt travels once, at admission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tova_engine.step.batch import PrefillChunk, SchedulerOutput
+from tova_engine.step.request import CoreRequest, Request, Sequence
+
+# Instead of a plan: the ranks leave the loop.
+STOP = "stop"
+# Instead of a plan: every rank sends rank 0 its retained positions (`Worker.retained_by_rank`).
+GATHER_RETAINED = "gather-retained"
+
+
+@dataclass(slots=True)
+class AdmittedRequest:
+    request: CoreRequest
+    slots: list[int]
+
+
+@dataclass(slots=True)
+class StepPlan:
+    admitted: list[AdmittedRequest] = field(default_factory=list)
+    decodes: list[tuple[str, int]] = field(default_factory=list)  # (request id, choice)
+    prefills: list[tuple[str, int, int]] = field(default_factory=list)  # (id, start, length)
+    removed: list[str] = field(default_factory=list)  # requests gone since the last plan
+
+
+def plan_of(scheduled: SchedulerOutput) -> StepPlan:
+    """What the other ranks need to run `scheduled` exactly as rank 0 will."""
+    return StepPlan(
+        admitted=[
+            AdmittedRequest(r.core, [seq.slot for seq in r.sequences]) for r in scheduled.admitted
+        ],
+        decodes=[(seq.request.request_id, seq.index) for seq in scheduled.decodes],
+        prefills=[(c.request.request_id, c.start, c.length) for c in scheduled.prefills],
+        removed=list(scheduled.removed),
+    )
+
+
+class Mirror:
+    """A rank's copies of the running requests: token ids, params and slots, no outputs."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, Request] = {}
+
+    def apply(self, plan: StepPlan) -> SchedulerOutput:
+        for request_id in plan.removed:
+            self.requests.pop(request_id, None)
+        admitted = []
+        for entry in plan.admitted:
+            request = Request.of(entry.request, [None] * len(entry.slots))
+            for seq, slot in zip(request.sequences, entry.slots, strict=True):
+                seq.slot = slot
+            self.requests[request.request_id] = request
+            admitted.append(request)
+        decodes: list[Sequence] = [self.requests[rid].sequences[i] for rid, i in plan.decodes]
+        prefills = [
+            PrefillChunk(self.requests[rid], start, length) for rid, start, length in plan.prefills
+        ]
+        return SchedulerOutput(admitted, decodes, prefills, [])
