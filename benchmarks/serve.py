@@ -3,8 +3,11 @@ vLLM's `vllm bench serve`.
 
 N streaming requests at a request rate (Poisson arrivals) or a fixed concurrency; prompts of
 exactly --input-len tokens (random words, or windows of a text file), --output-len tokens
-out with ignore_eos. Prints throughput, TTFT, TPOT, ITL and end-to-end latency (mean,
-median, p99) and what the HTTP layer adds per token, and saves it all as JSON.
+out with ignore_eos. With --shared-prefix-len L, each prompt starts with one of
+--num-prefixes prefixes of L tokens (a system prompt, tool definitions: vLLM's
+prefix-repetition workload), then its own --input-len tokens. Prints throughput, TTFT,
+TPOT, ITL and end-to-end latency (mean, median, p99) and what the HTTP layer adds per token,
+and saves it all as JSON.
 
 Prompts are sent as token ids, built with the server's own /tokenize, so lengths are exact
 and this script needs no tokenizer (nor torch).
@@ -44,6 +47,7 @@ class RequestResult:
     ok: bool
     prompt_tokens: int
     output_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens (the prefix cache)
     ttft_s: float = 0.0
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
@@ -62,7 +66,7 @@ def random_text(num_words: int, rng: random.Random) -> str:
 
 def token_stream(client: httpx.Client, args: argparse.Namespace, rng: random.Random) -> list[int]:
     """Token ids to cut prompts from: the text file, or random words."""
-    needed = args.input_len * 4
+    needed = (args.input_len + args.shared_prefix_len * args.num_prefixes) * 4
     if args.dataset_path:
         text = Path(args.dataset_path).read_text(encoding="utf-8", errors="replace")
     else:
@@ -74,15 +78,23 @@ def token_stream(client: httpx.Client, args: argparse.Namespace, rng: random.Ran
         return [rng.randrange(1, 1000) for _ in range(needed)]
     response.raise_for_status()
     tokens = response.json()["tokens"]
-    if len(tokens) <= args.input_len:
-        sys.exit(f"the prompt source has {len(tokens)} tokens; --input-len needs more")
+    if len(tokens) <= max(args.input_len, args.shared_prefix_len):
+        sys.exit(f"the prompt source has {len(tokens)} tokens; --input-len and "
+                 "--shared-prefix-len need more")
     return tokens
 
 
 def make_prompts(tokens: list[int], args: argparse.Namespace,
                  rng: random.Random) -> list[list[int]]:
-    starts = [rng.randrange(len(tokens) - args.input_len) for _ in range(args.num_prompts)]
-    return [tokens[s : s + args.input_len] for s in starts]
+    """Own windows of --input-len tokens, each after its shared prefix (request i takes
+    prefix i mod --num-prefixes) when --shared-prefix-len is set."""
+    def window(length: int) -> list[int]:
+        start = rng.randrange(len(tokens) - length)
+        return tokens[start : start + length]
+
+    prefixes = [window(args.shared_prefix_len) for _ in range(args.num_prefixes)]
+    return [prefixes[i % args.num_prefixes] + window(args.input_len)
+            for i in range(args.num_prompts)]
 
 
 # ----- requests ---------------------------------------------------------------------------
@@ -116,7 +128,10 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int],
                         result.itl_s.append(now - last)
                     last = now
                 elif event.get("usage"):
-                    result.output_tokens = event["usage"]["completion_tokens"]
+                    usage = event["usage"]
+                    result.output_tokens = usage["completion_tokens"]
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.cached_tokens = details.get("cached_tokens") or 0
     except httpx.HTTPError as exc:
         result.error = repr(exc)
         return result
@@ -263,6 +278,7 @@ def summarize(results: list[RequestResult], duration: float, server: dict,
         "completed": len(ok), "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "duration_s": duration, "total_input_tokens": prompt, "total_output_tokens": output,
+        "total_cached_tokens": sum(r.cached_tokens for r in ok),
         "request_throughput": len(ok) / duration, "output_throughput": output / duration,
         "total_token_throughput": (prompt + output) / duration,
         "ttft_ms": stats_ms([r.ttft_s for r in ok]), "tpot_ms": stats_ms(tpot), "itl_ms": itl,
@@ -299,6 +315,7 @@ def print_table(s: dict) -> None:
         ("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
         ("Benchmark duration (s)", s["duration_s"]),
         ("Total input tokens", s["total_input_tokens"]),
+        ("Input tokens from the prefix cache", s["total_cached_tokens"]),
         ("Total generated tokens", s["total_output_tokens"]),
         ("Request throughput (req/s)", s["request_throughput"]),
         ("Output token throughput (tok/s)", s["output_throughput"]),
@@ -388,6 +405,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="tokens every prompt starts with before its own --input-len")
+    p.add_argument("--num-prefixes", type=int, default=1,
+                   help="distinct shared prefixes, taken in turn")
     p.add_argument("--dataset-path", default=None,
                    help="text file to cut prompts from (default: random words)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
@@ -405,6 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--num-prompts, --input-len and --output-len must be >= 1")
     if args.num_warmups < 0:
         p.error("--num-warmups must be >= 0")
+    if args.shared_prefix_len < 0 or args.num_prefixes < 1:
+        p.error("--shared-prefix-len must be >= 0 and --num-prefixes >= 1")
     if args.client_processes < 1:
         p.error("--client-processes must be >= 1")
     if args.request_rate <= 0 or args.burstiness <= 0:

@@ -42,6 +42,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         memory_bytes=info.state_total_bytes,
     )
     metrics.set_sequence_bytes(info.state_bytes_by_layer_kind, info.state_bytes_saved_per_sequence)
+    metrics.bind_prefix_cache(lambda: engine.last_stats.prefix_cache_rows_used,
+                              info.prefix_cache_rows, info.prefix_cache_bytes)
     app = FastAPI(title="tova-server", version=__version__)
     store_dir = engine.config.state_store_dir
     responses = ResponseStore(None if store_dir is None else Path(store_dir) / "responses")

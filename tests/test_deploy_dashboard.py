@@ -124,6 +124,19 @@ def test_finish_reasons_and_step_phases_are_split(panels):
         assert "phase" in target["expr"] and "{{phase}}" in target["legendFormat"]
 
 
+def test_prefix_cache_panels_show_the_hit_rate_tokens_and_rows(panels):
+    (rate,) = [target["expr"] for target in panels["Prefix-cache hit rate"]["targets"]]
+    hits, queries = rate.split(" / ")
+    assert "rate(tova_prefix_cache_hits_total{" in hits
+    assert "rate(tova_prefix_cache_queries_total{" in queries
+    assert panels["Prefix-cache hit rate"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    tokens = " ".join(t["expr"] for t in panels["Prefix-cache tokens/s"]["targets"])
+    assert "tova_prefix_cache_hits_total{" in tokens
+    rows = [t["expr"] for t in panels["Prefix-cache rows used / pool"]["targets"]]
+    assert "tova_prefix_cache_rows_used{" in rows[0]
+    assert "tova_prefix_cache_rows_capacity{" in rows[1]
+
+
 def test_panels_do_not_overlap(board):
     cells = {}
     for panel in board["panels"]:

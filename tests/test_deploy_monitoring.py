@@ -34,10 +34,13 @@ from tests.deploy_utils import (
 from tests.server_utils import Metrics, ServerProcess, free_port, scrape, tiny_config
 
 MODEL = "tova-deploy-test"
-# Two slots for three clients: requests wait (queue time, waiting gauge). Prompts of 40+
-# tokens in a 16-entry state: every request evicts, so the TOVA panels get data.
+# Two slots for three clients: requests wait (queue time, waiting gauge). Prompts of 100+
+# tokens in a 16-entry state: every request evicts, so the TOVA panels get data. They share
+# their first 64 tokens, one prefix-cache block (--prefill-chunk-size 64): the prefix-cache
+# panels get hits.
 STATE_SIZE, SLOTS, CLIENTS = 16, 2, 3
 LOAD_S = 8.0
+SHARED_PREFIX = [3 + (i * 5) % 120 for i in range(64)]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,7 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
     process = ServerProcess([
         "--model", str(tiny_config(folder)), "--load-format", "dummy", "--device", "cpu",
         "--state-size", str(STATE_SIZE), "--max-num-seqs", str(SLOTS),
+        "--prefill-chunk-size", "64", "--prefix-cache-bytes", str(2**20),
         "--served-model-name", MODEL, "--disable-access-log",
     ], folder / "server.log")
     try:
@@ -55,7 +59,7 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
 
 
 def complete(client: httpx.Client, index: int) -> None:
-    prompt = [3 + (index * 7 + i) % 120 for i in range(40 + index % 16)]
+    prompt = SHARED_PREFIX + [3 + (index * 7 + i) % 120 for i in range(40 + index % 16)]
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 24 + index % 8, "ignore_eos": True}
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text

@@ -80,7 +80,8 @@ def test_state_that_cannot_fit_is_refused_with_both_settings_named():
     assert "state_size 4096" in message and "64 slots" in message
     assert "max_num_seqs" in message and "state_size to" in message
     assert "max_num_seqs='auto'" in message
-    assert "22.6 GiB" in message  # 64 x (K/V + scratch + positions) in float64
+    # (64 slots + 4 prefix-cache rows) x (K/V + scratch + positions) in float64
+    assert "24.0 GiB" in message and "4 prefix-cache rows" in message
     fewer = int(message.split("max_num_seqs to ")[1].split()[0])
     # The advice is exact: that many slots fit, one more does not.
     assert needed(BIG, SMOLLM2, fewer) <= free < needed(BIG, SMOLLM2, fewer + 1)
@@ -134,8 +135,9 @@ def test_auto_takes_as_many_slots_as_the_memory_fraction_allows():
     slots = auto(config, SMOLLM2, weights, free, total)
     budget = int(0.9 * total) - weights  # < free: the fraction is what binds
     assert needed(config, SMOLLM2, slots) <= budget < needed(config, SMOLLM2, slots + 1)
-    # 0.9 * 12 - 2 = 8.8 GiB, less 1.8 GiB of activations: 7.0 GiB / 361 MiB a slot = 19.9
-    assert slots == 19
+    # 0.9 * 12 - 2 = 8.8 GiB, less 1.8 GiB of activations: 7.0 GiB / 361 MiB a row = 19.9
+    # rows: 18 slots and the prefix cache's 1 (1/16 of the slots)
+    assert slots == 18
 
 
 def test_auto_never_takes_more_than_is_free():

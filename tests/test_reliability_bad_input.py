@@ -199,7 +199,8 @@ def test_prompt_exactly_at_the_limit_with_max_tokens_0_scores_it(reliable_server
     response = post(reliable_server.url, COMPLETIONS, body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"] == {"prompt_tokens": POSITIONS, "completion_tokens": 0,
-                                        "total_tokens": POSITIONS}
+                                        "total_tokens": POSITIONS,
+                                        "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 # ----- 413: bodies over --max-request-body-bytes ------------------------------------------

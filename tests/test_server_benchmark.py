@@ -75,3 +75,19 @@ def test_benchmark_spread_over_client_processes(smol_server, tmp_path):
     assert summary["completed"] == 5 and summary["failed"] == 0
     assert summary["total_input_tokens"] == 5 * 8 and summary["total_output_tokens"] == 5 * 3
     assert summary["duration_s"] > 0 and summary["client_cpu_s"] > 0
+
+
+def test_shared_prefix_prompts(bench):
+    """--shared-prefix-len: request i starts with prefix i mod --num-prefixes, then its own
+    --input-len tokens."""
+    import argparse
+    import random
+
+    args = argparse.Namespace(num_prompts=7, input_len=5, shared_prefix_len=12, num_prefixes=3)
+    tokens = list(range(1000))
+    prompts = bench.make_prompts(tokens, args, random.Random(0))
+    assert [len(p) for p in prompts] == [17] * 7
+    heads = [tuple(p[:12]) for p in prompts]
+    assert len(set(heads)) == 3
+    assert all(heads[i] == heads[i % 3] for i in range(7))
+    assert len({tuple(p[12:]) for p in prompts}) == 7

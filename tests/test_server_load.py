@@ -56,7 +56,8 @@ def test_concurrent_streams_complete_and_metrics_count_exactly(smol_server):
     for result, wanted, length in zip(results, max_tokens, lengths, strict=True):
         assert result["chunks"] == wanted and result["finish"] == "length"
         assert result["usage"] == {"prompt_tokens": length, "completion_tokens": wanted,
-                                   "total_tokens": length + wanted}
+                                   "total_tokens": length + wanted,
+                                   "prompt_tokens_details": {"cached_tokens": 0}}
     assert wait_for_metric(url, "tova_state_slots_used", 0) == 0
     after = scrape(url)
 

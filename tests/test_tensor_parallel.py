@@ -146,3 +146,30 @@ def test_the_embedded_model_serves_over_three_ranks(smol_tp3, smol_server):
     assert first_three.keys() == first_one.keys()
     for token, logprob in first_one.items():
         assert abs(first_three[token] - logprob) < 2e-3, token
+
+
+def test_prefix_cache_over_two_ranks(four_kv_heads):
+    """Every rank restores and saves the same rows (they travel in the step's plan): a prompt
+    that restores a cached prefix over 2 ranks gives one rank's cold outputs, and the ranks'
+    states agree."""
+    rng = random.Random(5)
+    shared = [rng.randrange(3, 96) for _ in range(70)]
+    prompts = [shared, [*shared, 5, 9, 11]]
+    options = dict(policy="tova", state_size=6, prefill_chunk_size=8, max_num_seqs=4)
+
+    def run(tp: int, cache_bytes: int):
+        llm = LLM(str(four_kv_heads), dtype="float64", device="cpu", tensor_parallel_size=tp,
+                  prefix_cache_bytes=cache_bytes, **options)
+        try:
+            outs = [llm.generate([p], PARAMS, use_tqdm=False)[0] for p in prompts]
+            return outs, llm.engine.core.retained_by_rank()
+        finally:
+            llm.close()
+
+    (cold, _), (warm, ranks) = run(1, 0), run(2, 2**20)
+    assert [o.num_cached_tokens for o in warm] == [0, 64]
+    for a, b in zip(cold, warm, strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert b.outputs[0].state_positions == a.outputs[0].state_positions
+    (positions, entries), (other_positions, other_entries) = ranks
+    assert entries.equal(other_entries) and positions.equal(other_positions)

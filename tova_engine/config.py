@@ -126,6 +126,11 @@ class EngineConfig:
     async_scheduling: bool | None = setting(
         None, "launch each engine step before the previous one is read back, so host work "
               "overlaps the device's (default: on with CUDA, off on CPU)")
+    # Cached prompt-prefix states (core/prefix_cache.py): rows of the state beside the slots.
+    prefix_cache_bytes: int | None = setting(
+        None, "device memory for the states of prompt prefixes that later prompts start with "
+              "(restored instead of prefilled again, outputs unchanged); default: 1/16 of the "
+              "slots' state memory; 0: off")
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
@@ -141,6 +146,8 @@ class EngineConfig:
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool; got {self.enforce_eager!r}")
         require_count("state_store_memory_bytes", self.state_store_memory_bytes)
+        if self.prefix_cache_bytes is not None:
+            require_count("prefix_cache_bytes", self.prefix_cache_bytes)
         require_count("state_store_disk_bytes", self.state_store_disk_bytes)
         require_positive_int("tensor_parallel_size", self.tensor_parallel_size)
         if self.tensor_parallel_size > 1 and self.torch_device.index not in (None, 0):
@@ -257,6 +264,12 @@ class EngineConfig:
                 "config (tova_engine.execution.memory.resolve_config), not the one it was given"
             )
         return self.max_num_seqs
+
+    def prefix_cache_rows(self, slots: int, slot_bytes: int) -> int:
+        """State rows that hold cached prefix states beside `slots` slots of `slot_bytes`."""
+        if self.prefix_cache_bytes is None:
+            return slots // 16
+        return self.prefix_cache_bytes // slot_bytes
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -60,3 +60,5 @@ class RequestOutput:
     error: str | None = None
     # With keep_state (offline): the state at the end, for `LLM.generate(resume_from=...)`.
     state: StateSnapshot | None = None
+    # Prompt tokens whose state came from the prefix cache instead of a prefill (vLLM's name).
+    num_cached_tokens: int = 0

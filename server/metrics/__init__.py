@@ -1,9 +1,10 @@
 """Prometheus metrics: names, types and where each is observed.
 
 Three sources feed them: the engine's per-step `StepStats` (on the engine thread: token
-counters, step times, batch sizes, evictions), the server's view of each request as its
-outputs arrive (latencies, per-request token counts, how it finished) and, at scrape time,
-the engine's counters (running, waiting, slots). Every series carries `model_name`.
+counters, step times, batch sizes, evictions, prefix-cache lookups), the server's view of
+each request as its outputs arrive (latencies, per-request token counts, how it finished)
+and, at scrape time, the engine's counters (running, waiting, slots, prefix-cache rows).
+Every series carries `model_name`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ class ServerMetrics:
             "tova_state_sequence_saved_bytes",
             "K/V bytes per sequence that local layers' windows save against every layer "
             "holding state_size entries.")
+        self.prefix_cache_rows_used = self._gauge(
+            "tova_prefix_cache_rows_used", "Prefix-cache rows holding a cached prompt prefix.")
+        self.prefix_cache_rows = self._gauge(
+            "tova_prefix_cache_rows_capacity",
+            "State rows set aside for cached prompt prefixes (--prefix-cache-bytes; 0: off).")
+        self.prefix_cache_bytes = self._gauge(
+            "tova_prefix_cache_memory_bytes",
+            "Bytes of the prefix cache's rows, allocated once at start-up beside the slots'.")
         self.engine_info = Gauge(
             "tova_engine_info", "Constant 1; the labels describe the engine's configuration.",
             ["model_name", "policy", "state_size", "max_num_seqs", "dtype", "device"],
@@ -93,6 +102,14 @@ class ServerMetrics:
             ("finished_reason",))
         self.evicted_tokens = counter(
             "tova_evicted_tokens", "State entries evicted (one per layer per token dropped)."
+        ).labels(self.model_name)
+        self.prefix_cache_queries = counter(
+            "tova_prefix_cache_queries",
+            "Prompt tokens of admitted requests looked up in the prefix cache.",
+        ).labels(self.model_name)
+        self.prefix_cache_hits = counter(
+            "tova_prefix_cache_hits",
+            "Prompt tokens whose state the prefix cache restored instead of prefilling them.",
         ).labels(self.model_name)
         self.engine_restarts = counter(
             "tova_engine_restarts",
@@ -166,6 +183,12 @@ class ServerMetrics:
         self.slots_total.labels(self.model_name).set(slots_total)
         self.memory_bytes.labels(self.model_name).set(memory_bytes)
 
+    def bind_prefix_cache(self, rows_used: Callable[[], float], rows: int,
+                          memory_bytes: int) -> None:
+        self.prefix_cache_rows_used.labels(self.model_name).set_function(rows_used)
+        self.prefix_cache_rows.labels(self.model_name).set(rows)
+        self.prefix_cache_bytes.labels(self.model_name).set(memory_bytes)
+
     def set_sequence_bytes(self, by_layer_kind: dict[str, int], saved: int) -> None:
         """The per-sequence state breakdown, constant for the engine's life."""
         for kind, value in by_layer_kind.items():
@@ -202,6 +225,11 @@ class ServerMetrics:
         if stats.evicted_ages:
             self.evicted_tokens.inc(len(stats.evicted_ages))
             self.evicted_age.observe_many(stats.evicted_ages)
+        # A prompt looks the prefix cache up at its first chunk: never in a step without a
+        # batch.
+        if stats.prefix_cache_queried_tokens:
+            self.prefix_cache_queries.inc(stats.prefix_cache_queried_tokens)
+            self.prefix_cache_hits.inc(stats.prefix_cache_hit_tokens)
 
     def count_finished(self, reason: str, choices: int = 1) -> None:
         self.requests.labels(self.model_name, reason).inc(choices)

@@ -131,17 +131,25 @@ class SamplingFields(RequestModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class PromptTokensDetails(ResponseModel):
+    # Prompt tokens whose state the prefix cache restored instead of prefilling them.
+    cached_tokens: int
+
+
 class Usage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Always present, 0 when nothing was cached (as OpenAI's).
+    prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )
 
 

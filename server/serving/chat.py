@@ -149,15 +149,18 @@ class ChatSession:
         self.created = int(time.time())
         self.include_usage = body.include_usage
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0  # prompt tokens the prefix cache restored
         top = (body.top_logprobs or 0) if body.logprobs else None
         self.choices = [ChatChoiceState(i, top, names, tools, reasoning)
                         for i in range(body.n or 1)]
 
     def _usage(self) -> Usage:
-        return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices))
+        return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices),
+                        self.cached_tokens)
 
     async def collect(self, run: GenerationRun) -> ChatCompletionResponse:
         async for _, output in run:
+            self.cached_tokens = output.num_cached_tokens
             for out in output.outputs:
                 self.choices[out.index].update(out)
         return ChatCompletionResponse(
@@ -171,6 +174,7 @@ class ChatSession:
             yield sse(self._chunk([ChatStreamChoice(
                 index=choice.index, delta=ChatDelta(role="assistant", content=""))]))
         async for _, output in run:
+            self.cached_tokens = output.num_cached_tokens
             for out in output.outputs:
                 for choice in self.choices[out.index].update(out):
                     yield sse(self._chunk([choice]))

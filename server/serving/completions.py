@@ -107,13 +107,16 @@ class CompletionSession:
         self.n = body.n or 1
         self.include_usage = body.include_usage
         self.prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        # Per prompt (one engine request each, whatever n): tokens the prefix cache restored.
+        self.cached_tokens = [0] * len(prompt_ids)
         self.choices = [
             CompletionChoiceState(p * self.n + i, echoes[p], body.logprobs is not None, names)
             for p in range(len(prompt_ids)) for i in range(self.n)
         ]
 
     def _usage(self) -> Usage:
-        return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices))
+        return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices),
+                        sum(self.cached_tokens))
 
     def _response(self, choices: list[CompletionChoice]) -> CompletionResponse:
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
@@ -121,6 +124,7 @@ class CompletionSession:
 
     async def collect(self, run: GenerationRun) -> CompletionResponse:
         async for prompt_index, output in run:
+            self.cached_tokens[prompt_index] = output.num_cached_tokens
             for out in output.outputs:
                 self.choices[prompt_index * self.n + out.index].update(out, output)
         response = self._response([c.result() for c in self.choices])
@@ -129,6 +133,7 @@ class CompletionSession:
 
     async def stream(self, run: GenerationRun) -> AsyncIterator[str]:
         async for prompt_index, output in run:
+            self.cached_tokens[prompt_index] = output.num_cached_tokens
             for out in output.outputs:
                 choice = self.choices[prompt_index * self.n + out.index].update(out, output)
                 if choice is not None:

@@ -24,7 +24,8 @@ class ResponseDraft:
     """One response as it is generated; `snapshot()` is the Responses API object."""
 
     def __init__(self, response_id: str, model: str, body: ResponsesRequest,
-                 input_tokens: int, cached_tokens: int) -> None:
+                 input_tokens: int, continued_tokens: int) -> None:
+        """continued_tokens: the input tokens the continued state already stands for."""
         self.id = response_id
         self.message_id = "msg_" + uuid.uuid4().hex
         self.model = model
@@ -32,7 +33,10 @@ class ResponseDraft:
         self.created_at = int(time.time())
         self.completed_at: int | None = None
         self.input_tokens = input_tokens
-        self.cached_tokens = cached_tokens
+        self.continued_tokens = continued_tokens
+        # Input tokens the prefix cache restored (a first turn only: a continued one starts
+        # from its state, never from a cached prefix).
+        self.restored_tokens = 0
         self.parts: list[str] = []
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -40,6 +44,10 @@ class ResponseDraft:
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.continued_tokens + self.restored_tokens
 
     @property
     def status(self) -> str:
@@ -105,6 +113,7 @@ class ResponsesSession:
 
     async def _consume(self, run: GenerationRun) -> AsyncIterator[str]:
         async for _, output in run:
+            self.draft.restored_tokens = output.num_cached_tokens
             out = output.outputs[0]
             self.draft.add(out.text, out.token_ids, out.finish_reason)
             yield out.text

@@ -31,6 +31,7 @@ from tova_engine.core.messages import (
     StepOutputs,
     StepStats,
 )
+from tova_engine.core.prefix_cache import PrefixCache
 from tova_engine.core.scheduler import Scheduler
 from tova_engine.errors import InvalidRequestError
 from tova_engine.execution.executor import StepInFlight, make_executor
@@ -59,8 +60,12 @@ class EngineCore:
         self.executor = executor = make_executor(config)
         config = executor.config  # resolved: device by index, max_num_seqs sized
         self._on_device = executor.on_device()
+        self.prefix_cache = PrefixCache(executor.prefix_cache_rows(), config.prefill_chunk_size)
         self.scheduler = Scheduler(
-            config.max_num_seqs, config.batched_token_budget, config.prefill_chunk_size
+            config.max_num_seqs,
+            config.batched_token_budget,
+            config.prefill_chunk_size,
+            self.prefix_cache,
         )
         self._requests: dict[str, Request] = {}
         self.grammars = GrammarCompiler(
@@ -83,6 +88,7 @@ class EngineCore:
         executor = self.executor
         config, model_config, policy = executor.config, executor.model_config, executor.policy
         dtype = config.torch_dtype
+        cache_bytes = executor.state_row_bytes() * self.prefix_cache.num_rows
         return EngineInfo(
             model_name=executor.model_name,
             max_model_len=executor.max_model_len,
@@ -97,12 +103,14 @@ class EngineCore:
             state_bytes_per_sequence=KVState.bytes_per_sequence(
                 model_config, config.state_size, dtype
             ),
-            state_total_bytes=executor.state_total_bytes(),
+            state_total_bytes=executor.state_total_bytes() - cache_bytes,
             eos_token_ids=sorted(executor.eos_token_ids),
             state_bytes_by_layer_kind=KVState.bytes_by_kind(model_config, config.state_size, dtype),
             state_bytes_saved_per_sequence=KVState.bytes_saved_per_sequence(
                 model_config, config.state_size, dtype
             ),
+            prefix_cache_rows=self.prefix_cache.num_rows,
+            prefix_cache_bytes=cache_bytes,
         )
 
     def _log_startup(self) -> None:
@@ -118,6 +126,11 @@ class EngineCore:
             info.state_bytes_per_sequence / 2**20,
             info.state_total_bytes / 2**20,
             info.max_num_seqs,
+        )
+        logger.info(
+            "prefix cache: %d state rows, %.2f MiB (--prefix-cache-bytes; 0 turns it off)",
+            info.prefix_cache_rows,
+            info.prefix_cache_bytes / 2**20,
         )
         if info.state_bytes_saved_per_sequence:
             model_config = self.executor.model_config
@@ -292,7 +305,15 @@ class EngineCore:
         started = time.perf_counter()
         out = StepOutputs.empty(time.time())
         out.admitted = [request.request_id for request in scheduled.admitted]
-        return _Launched(scheduled, self.executor.launch(scheduled), out, started)
+        out.cached_tokens = {
+            c.request.request_id: c.request.cached_tokens
+            for c in scheduled.prefills
+            if c.restore_from is not None
+        }
+        step = self.executor.launch(scheduled)
+        if step.error is not None:  # before the next step can look its saves up
+            self._forget_saves(scheduled)
+        return _Launched(scheduled, step, out, started)
 
     def _finish(self, launched: _Launched) -> StepOutputs:
         scheduled, step, out, started = launched
@@ -420,9 +441,14 @@ class EngineCore:
             seq.finish_reason = "error"
 
     def _fail_step(self, scheduled: SchedulerOutput, exc: Exception, out: StepOutputs) -> None:
+        self._forget_saves(scheduled)
         for request in scheduled.requests:
             self._fail(request, f"engine step failed: {type(exc).__name__}: {exc}", out)
             self._release_finished(request, out.finished)
+
+    def _forget_saves(self, scheduled: SchedulerOutput) -> None:
+        """A failed step's prefix saves may not have happened: those rows hold no key's state."""
+        self.prefix_cache.forget([c.save_to for c in scheduled.prefills if c.save_to is not None])
 
     # ----- counts for metrics -------------------------------------------------------------
 
@@ -439,6 +465,12 @@ class EngineCore:
         came later (steps overlap under async scheduling): the time the step adds."""
         prefills = scheduled.prefills if scheduled is not None else []
         decodes = scheduled.decodes if scheduled is not None else []
+        # A prompt's first chunk is where it looked the prefix cache up.
+        looked_up = [
+            c for c in prefills
+            if self.prefix_cache.enabled and c.start == c.request.cached_tokens
+            and c.request.params.prompt_logprobs is None and PrefixCache.caches(c.request)
+        ]
         duration = 0.0
         if started is not None:
             now = time.perf_counter()
@@ -454,6 +486,9 @@ class EngineCore:
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             slots_used=self.scheduler.slots_used,
+            prefix_cache_queried_tokens=sum(c.request.prompt_len for c in looked_up),
+            prefix_cache_hit_tokens=sum(c.request.cached_tokens for c in looked_up),
+            prefix_cache_rows_used=self.prefix_cache.rows_used,
         )
 
 

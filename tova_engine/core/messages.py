@@ -40,6 +40,10 @@ class EngineInfo(msgspec.Struct, frozen=True):
     state_bytes_by_layer_kind: dict[str, int] = msgspec.field(default_factory=dict)
     # What the local layers' windows save per sequence against holding state_size entries.
     state_bytes_saved_per_sequence: int = 0
+    # State rows beside the slots that hold cached prompt-prefix states, and their bytes
+    # (not in state_total_bytes).
+    prefix_cache_rows: int = 0
+    prefix_cache_bytes: int = 0
 
     def snapshot_spec(self, capacity: int) -> SnapshotSpec:
         """What a state saved by this engine for a request of `capacity` entries records, and
@@ -91,6 +95,11 @@ class StepStats(msgspec.Struct, array_like=True):
     num_running: int
     num_waiting: int
     slots_used: int
+    # Prompt tokens of the prompts that looked the prefix cache up this step (at their first
+    # chunk), those restored from it instead of prefilled, and the cache's rows in use.
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_rows_used: int = 0
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):
@@ -115,6 +124,8 @@ class StepOutputs(msgspec.Struct, tag="step", array_like=True):
     saved: list[SavedState] = []
     dropped: list[str] = []
     store: StoreStats | None = None  # the state store's figures, when they changed
+    # Request id -> prompt tokens restored from the prefix cache this step.
+    cached_tokens: dict[str, int] = {}
 
     @classmethod
     def empty(cls, started_at: float) -> StepOutputs:

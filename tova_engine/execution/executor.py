@@ -144,6 +144,14 @@ class Executor(ABC):
         parallelism)."""
         return self.worker.state.total_bytes()
 
+    def prefix_cache_rows(self) -> range:
+        """The state rows set aside for cached prefix states (the same on every rank)."""
+        return self.worker.state.cache_rows
+
+    def state_row_bytes(self) -> int:
+        """One state row's bytes on this process's device (a slot, or a cached prefix)."""
+        return self.worker.state.row_bytes()
+
     def retained_positions(self, slot: int) -> list[list[int]]:
         """Per layer, the sorted absolute positions the slot's state holds."""
         return self.worker.state.retained_positions(slot)

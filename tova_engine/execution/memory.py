@@ -48,9 +48,14 @@ class DeviceMemory(NamedTuple):
 class StateFootprint(NamedTuple):
     slot_bytes: int  # one slot: K/V with the scratch entry, positions, statistics, counters
     spare_rows: int  # rows allocated beyond max_num_seqs (the CUDA graphs' padding slot)
+    config: EngineConfig  # how many prefix-cache rows go with a number of slots
+
+    def cache_rows(self, slots: int) -> int:
+        return self.config.prefix_cache_rows(slots, self.slot_bytes)
 
     def bytes_for(self, slots: int) -> int:
-        return (slots + self.spare_rows) * self.slot_bytes
+        """The slots, the spare row and the prefix cache's rows."""
+        return (slots + self.spare_rows + self.cache_rows(slots)) * self.slot_bytes
 
 
 def state_footprint(
@@ -68,7 +73,7 @@ def state_footprint(
         track_stats=track_stats,
     )
     # The engine pads graph batches into a spare slot whenever it replays CUDA graphs.
-    return StateFootprint(one.total_bytes(), 1 if config.use_cuda_graphs else 0)
+    return StateFootprint(one.total_bytes(), 1 if config.use_cuda_graphs else 0, config)
 
 
 def activation_bytes(
@@ -140,7 +145,8 @@ def check_fits(config: EngineConfig, model_config: ModelConfig, memory: DeviceMe
     advice += [f"state_size to {smaller}" if smaller else "state_size"]
     raise ValueError(
         f"state needs {_size(needed)} for {slots} slots of state_size {config.state_size} "
-        f"({_size(footprint.slot_bytes)} each) but {_size(max(memory.free - reserve, 0))} "
+        f"({_size(footprint.slot_bytes)} each) and {footprint.cache_rows(slots)} prefix-cache "
+        f"rows but {_size(max(memory.free - reserve, 0))} "
         f"is available ({_size(memory.free)} free on {config.torch_device.type}, less "
         f"{_size(reserve)} for activations); lower {' or '.join(advice)}, "
         "or use max_num_seqs='auto'"

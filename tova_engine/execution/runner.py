@@ -140,6 +140,9 @@ class ModelRunner:
             if uses_penalties(params):  # the other choices' counts are copied at the fork
                 prompt = request.prompt_token_ids if params.repetition_penalty != 1.0 else None
                 self.penalty_counts.reset(request.leader.slot, prompt)
+        for chunk in scheduled.prefills:  # a cached prefix's state, then the rest of the prompt
+            if chunk.restore_from is not None:
+                self.state.copy_slot(chunk.restore_from, chunk.request.leader.slot)
         step = _StepTensors([], [], [])
         single = [c for c in scheduled.prefills if c.length == 1]
         if scheduled.decodes or single:
@@ -151,6 +154,9 @@ class ModelRunner:
                 logits[id(chunk)] = rows
         for chunk in longer:  # back in schedule order: the rows the sampler sees keep it
             self._after_chunk(chunk, logits[id(chunk)], step)
+        for chunk in scheduled.prefills:  # queued behind the chunk: its state at a boundary
+            if chunk.save_to is not None:
+                self.state.copy_slot(chunk.request.leader.slot, chunk.save_to)
         return self._start_read_back(step)
 
     def _run_single_tokens(self, decodes, chunks, step: _StepTensors) -> None:

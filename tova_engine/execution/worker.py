@@ -16,7 +16,7 @@ import torch
 from tova_engine.attention.fused import check_kernel_runs
 from tova_engine.config import EngineConfig
 from tova_engine.execution.decode_graphs import DecodeGraphs
-from tova_engine.execution.memory import resolve_config, weight_bytes
+from tova_engine.execution.memory import resolve_config, state_footprint, weight_bytes
 from tova_engine.execution.prefill_graphs import PrefillGraphs
 from tova_engine.execution.runner import ModelRunner
 from tova_engine.execution.sampler import Sampler
@@ -94,6 +94,7 @@ def _build_worker(config: EngineConfig, tp: TensorParallel) -> Worker:
         track_stats=policy.uses_stats,
         pad_slot=use_graphs,
         tp=tp,
+        cache_rows=state_footprint(config, model.local).cache_rows(config.max_num_seqs),
     )
     eos = _eos_token_ids(model_config, source.tokenizer)
     runner = ModelRunner(

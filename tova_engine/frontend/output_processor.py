@@ -80,6 +80,7 @@ class RequestState:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     error: str | None = None
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -101,6 +102,7 @@ class RequestState:
             finished=self.finished,
             metrics=self.metrics,
             error=self.error,
+            num_cached_tokens=self.num_cached_tokens,
         )
 
 
@@ -140,6 +142,9 @@ class OutputProcessor:
         for request_id in step.admitted:
             if (state := self._requests.get(request_id)) is not None:
                 state.metrics.first_scheduled_time = step.started_at
+        for request_id, tokens in step.cached_tokens.items():
+            if (state := self._requests.get(request_id)) is not None:
+                state.num_cached_tokens = tokens
         for values in step.prompt_logprobs:
             self._prompt_logprobs(values)
         finishes = {(f.request_id, f.index): f for f in step.finished}
@@ -240,6 +245,7 @@ def merge_delta(first: RequestOutput, then: RequestOutput) -> RequestOutput:
         finished=then.finished,
         metrics=then.metrics,
         error=then.error,
+        num_cached_tokens=then.num_cached_tokens,
     )
 
 

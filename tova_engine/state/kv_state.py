@@ -51,10 +51,13 @@ class KVState:
         track_stats: bool,
         pad_slot: bool = False,
         tp: TensorParallel = SINGLE,
+        cache_rows: int = 0,
     ) -> None:
         """model_config: this rank's shapes (its share of the KV heads under tensor
         parallelism). pad_slot: one more row than max_num_seqs, never given to a sequence,
-        where the padding rows of a CUDA graph's batch write (see execution/decode_graphs.py)."""
+        where the padding rows of a CUDA graph's batch write (see execution/decode_graphs.py).
+        cache_rows: rows after those that hold cached prefix states (core/prefix_cache.py),
+        copied to and from slots like a fork (`copy_slot`)."""
         c = model_config
         self.tp = tp
         # Query heads of a layer across all ranks: what the policies' attention averages over.
@@ -73,7 +76,9 @@ class KVState:
         self.sliding_window = c.sliding_window
         self.dtype = dtype
         self.pad_slot = max_num_seqs if pad_slot else None
-        rows = max_num_seqs + 1 if pad_slot else max_num_seqs
+        first_cache_row = max_num_seqs + 1 if pad_slot else max_num_seqs
+        self.cache_rows = range(first_cache_row, first_cache_row + cache_rows)
+        rows = first_cache_row + cache_rows
 
         def buffer(size: int) -> torch.Tensor:
             shape = (rows, c.num_kv_heads, size + 1, c.head_dim)
@@ -162,8 +167,14 @@ class KVState:
         if self.stats is not None:
             self.stats[:, slot] = 0
 
+    def row_bytes(self) -> int:
+        """One row's share of `total_bytes`: what a slot or a cached prefix state takes."""
+        return self.total_bytes() // self.num_seen.shape[0]
+
     def copy_slot(self, src: int, dst: int) -> None:
-        """Fork a sequence (n > 1 choices share one prefill)."""
+        """Fork a sequence (n > 1 choices share one prefill), or save a prefix's state to a
+        cache row and restore it into a slot: every layer, the positions, statistics and
+        counters, as device copies."""
         for k, v in zip(self.k, self.v, strict=True):
             k[dst] = k[src]
             v[dst] = v[src]

@@ -11,6 +11,12 @@ class PrefillChunk(NamedTuple):
     request: Request
     start: int
     length: int
+    # The cache row the prompt's state is copied to once this chunk has run (a block
+    # boundary of core/prefix_cache.py), or None.
+    save_to: int | None = None
+    # The cache row of a cached prefix restored into the slot before this, the prompt's
+    # first chunk, runs from where that prefix ends; or None.
+    restore_from: int | None = None
 
     @property
     def completes_prompt(self) -> bool:

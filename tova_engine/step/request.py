@@ -74,6 +74,13 @@ class Request:
     # has read (the prompt's first token goes at this position).
     resume: StateSnapshot | None = None
     position_offset: int = 0
+    # Prompt tokens whose state was restored from the prefix cache (core/prefix_cache.py)
+    # instead of prefilled; looked up when its first chunk is scheduled.
+    cached_tokens: int = 0
+    prefix_looked_up: bool = False
+    # Every chunk so far whole and on the prefill grid: the state at a block boundary is the
+    # one any prompt with these tokens reaches, so it may be cached.
+    on_grid: bool = True
 
     @classmethod
     def of(cls, core: CoreRequest, generators: list[torch.Generator | None]) -> Request:

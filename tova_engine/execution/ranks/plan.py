@@ -32,7 +32,8 @@ class AdmittedRequest:
 class StepPlan:
     admitted: list[AdmittedRequest] = field(default_factory=list)
     decodes: list[tuple[str, int]] = field(default_factory=list)  # (request id, choice)
-    prefills: list[tuple[str, int, int]] = field(default_factory=list)  # (id, start, length)
+    # (id, start, length, the cache rows saved to after it and restored from before it)
+    prefills: list[tuple[str, int, int, int | None, int | None]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # requests gone since the last plan
 
 
@@ -43,7 +44,10 @@ def plan_of(scheduled: SchedulerOutput) -> StepPlan:
             AdmittedRequest(r.core, [seq.slot for seq in r.sequences]) for r in scheduled.admitted
         ],
         decodes=[(seq.request.request_id, seq.index) for seq in scheduled.decodes],
-        prefills=[(c.request.request_id, c.start, c.length) for c in scheduled.prefills],
+        prefills=[
+            (c.request.request_id, c.start, c.length, c.save_to, c.restore_from)
+            for c in scheduled.prefills
+        ],
         removed=list(scheduled.removed),
     )
 
@@ -66,6 +70,6 @@ class Mirror:
             admitted.append(request)
         decodes: list[Sequence] = [self.requests[rid].sequences[i] for rid, i in plan.decodes]
         prefills = [
-            PrefillChunk(self.requests[rid], start, length) for rid, start, length in plan.prefills
+            PrefillChunk(self.requests[rid], *chunk) for rid, *chunk in plan.prefills
         ]
         return SchedulerOutput(admitted, decodes, prefills, [])
