@@ -107,3 +107,15 @@ def test_the_server_leaves_tensors_to_the_engine():
         )
     ]
     assert not direct, f"server modules importing torch: {direct}"
+
+
+def test_the_core_sees_one_executor():
+    """Ranks, collectives and plans are the executor's: the core imports only its interface."""
+    reaching = [
+        f"{path.relative_to(REPO)}: {name}"
+        for path in sorted(REPO.joinpath("tova_engine", "core").glob("*.py"))
+        for _, name in project_imports(path)
+        if name.startswith(("tova_engine.parallel", "tova_engine.execution.ranks",
+                            "tova_engine.execution.worker"))
+    ]
+    assert not reaching, f"the core reaches past the executor: {reaching}"

@@ -141,3 +141,20 @@ def test_the_pool_reuses_its_least_recently_used_row():
     assert cache.save_row(a, 32) is None  # not a block boundary
     cache.forget([10])
     assert cache.lookup(request("a3", a.prompt_token_ids)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [{}, {"enforce_eager": True}])
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+def test_cuda_restored_prefix_equals_cold_prefill(tiny_llama, policy, mode):
+    """On CUDA, float32: graph replay (decode and prefill graphs) and the fused kernels run
+    eagerly, with a restored prefix, give the cold prefill's outputs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    options = dict(policy=policy, dtype="float32", device="cuda", **mode)
+    cold, _ = run(make_llm(tiny_llama, cache=False, **options), GREEDY)
+    warm, cached = run(make_llm(tiny_llama, cache=True, **options), GREEDY)
+    assert cached[1:] == [128, 128, 128]
+    assert [[c[:2] for c in out] for out in warm] == [[c[:2] for c in out] for out in cold]
