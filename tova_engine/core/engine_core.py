@@ -469,7 +469,7 @@ class EngineCore:
         looked_up = [
             c for c in prefills
             if self.prefix_cache.enabled and c.start == c.request.cached_tokens
-            and c.request.params.prompt_logprobs is None and PrefixCache.caches(c.request)
+            and PrefixCache.looks_up(c.request)
         ]
         duration = 0.0
         if started is not None:

@@ -66,15 +66,20 @@ class PrefixCache:
         """A continued conversation's state starts from its snapshot, not from token 0."""
         return request.position_offset == 0 and request.resume is None
 
+    @classmethod
+    def looks_up(cls, request: Request) -> bool:
+        """Whether a prompt's first chunk looks the cache up: a request that wants prompt
+        log-probs runs its whole prompt."""
+        return request.params.prompt_logprobs is None and cls.caches(request)
+
     def new_step(self) -> None:
         """The rows saved while the previous step was scheduled are written before any later
         step's restores run."""
         self._fresh.clear()
 
     def lookup(self, request: Request) -> PrefixHit | None:
-        """The longest cached block prefix of the prompt that leaves a token to run. A request
-        that wants prompt log-probs runs its whole prompt."""
-        if request.params.prompt_logprobs is not None or not self.caches(request):
+        """The longest cached block prefix of the prompt that leaves a token to run."""
+        if not self.looks_up(request):
             return None
         keys = self._keys_of(request)
         usable = (request.prompt_len - 1) // self.block_tokens
