@@ -105,7 +105,7 @@ class ServerMetrics:
         ).labels(self.model_name)
         self.prefix_cache_queries = counter(
             "tova_prefix_cache_queries",
-            "Prompt tokens of admitted requests looked up in the prefix cache.",
+            "Prompt tokens of the prompts looked up in the prefix cache (at their first chunk).",
         ).labels(self.model_name)
         self.prefix_cache_hits = counter(
             "tova_prefix_cache_hits",
