@@ -50,8 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=["aligned", "staggered"],
                    choices=("aligned", "staggered"))
     p.add_argument("--steps", type=int, default=12, help="timed steps per row")
-    p.add_argument("--max-step-ms", type=float, default=None,
-                   help="pass as --max-step-ms (the step-time target) to the engine")
+    p.add_argument("--target-itl-ms", type=float, default=0,
+                   help="the engine's prefill pacing (0: off, so each row's budget holds)")
     p.add_argument("--profile", default=None,
                    help="append a torch.profiler table of one staggered step with decodes here")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -69,13 +69,12 @@ class Rig:
     def __init__(self, args: argparse.Namespace, chunk: int) -> None:
         self.args = args
         most_prompts = -(-max(args.tokens) // min(chunk, args.prompt_len)) + 1
-        extra = {} if args.max_step_ms is None else {"max_step_ms": args.max_step_ms}
         self.engine = LLMEngine(EngineConfig(
             model=args.model, load_format=args.load_format, device=args.device,
             dtype=args.dtype, policy=args.policy, state_size=args.state_size,
             max_num_seqs=max(args.decodes) + most_prompts, prefill_chunk_size=chunk,
             max_num_batched_tokens=max(args.tokens) + max(args.decodes),
-            prefix_cache_bytes=0, **extra,
+            prefix_cache_bytes=0, target_itl_ms=args.target_itl_ms,
         ), stats_callback=self._count)
         self.chunk = chunk
         self.rng = random.Random(0)

@@ -55,6 +55,15 @@ def _int_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
+def _float_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 # How a field's type reads on the command line, by its annotation as Python keeps it (a string,
 # re-spelled: single quotes). A field of a type missing here fails the parser's construction.
 _BY_TYPE: dict[str, dict[str, Any]] = {
@@ -67,6 +76,7 @@ _BY_TYPE: dict[str, dict[str, Any]] = {
     "bool": {"action": "store_true"},
     "bool | None": {"action": argparse.BooleanOptionalAction},
     "int | Literal['auto']": {"type": _int_or_auto},
+    "float | Literal['auto'] | None": {"type": _float_or_auto},
     "int | float | None": {"type": _count_or_fraction},  # a count or a fraction
     "tuple[int, ...] | None": {"type": int, "nargs": "+"},
     "tuple[str, ...]": {"nargs": "+"},

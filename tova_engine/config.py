@@ -131,6 +131,13 @@ class EngineConfig:
         None, "device memory for the states of prompt prefixes that later prompts start with "
               "(restored instead of prefilled again, outputs unchanged); default: 1/16 of the "
               "slots' state memory; 0: off")
+    # None: "auto" with CUDA, 0 on CPU (execution.executor.resolve_device). The pacing:
+    # core/prefill_pacer.py.
+    target_itl_ms: float | Literal["auto"] | None = setting(
+        None, "a step that prefills beside running streams lasts about this long (their "
+              "inter-token latency): its prompt tokens are paced, at least one chunk a step; "
+              "auto: 3x the measured decode step; 0: no target (--max-num-batched-tokens "
+              "alone); default: auto with CUDA, 0 on CPU", metavar="MS|auto")
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
@@ -145,6 +152,15 @@ class EngineConfig:
             )
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool; got {self.enforce_eager!r}")
+        if self.target_itl_ms not in (None, "auto") and not (
+            isinstance(self.target_itl_ms, (int, float))
+            and not isinstance(self.target_itl_ms, bool)
+            and 0 <= self.target_itl_ms < float("inf")
+        ):
+            raise ValueError(
+                f"target_itl_ms must be a number of milliseconds >= 0, 'auto' or None; "
+                f"got {self.target_itl_ms!r}"
+            )
         require_count("state_store_memory_bytes", self.state_store_memory_bytes)
         if self.prefix_cache_bytes is not None:
             require_count("prefix_cache_bytes", self.prefix_cache_bytes)

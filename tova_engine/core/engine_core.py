@@ -31,6 +31,7 @@ from tova_engine.core.messages import (
     StepOutputs,
     StepStats,
 )
+from tova_engine.core.prefill_pacer import PrefillPacer
 from tova_engine.core.prefix_cache import PrefixCache
 from tova_engine.core.scheduler import Scheduler
 from tova_engine.errors import InvalidRequestError
@@ -61,11 +62,18 @@ class EngineCore:
         config = executor.config  # resolved: device by index, max_num_seqs sized
         self._on_device = executor.on_device()
         self.prefix_cache = PrefixCache(executor.prefix_cache_rows(), config.prefill_chunk_size)
+        target = config.target_itl_ms
+        self.pacer = PrefillPacer(
+            None if target == "auto" else target / 1e3,
+            config.prefill_chunk_size,
+            config.batched_token_budget,
+        )
         self.scheduler = Scheduler(
             config.max_num_seqs,
             config.batched_token_budget,
             config.prefill_chunk_size,
             self.prefix_cache,
+            self.pacer if self.pacer.enabled else None,
         )
         self._requests: dict[str, Request] = {}
         self.grammars = GrammarCompiler(
@@ -322,13 +330,16 @@ class EngineCore:
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.error("engine step failed", exc_info=exc)
             self._fail_step(scheduled, exc, out)
-            out.stats = self.stats(scheduled, started, 0, [])
+            out.stats = self.stats(scheduled, self._step_time(started), 0, [])
             self.take_store_updates(out)
             return out
         self._apply_prompt_progress(scheduled, result.prompt_logprobs, out)
         self._apply_samples(result.sampled, out)
+        duration = self._step_time(started)
+        prompt_tokens = sum(c.length for c in scheduled.prefills)
+        self.pacer.observe(len(scheduled.decodes), prompt_tokens, duration)
         out.stats = self.stats(
-            scheduled, started, len(result.sampled.sequences), result.evicted_ages
+            scheduled, duration, len(result.sampled.sequences), result.evicted_ages
         )
         self.take_store_updates(out)
         return out
@@ -452,17 +463,22 @@ class EngineCore:
 
     # ----- counts for metrics -------------------------------------------------------------
 
+    def _step_time(self, started: float) -> float:
+        """From the step's launch, or from the previous step's end if that came later (steps
+        overlap under async scheduling): the time the step adds."""
+        now = time.perf_counter()
+        duration = now - max(started, self._last_step_end)
+        self._last_step_end = now
+        return duration
+
     def stats(
         self,
         scheduled: SchedulerOutput | None = None,
-        started: float | None = None,
+        duration: float = 0.0,
         generated: int = 0,
         evicted_ages: list[int] | None = None,
     ) -> StepStats:
-        """The step's figures (none when `scheduled` is None) and the counts after it.
-
-        The duration runs from the step's launch, or from the previous step's end if that
-        came later (steps overlap under async scheduling): the time the step adds."""
+        """The step's figures (none when `scheduled` is None) and the counts after it."""
         prefills = scheduled.prefills if scheduled is not None else []
         decodes = scheduled.decodes if scheduled is not None else []
         # A prompt's first chunk is where it looked the prefix cache up.
@@ -471,11 +487,6 @@ class EngineCore:
             if self.prefix_cache.enabled and c.start == c.request.cached_tokens
             and PrefixCache.looks_up(c.request)
         ]
-        duration = 0.0
-        if started is not None:
-            now = time.perf_counter()
-            duration = now - max(started, self._last_step_end)
-            self._last_step_end = now
         return StepStats(
             phase="prefill" if prefills else "decode",
             duration_s=duration,

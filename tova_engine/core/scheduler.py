@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from tova_engine.core.prefill_pacer import PrefillPacer
 from tova_engine.core.prefix_cache import PrefixCache
 from tova_engine.step.batch import PrefillChunk, SchedulerOutput
 from tova_engine.step.request import Request, Sequence
@@ -23,8 +24,11 @@ class Scheduler:
         token_budget: int,
         prefill_chunk_size: int,
         prefix_cache: PrefixCache | None = None,
+        pacer: PrefillPacer | None = None,
     ) -> None:
         self.token_budget = token_budget
+        # Prompt tokens beside running decodes, paced to a step time (none: the budget alone).
+        self.pacer = pacer
         self.prefix_cache = prefix_cache if prefix_cache and prefix_cache.enabled else None
         self.prefill_chunk_size = prefill_chunk_size
         self.waiting: deque[Request] = deque()
@@ -65,7 +69,10 @@ class Scheduler:
             for seq in request.live_sequences()
             if seq.num_sampled < request.max_tokens
         ]
-        prefills = self._prefill_chunks(self.token_budget - len(decodes))
+        budget = self.token_budget - len(decodes)
+        if self.pacer is not None:
+            budget = min(budget, self.pacer.prompt_budget(len(decodes)))
+        prefills = self._prefill_chunks(budget)
         scheduled = SchedulerOutput(admitted, decodes, prefills, self._removed)
         if not scheduled.empty:  # an empty step never runs: the next one reports them
             self._removed = []
