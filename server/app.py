@@ -40,6 +40,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         running=lambda: engine.last_stats.num_running, waiting=admission.waiting,
         slots_used=lambda: engine.last_stats.slots_used, slots_total=info.max_num_seqs,
         memory_bytes=info.state_total_bytes,
+        prompt_token_budget=lambda: engine.last_stats.prompt_token_budget,
     )
     metrics.set_sequence_bytes(info.state_bytes_by_layer_kind, info.state_bytes_saved_per_sequence)
     metrics.bind_prefix_cache(lambda: engine.last_stats.prefix_cache_rows_used,

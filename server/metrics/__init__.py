@@ -81,6 +81,10 @@ class ServerMetrics:
         self.prefix_cache_bytes = self._gauge(
             "tova_prefix_cache_memory_bytes",
             "Bytes of the prefix cache's rows, allocated once at start-up beside the slots'.")
+        self.prompt_token_budget = self._gauge(
+            "tova_prompt_token_budget",
+            "Prompt tokens the latest step could prefill: paced beside running decodes "
+            "(--target-itl-ms), else --max-num-batched-tokens.")
         self.engine_info = Gauge(
             "tova_engine_info", "Constant 1; the labels describe the engine's configuration.",
             ["model_name", "policy", "state_size", "max_num_seqs", "dtype", "device"],
@@ -175,8 +179,10 @@ class ServerMetrics:
     # ----- sources ------------------------------------------------------------------------
 
     def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float],
-                    slots_used: Callable[[], float], slots_total: int, memory_bytes: int) -> None:
+                    slots_used: Callable[[], float], slots_total: int, memory_bytes: int,
+                    prompt_token_budget: Callable[[], float]) -> None:
         """Live values are read when Prometheus scrapes, not pushed on every step."""
+        self.prompt_token_budget.labels(self.model_name).set_function(prompt_token_budget)
         self.requests_running.labels(self.model_name).set_function(running)
         self.requests_waiting.labels(self.model_name).set_function(waiting)
         self.slots_used.labels(self.model_name).set_function(slots_used)

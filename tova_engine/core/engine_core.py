@@ -140,6 +140,15 @@ class EngineCore:
             info.prefix_cache_rows,
             info.prefix_cache_bytes / 2**20,
         )
+        target = self.executor.config.target_itl_ms
+        logger.info(
+            "prefill pacing: %s (--target-itl-ms); at most %d tokens a step "
+            "(--max-num-batched-tokens), chunks of %d",
+            "off" if target == 0 else "a step beside decodes lasts about 3 decode steps"
+            if target == "auto" else f"a step beside decodes lasts about {target:g} ms",
+            self.pacer.ceiling,
+            self.pacer.floor,
+        )
         if info.state_bytes_saved_per_sequence:
             model_config = self.executor.model_config
             local = sum(
@@ -500,6 +509,7 @@ class EngineCore:
             prefix_cache_queried_tokens=sum(c.request.prompt_len for c in looked_up),
             prefix_cache_hit_tokens=sum(c.request.cached_tokens for c in looked_up),
             prefix_cache_rows_used=self.prefix_cache.rows_used,
+            prompt_token_budget=self.pacer.budget,
         )
 
 

@@ -100,6 +100,8 @@ class StepStats(msgspec.Struct, array_like=True):
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
     prefix_cache_rows_used: int = 0
+    # The prompt tokens the latest scheduled step could take (the paced budget, or the whole).
+    prompt_token_budget: int = 0
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):
