@@ -49,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=2176)
     p.add_argument("--modes", nargs="+", default=["aligned", "staggered"],
                    choices=("aligned", "staggered"))
+    p.add_argument("--pack", nargs="+", default=["on"], choices=("on", "off"),
+                   help="a step's eager forwards as one (on, the engine's way) or one per part")
+    p.add_argument("--max-prefill-graphs", type=int, default=16)
     p.add_argument("--steps", type=int, default=12, help="timed steps per row")
     p.add_argument("--target-itl-ms", type=float, default=0,
                    help="the engine's prefill pacing (0: off, so each row's budget holds)")
@@ -75,6 +78,8 @@ class Rig:
             max_num_seqs=max(args.decodes) + most_prompts, prefill_chunk_size=chunk,
             max_num_batched_tokens=max(args.tokens) + max(args.decodes),
             prefix_cache_bytes=0, target_itl_ms=args.target_itl_ms,
+            max_prefill_graphs=args.max_prefill_graphs,
+            cuda_graph_batch_sizes=(max(args.decodes),) if max(args.decodes) else None,
         ), stats_callback=self._count)
         self.chunk = chunk
         self.rng = random.Random(0)
@@ -111,8 +116,9 @@ class Rig:
             self.engine.step()
         self.engine.step()
 
-    def row(self, tokens: int, mode: str) -> dict:
+    def row(self, tokens: int, mode: str, pack: bool) -> dict:
         engine = self.engine
+        engine.core.executor.worker.runner.pack_steps = pack
         engine.core.scheduler.token_budget = tokens + len(self.decoding)
         in_flight = max(1, tokens // min(self.chunk, self.args.prompt_len))
         if mode == "aligned":
@@ -185,7 +191,7 @@ def main() -> None:
     print(f"{name}: matmul {rate / 1e12:.0f} TFLOP/s, copy "
           f"{ceilings.copy_bytes_per_s / 1e9:.0f} GB/s")
     results = {"device": name, "matmul_flops_per_s": rate, "args": vars(args), "rows": []}
-    print(f"{'chunk':>6} {'tokens':>6} {'decodes':>7} {'mode':>9} {'step ms':>8} "
+    print(f"{'chunk':>6} {'tokens':>6} {'decodes':>7} {'mode':>9} {'pack':>4} {'step ms':>8} "
           f"{'prefill tok/s':>13} {'of matmul':>9}")
     for chunk in args.chunks:
         rig = Rig(args, chunk)
@@ -194,20 +200,22 @@ def main() -> None:
             rig.set_decodes(decodes)
             for tokens in args.tokens:
                 for mode in args.modes:
-                    row = rig.row(tokens, mode)
-                    flops = step_flops(config, row["prompt_tokens"], decodes, row["steps"],
-                                       chunk, args.state_size)
-                    row.update(chunk=chunk, tokens=tokens, decodes=decodes, mode=mode,
-                               share_of_matmul_rate=flops / row["seconds"] / rate)
-                    results["rows"].append(row)
-                    print(f"{chunk:6d} {tokens:6d} {decodes:7d} {mode:>9} "
-                          f"{row['step_ms_median']:8.1f} {row['prefill_tokens_per_s']:13.0f} "
-                          f"{row['share_of_matmul_rate']:9.2f}", flush=True)
-                    if args.profile and mode == "staggered" and decodes and tokens == max(
-                            args.tokens):
-                        rig.profile_step(args.profile, f"chunk {chunk}, {tokens} tokens, "
-                                         f"{decodes} decodes, staggered")
-                    rig.drain()
+                    for pack in args.pack:
+                        row = rig.row(tokens, mode, pack == "on")
+                        flops = step_flops(config, row["prompt_tokens"], decodes,
+                                           row["steps"], chunk, args.state_size)
+                        row.update(chunk=chunk, tokens=tokens, decodes=decodes, mode=mode,
+                                   pack=pack, share_of_matmul_rate=flops / row["seconds"] / rate)
+                        results["rows"].append(row)
+                        print(f"{chunk:6d} {tokens:6d} {decodes:7d} {mode:>9} {pack:>4} "
+                              f"{row['step_ms_median']:8.1f} "
+                              f"{row['prefill_tokens_per_s']:13.0f} "
+                              f"{row['share_of_matmul_rate']:9.2f}", flush=True)
+                        if args.profile and mode == "staggered" and decodes and tokens == max(
+                                args.tokens):
+                            rig.profile_step(args.profile, f"chunk {chunk}, {tokens} tokens, "
+                                             f"{decodes} decodes, staggered, pack {pack}")
+                        rig.drain()
         del rig
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.out:

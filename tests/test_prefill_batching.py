@@ -7,7 +7,9 @@ import random
 
 import pytest
 
+from tests.conftest import save_tiny_gemma3
 from tova_engine import LLM, SamplingParams
+from tova_engine.execution import runner as runner_module
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -16,7 +18,7 @@ def prompts(count: int, length: int, seed: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
-def test_batched_chunks_equal_chunks_alone(tiny_llama, policy):
+def test_batched_chunks_equal_chunks_alone(tiny_llama, policy, monkeypatch):
     llm = LLM(
         str(tiny_llama),
         state_size=8,
@@ -27,13 +29,14 @@ def test_batched_chunks_equal_chunks_alone(tiny_llama, policy):
         max_num_seqs=8,
     )
     groups: list[int] = []
-    run_chunks = llm.engine.core.executor.worker.runner._run_chunks
+    chunk_groups = runner_module._chunk_groups
 
-    def recording(chunks, step):
-        groups.append(len(chunks))
-        return run_chunks(chunks, step)
+    def recording(chunks):
+        found = chunk_groups(chunks)
+        groups.extend(len(group) for group in found)
+        return found
 
-    llm.engine.core.executor.worker.runner._run_chunks = recording
+    monkeypatch.setattr(runner_module, "_chunk_groups", recording)
     same_length = prompts(5, 22, seed=1)
     greedy = dict(temperature=0, max_tokens=10, ignore_eos=True, return_state=True)
     # A smaller per-request state, and a prompt of another length: not batched with the rest.
@@ -45,3 +48,53 @@ def test_batched_chunks_equal_chunks_alone(tiny_llama, policy):
         alone = llm.generate([prompt], param, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == alone.outputs[0].token_ids
         assert out.outputs[0].state_positions == alone.outputs[0].state_positions
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    return save_tiny_gemma3(tmp_path_factory.mktemp("gemma"))
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "window"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma3"])
+def test_a_packed_step_equals_its_forwards_run_apart(request, model, policy):
+    """Decode rows, one-token chunks and chunk groups at different points of their prompts
+    share one forward (attention/packed.py); every token, retained position and evicted age
+    is what one forward per part gives."""
+    folder = request.getfixturevalue(model)
+    rng = random.Random(3)
+    lengths = [1, 5, 17, 23, 40, 12, 33, 64]
+    inputs = [[rng.randrange(3, 96) for _ in range(n)] for n in lengths]
+    params = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, return_state=True,
+                             logprobs=2, state_size=6 if i == 3 else None)
+              for i in range(len(lengths))]
+    packed_forwards: list[int] = []
+    results = {}
+    for pack in (True, False):
+        llm = LLM(str(folder), state_size=10, policy=policy, dtype="float64", device="cpu",
+                  prefill_chunk_size=5, max_num_seqs=8, max_num_batched_tokens=24)
+        runner = llm.engine.core.executor.worker.runner
+        runner.pack_steps = pack
+        if pack:
+            run_packed = runner._run_packed
+
+            def recording(decodes, single, groups, step, run_packed=run_packed):
+                packed_forwards.append(len(groups))
+                return run_packed(decodes, single, groups, step)
+
+            runner._run_packed = recording
+        ages: list[int] = []
+        llm.engine.stats_callback = lambda stats, ages=ages: ages.extend(stats.evicted_ages)
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        results[pack] = outs, sorted(ages)
+    assert packed_forwards and max(packed_forwards) >= 2  # groups at different points packed
+    (packed, packed_ages), (apart, apart_ages) = results[True], results[False]
+    assert packed_ages == apart_ages
+    for one, other in zip(packed, apart, strict=True):
+        one, other = one.outputs[0], other.outputs[0]
+        assert one.token_ids == other.token_ids
+        assert one.state_positions == other.state_positions
+        for mine, theirs in zip(one.logprobs, other.logprobs, strict=True):
+            # The same sums in another matmul shape: equal to float64 rounding.
+            assert mine.keys() == theirs.keys()
+            assert all(abs(mine[t].logprob - theirs[t].logprob) < 1e-9 for t in mine)

@@ -18,8 +18,10 @@ from typing import NamedTuple
 
 import torch
 
+from tova_engine.attention.backend import AttentionBackend
 from tova_engine.attention.fused import FusedDecodeAttention
-from tova_engine.attention.pytorch import DecodeAttention
+from tova_engine.attention.packed import PackedAttention
+from tova_engine.attention.pytorch import ChunkAttention, DecodeAttention
 from tova_engine.execution.chunk_forward import ChunkShape, forward_chunks
 from tova_engine.execution.decode_graphs import DecodeGraphs
 from tova_engine.execution.logprobs import TokenLogprobs, TokenLogprobTensors, token_logprob_tensors
@@ -113,6 +115,8 @@ class ModelRunner:
         self.fused_attention = fused_attention
         self.graphs = graphs
         self.prefill_graphs = prefill_graphs
+        # A step's eager forwards (its one-token rows, its chunk groups) run as one.
+        self.pack_steps = True
         # Under tensor parallelism rank 0 samples and sends the tokens to the other ranks.
         self.tp = tp
         self.device = state.num_seen.device
@@ -145,13 +149,25 @@ class ModelRunner:
                 self.state.copy_slot(chunk.restore_from, chunk.request.leader.slot)
         step = _StepTensors([], [], [])
         single = [c for c in scheduled.prefills if c.length == 1]
-        if scheduled.decodes or single:
-            self._run_single_tokens(scheduled.decodes, single, step)
         longer = [c for c in scheduled.prefills if c.length > 1]
         logits: dict[int, torch.Tensor] = {}
+        eager = []
         for group in _chunk_groups(longer):
-            for chunk, rows in zip(group, self._run_chunks(group, step), strict=True):
-                logits[id(chunk)] = rows
+            replayed = self._replay_chunks(group, step)
+            if replayed is None:
+                eager.append(group)
+            else:
+                logits.update(zip(map(id, group), replayed, strict=True))
+        # Groups that want every position's logits run alone; the rest share one forward
+        # with the one-token rows when there is more than one forward to share.
+        packed = [g for g in eager if not _wants_all(g)] if self.pack_steps else []
+        if packed and (scheduled.decodes or single or len(packed) > 1):
+            logits.update(self._run_packed(scheduled.decodes, single, packed, step))
+            eager = [g for g in eager if _wants_all(g)]
+        elif scheduled.decodes or single:
+            self._run_single_tokens(scheduled.decodes, single, step)
+        for group in eager:
+            logits.update(zip(map(id, group), self._run_chunks(group, step), strict=True))
         for chunk in longer:  # back in schedule order: the rows the sampler sees keep it
             self._after_chunk(chunk, logits[id(chunk)], step)
         for chunk in scheduled.prefills:  # queued behind the chunk: its state at a boundary
@@ -206,31 +222,74 @@ class ModelRunner:
         width = max(min(n, cap) for n, cap in zip(seen, capacities, strict=True)) + 1
         return DecodeAttention(self.state, self.policy, slots, width)
 
+    def _replay_chunks(self, chunks: list[PrefillChunk], step: _StepTensors):
+        """A group's logits ([1, V] per chunk) from its captured graph; None when the group
+        runs eagerly (no graph for its shape yet, or it wants every position's logits)."""
+        if self.prefill_graphs is None or _wants_all(chunks):
+            return None
+        replayed = self.prefill_graphs.run(chunks)
+        if replayed is None:
+            return None
+        logits, ages = replayed
+        if ages is not None:
+            step.ages.append(ages)
+        return [logits[i : i + 1] for i in range(len(chunks))]
+
     def _run_chunks(self, chunks: list[PrefillChunk], step: _StepTensors) -> list[torch.Tensor]:
-        """One forward for chunks at the same point of their prompts; returns each chunk's
-        logits: [C, V] for every position when it wants prompt log-probs, else [1, V]."""
-        first = chunks[0]
-        wants_all = first.request.params.prompt_logprobs is not None  # such a chunk runs alone
-        if self.prefill_graphs is not None and not wants_all:
-            replayed = self.prefill_graphs.run(chunks)
-            if replayed is not None:
-                logits, ages = replayed
-                if ages is not None:
-                    step.ages.append(ages)
-                return [logits[i : i + 1] for i in range(len(chunks))]
-        capacity = first.request.capacity
-        position = first.position
-        shape = ChunkShape(len(chunks), position, min(position, capacity), first.length, capacity)
+        """One eager forward for chunks at the same point of their prompts; returns each
+        chunk's logits: [C, V] for every position when it wants prompt log-probs, else
+        [1, V]."""
+        wants_all = _wants_all(chunks)  # such a chunk runs alone
         token_ids = self._ids([token for c in chunks for token in c.token_ids])
         slots = [c.request.leader.slot for c in chunks]
         logits, ages = forward_chunks(
-            self.model, self.state, self.policy, token_ids, slots, shape, every_position=wants_all
+            self.model, self.state, self.policy, token_ids, slots, _shape(chunks),
+            every_position=wants_all,
         )
         if ages is not None:
             step.ages.append(ages)
         if wants_all:
             return [logits]
         return [logits[i : i + 1] for i in range(len(chunks))]
+
+    def _run_packed(self, decodes, single, groups, step: _StepTensors) -> dict[int, torch.Tensor]:
+        """The one-token rows and the chunk groups in one forward (attention/packed.py).
+        Handles the one-token rows as `_run_single_tokens` does; returns each chunk's logits
+        at its last position ([1, V]) by id."""
+        parts: list[AttentionBackend] = []
+        inputs = []
+        ones = len(decodes) + len(single)
+        if ones:
+            slots = [seq.slot for seq in decodes] + [c.request.leader.slot for c in single]
+            parts.append(self._decode_attention(decodes, single, slots))
+            inputs.append(self._single_token_inputs(decodes, single))
+        picked = list(range(ones))  # the hidden rows that need logits
+        chunks, offset = [], ones
+        for group in groups:
+            shape = _shape(group)
+            slots = [c.request.leader.slot for c in group]
+            parts.append(ChunkAttention(
+                self.state, self.policy, slots, shape.entries, shape.start, shape.length,
+                shape.capacity,
+            ))
+            inputs.append(self._ids([token for c in group for token in c.token_ids]))
+            for chunk in group:  # its last position
+                offset += shape.length
+                picked.append(offset - 1)
+                chunks.append(chunk)
+        attend = PackedAttention(parts)
+        hidden = self.model(torch.cat(inputs), attend.positions, attend)
+        attend.finish()
+        logits = self.model.compute_logits(hidden[self._ids(picked)])
+        ages = attend.evicted_ages
+        if ages is not None:
+            step.ages.append(ages)
+        if decodes:
+            step.pending.append(_Pending(logits[: len(decodes)], list(decodes)))
+        for row, chunk in enumerate(single, start=len(decodes)):
+            self._after_chunk(chunk, logits[row : row + 1], step)
+        return {id(chunk): logits[row : row + 1]
+                for row, chunk in enumerate(chunks, start=ones)}
 
     def _after_chunk(self, chunk: PrefillChunk, logits, step: _StepTensors) -> None:
         """logits: [C, V] for every chunk position, or [1, V] for the last one only."""
@@ -320,6 +379,17 @@ class ModelRunner:
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return to_device(ids, torch.int64, self.device)
+
+
+def _wants_all(chunks: list[PrefillChunk]) -> bool:
+    """Whether a group (then one chunk) wants every position's logits: prompt log-probs."""
+    return chunks[0].request.params.prompt_logprobs is not None
+
+
+def _shape(chunks: list[PrefillChunk]) -> ChunkShape:
+    first = chunks[0]
+    capacity, position = first.request.capacity, first.position
+    return ChunkShape(len(chunks), position, min(position, capacity), first.length, capacity)
 
 
 def _chunk_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
