@@ -61,7 +61,28 @@ def test_a_packed_step_equals_its_forwards_run_apart(request, model, policy):
     """Decode rows, one-token chunks and chunk groups at different points of their prompts
     share one forward (attention/packed.py); every token, retained position and evicted age
     is what one forward per part gives."""
-    folder = request.getfixturevalue(model)
+    packed = compare_packed(request.getfixturevalue(model), policy,
+                            dict(dtype="float64", device="cpu"))
+    assert max(packed) >= 2  # groups at different points of their prompts shared a forward
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [0, 16])
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma3"])
+def test_cuda_packed_step_equals_its_forwards_run_apart(request, model, policy, graphs):
+    """On CUDA, float32: the decode rows run the fused kernels inside the packed forward
+    (and with prefill graphs, groups whose shape recurs replay beside it)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    compare_packed(request.getfixturevalue(model), policy,
+                   dict(dtype="float32", device="cuda", max_prefill_graphs=graphs), 1e-4)
+
+
+def compare_packed(folder, policy: str, options: dict, tolerance: float = 1e-9) -> list[int]:
+    """Runs the workload packed and apart; returns the chunk groups of each packed forward."""
     rng = random.Random(3)
     lengths = [1, 5, 17, 23, 40, 12, 33, 64]
     inputs = [[rng.randrange(3, 96) for _ in range(n)] for n in lengths]
@@ -71,8 +92,8 @@ def test_a_packed_step_equals_its_forwards_run_apart(request, model, policy):
     packed_forwards: list[int] = []
     results = {}
     for pack in (True, False):
-        llm = LLM(str(folder), state_size=10, policy=policy, dtype="float64", device="cpu",
-                  prefill_chunk_size=5, max_num_seqs=8, max_num_batched_tokens=24)
+        llm = LLM(str(folder), state_size=10, policy=policy, prefill_chunk_size=5,
+                  max_num_seqs=8, max_num_batched_tokens=24, **options)
         runner = llm.engine.core.executor.worker.runner
         runner.pack_steps = pack
         if pack:
@@ -87,7 +108,7 @@ def test_a_packed_step_equals_its_forwards_run_apart(request, model, policy):
         llm.engine.stats_callback = lambda stats, ages=ages: ages.extend(stats.evicted_ages)
         outs = llm.generate(inputs, params, use_tqdm=False)
         results[pack] = outs, sorted(ages)
-    assert packed_forwards and max(packed_forwards) >= 2  # groups at different points packed
+    assert packed_forwards
     (packed, packed_ages), (apart, apart_ages) = results[True], results[False]
     assert packed_ages == apart_ages
     for one, other in zip(packed, apart, strict=True):
@@ -95,6 +116,7 @@ def test_a_packed_step_equals_its_forwards_run_apart(request, model, policy):
         assert one.token_ids == other.token_ids
         assert one.state_positions == other.state_positions
         for mine, theirs in zip(one.logprobs, other.logprobs, strict=True):
-            # The same sums in another matmul shape: equal to float64 rounding.
+            # The same sums in another matmul shape: equal to the dtype's rounding.
             assert mine.keys() == theirs.keys()
-            assert all(abs(mine[t].logprob - theirs[t].logprob) < 1e-9 for t in mine)
+            assert all(abs(mine[t].logprob - theirs[t].logprob) < tolerance for t in mine)
+    return packed_forwards
