@@ -7,10 +7,10 @@ matmul rate that the step's FLOPs reach.
 
 Prompts of `--prompt-len` tokens keep arriving so that about `tokens / chunk` of them prefill
 at once. `aligned`: they arrive together, so every step's chunks are at the same point of
-their prompts; `staggered`: one arrives per step at first, so a step's chunks are at
-different points (what serving sees). Each step also decodes `decodes` running sequences
-whose state is full. The FLOPs counted are the weight matmuls (2 x parameters per token)
-plus attention over the entries each token sees.
+their prompts; `staggered`: one arrives per step at first, then as many as finished, so
+a step's chunks are at different points (what serving sees). Each step also decodes
+`decodes` running sequences whose state is full. The FLOPs counted are the weight
+matmuls (2 x parameters per token) plus attention over the entries each token sees.
 """
 
 from __future__ import annotations
@@ -127,8 +127,12 @@ class Rig:
                     for _ in range(in_flight):
                         self.add(self.args.prompt_len, 1)
         else:
+            ramp = [0]  # one new prompt a step at first, so prompts sit at different points
+
             def top_up() -> None:
-                if self.prefilling() < in_flight:
+                ramp[0] += 1
+                missing = in_flight - self.prefilling()
+                for _ in range(missing if ramp[0] > in_flight else min(missing, 1)):
                     self.add(self.args.prompt_len, 1)
         for _ in range(2 * in_flight + 8):  # warm up: stagger, capture graphs
             top_up()
@@ -188,7 +192,7 @@ def main() -> None:
     ceilings = measure_ceilings(device)
     rate = ceilings.matmul_flops_per_s
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{name}: matmul {rate / 1e12:.0f} TFLOP/s, copy "
+    print(f"{name}: matmul {rate / 1e12:.3g} TFLOP/s, copy "
           f"{ceilings.copy_bytes_per_s / 1e9:.0f} GB/s")
     results = {"device": name, "matmul_flops_per_s": rate, "args": vars(args), "rows": []}
     print(f"{'chunk':>6} {'tokens':>6} {'decodes':>7} {'mode':>9} {'pack':>4} {'step ms':>8} "

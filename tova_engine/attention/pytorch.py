@@ -264,7 +264,8 @@ class ChunkAttention(AttentionBackend):
         newest = self.chunk_positions[-1:].expand(rows)
         recent = kind.recent[self.slots]
         score = policy.scores(last, positions, stats, newest, recent)
-        keep = score.topk(capacity, dim=-1).indices.sort(dim=-1).values  # [R, S]
+        # Unsorted top-k (one radix sort less on CUDA), then the kept indices in entry order.
+        keep = score.topk(capacity, dim=-1, sorted=False).indices.sort(dim=-1).values  # [R, S]
         dropped = torch.ones(rows, total, dtype=torch.bool, device=keys.device)
         dropped.scatter_(1, keep, False)
         ages = torch.where(dropped, newest[:, None] - positions, -1)
