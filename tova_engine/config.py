@@ -35,6 +35,11 @@ DTYPES_BY_DEVICE = {
     "cuda": ("bfloat16", "float16", "float32"),
 }
 KERNELS = ("auto", "triton", "torch")
+# Prefill pacing's target with CUDA: gaps a reader of a stream does not see as a stall, and
+# on an H100 above the 2,048-token default budget's ~96 ms steps of an 8B model (so it binds
+# only where steps get longer: a larger budget, a slower device, a larger model). "auto" (3x
+# the decode step) cost 31 % of the throughput there (docs/benchmarks.md).
+DEFAULT_TARGET_ITL_MS = 100.0
 
 
 def setting(default: Any, help: str, **flag: Any) -> Any:
@@ -131,13 +136,13 @@ class EngineConfig:
         None, "device memory for the states of prompt prefixes that later prompts start with "
               "(restored instead of prefilled again, outputs unchanged); default: 1/16 of the "
               "slots' state memory; 0: off")
-    # None: "auto" with CUDA, 0 on CPU (execution.executor.resolve_device). The pacing:
-    # core/prefill_pacer.py.
+    # None: DEFAULT_TARGET_ITL_MS with CUDA, 0 on CPU (execution.executor.resolve_device).
+    # The pacing: core/prefill_pacer.py.
     target_itl_ms: float | Literal["auto"] | None = setting(
         None, "a step that prefills beside running streams lasts about this long (their "
               "inter-token latency): its prompt tokens are paced, at least one chunk a step; "
               "auto: 3x the measured decode step; 0: no target (--max-num-batched-tokens "
-              "alone); default: auto with CUDA, 0 on CPU", metavar="MS|auto")
+              "alone); default: 100 with CUDA, 0 on CPU", metavar="MS|auto")
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):

@@ -8,15 +8,15 @@ core measures: the time each step adds, so overlapped steps count once). The bud
 than the step's token budget. While the recent steps all prefilled about as much (no spread to
 fit a slope from), the last fit holds; before any, budgets alternate between full and half.
 
-The target is fixed (`target_itl_ms`) or, by default on CUDA, a multiple of the fitted decode
-part: a step that prefills lasts at most `AUTO_RATIO` decode steps.
+The target is fixed (`target_itl_ms`; 100 ms by default with CUDA) or "auto", a multiple of
+the fitted decode part: a step that prefills lasts at most `AUTO_RATIO` decode steps.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-AUTO_RATIO = 3.0  # the default target: a prefilling step lasts at most this many decode steps
+AUTO_RATIO = 3.0  # "auto": a prefilling step lasts at most this many decode steps
 _WINDOW = 64  # steps the fit looks at: the load changes, old steps stop counting
 _MIN_SPREAD = 0.05  # relative spread of prompt tokens below which no slope is fitted
 

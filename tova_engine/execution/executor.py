@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from tova_engine.config import EngineConfig
+from tova_engine.config import DEFAULT_TARGET_ITL_MS, EngineConfig
 from tova_engine.execution.ranks.launch import Ranks
 from tova_engine.execution.ranks.plan import GATHER_RETAINED, plan_of
 from tova_engine.execution.runner import InFlight, StepResult
@@ -32,17 +32,18 @@ if TYPE_CHECKING:
 
 def resolve_device(config: EngineConfig, tp: TensorParallel = SINGLE) -> EngineConfig:
     """`config` with what depends on the device resolved: async_scheduling on with CUDA; the
-    prefill pacing "auto" with CUDA and off on CPU (where one prompt chunk alone outlasts
-    a few decode steps, so pacing would only hold prompts back); and the GPU named by index
-    (rank r of a tensor-parallel group on cuda:r, one engine on "cuda" on the device current
-    now). Every later use (the step's device context,
-    generators, the start-up log) then means the device the state was built on, whatever
-    another engine in the process makes current meanwhile."""
+    prefill pacing's target DEFAULT_TARGET_ITL_MS with CUDA and off on CPU (where one prompt
+    chunk alone outlasts a few decode steps, so pacing would only hold prompts back); and the
+    GPU named by index (rank r of a tensor-parallel group on cuda:r, one engine on "cuda" on
+    the device current now). Every later use (the step's device context, generators, the
+    start-up log) then means the device the state was built on, whatever another engine in
+    the process makes current meanwhile."""
     device = config.torch_device
     if config.async_scheduling is None:
         config = config.replace(async_scheduling=device.type == "cuda")
     if config.target_itl_ms is None:
-        config = config.replace(target_itl_ms="auto" if device.type == "cuda" else 0)
+        target = DEFAULT_TARGET_ITL_MS if device.type == "cuda" else 0
+        config = config.replace(target_itl_ms=target)
     if device.type != "cuda" or device.index is not None:
         return config
     return config.replace(device=f"cuda:{tp.rank if tp.enabled else torch.cuda.current_device()}")
