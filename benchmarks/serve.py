@@ -5,7 +5,11 @@ N streaming requests at a request rate (Poisson arrivals) or a fixed concurrency
 exactly --input-len tokens (random words, or windows of a text file), --output-len tokens
 out with ignore_eos. With --shared-prefix-len L, each prompt starts with one of
 --num-prefixes prefixes of L tokens (a system prompt, tool definitions: vLLM's
-prefix-repetition workload), then its own --input-len tokens. Prints throughput, TTFT,
+prefix-repetition workload), then its own --input-len tokens. With --turns T each of the
+--num-prompts is a conversation of T requests, one after another, as a chat client that
+re-sends its history: turn k's prompt is turn k-1's, then --output-len tokens standing for
+the answer, then --input-len new ones (the prefix cache's case; TTFT is reported per
+turn). Prints throughput, TTFT,
 TPOT, ITL and end-to-end latency (mean, median, p99) and what the HTTP layer adds per token,
 and saves it all as JSON.
 
@@ -52,6 +56,7 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    turn: int = 1
 
 
 # ----- prompts ----------------------------------------------------------------------------
@@ -66,7 +71,8 @@ def random_text(num_words: int, rng: random.Random) -> str:
 
 def token_stream(client: httpx.Client, args: argparse.Namespace, rng: random.Random) -> list[int]:
     """Token ids to cut prompts from: the text file, or random words."""
-    needed = (args.input_len + args.shared_prefix_len * args.num_prefixes) * 4
+    needed = (max(args.input_len, args.output_len)
+              + args.shared_prefix_len * args.num_prefixes) * 4
     if args.dataset_path:
         text = Path(args.dataset_path).read_text(encoding="utf-8", errors="replace")
     else:
@@ -78,9 +84,11 @@ def token_stream(client: httpx.Client, args: argparse.Namespace, rng: random.Ran
         return [rng.randrange(1, 1000) for _ in range(needed)]
     response.raise_for_status()
     tokens = response.json()["tokens"]
-    if len(tokens) <= max(args.input_len, args.shared_prefix_len):
-        sys.exit(f"the prompt source has {len(tokens)} tokens; --input-len and "
-                 "--shared-prefix-len need more")
+    longest = max(args.input_len, args.shared_prefix_len,
+                  args.output_len if args.turns > 1 else 0)
+    if len(tokens) <= longest:
+        sys.exit(f"the prompt source has {len(tokens)} tokens; --input-len, "
+                 "--shared-prefix-len (and with --turns, --output-len) need more")
     return tokens
 
 
@@ -88,13 +96,30 @@ def make_prompts(tokens: list[int], args: argparse.Namespace,
                  rng: random.Random) -> list[list[int]]:
     """Own windows of --input-len tokens, each after its shared prefix (request i takes
     prefix i mod --num-prefixes) when --shared-prefix-len is set."""
+    return [pieces[0] for pieces in make_conversations(tokens, args, rng)]
+
+
+def make_conversations(tokens: list[int], args: argparse.Namespace,
+                       rng: random.Random) -> list[list[list[int]]]:
+    """Per conversation, what each turn adds to the prompt before it: turn 1 its prefix and
+    own --input-len tokens, every later turn --output-len tokens (the answer it re-sends)
+    and --input-len new ones. Turn k's prompt is the first k pieces joined."""
     def window(length: int) -> list[int]:
         start = rng.randrange(len(tokens) - length)
         return tokens[start : start + length]
 
     prefixes = [window(args.shared_prefix_len) for _ in range(args.num_prefixes)]
-    return [prefixes[i % args.num_prefixes] + window(args.input_len)
+    turns = getattr(args, "turns", 1)
+    return [[prefixes[i % args.num_prefixes] + window(args.input_len)]
+            + [window(args.output_len) + window(args.input_len) for _ in range(turns - 1)]
             for i in range(args.num_prompts)]
+
+
+def turn_prompts(pieces: list[list[int]]) -> Iterator[list[int]]:
+    prompt: list[int] = []
+    for piece in pieces:
+        prompt = prompt + piece
+        yield prompt
 
 
 # ----- requests ---------------------------------------------------------------------------
@@ -152,31 +177,40 @@ def arrival_gaps(args: argparse.Namespace, rng: random.Random) -> Iterator[float
 
 
 async def run_requests(base_url: str, headers: dict[str, str], model: str,
-                       prompts: list[list[int]], args: argparse.Namespace,
+                       conversations: list[list[list[int]]], args: argparse.Namespace,
                        rng: random.Random) -> tuple[list[RequestResult], float]:
-    limit = args.max_concurrency or len(prompts)
+    """Each conversation's turns one after another (a single request without --turns),
+    the conversations concurrently within --max-concurrency."""
+    limit = args.max_concurrency or len(conversations)
     semaphore = asyncio.Semaphore(limit)
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
 
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(None)) as client:
 
-        async def limited(prompt: list[int]) -> RequestResult:
+        async def limited(pieces: list[list[int]]) -> list[RequestResult]:
+            results = []
             async with semaphore:
-                return await one_request(client, model, prompt, args)
+                for turn, prompt in enumerate(turn_prompts(pieces), start=1):
+                    result = await one_request(client, model, prompt, args)
+                    result.turn = turn
+                    results.append(result)
+                    if not result.ok:
+                        break  # the conversation cannot go on
+            return results
 
         started = time.perf_counter()
         tasks = []
-        for prompt, gap in zip(prompts, arrival_gaps(args, rng), strict=True):
+        for pieces, gap in zip(conversations, arrival_gaps(args, rng), strict=True):
             if gap:
                 await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(limited(prompt)))
-        results = await asyncio.gather(*tasks)
+            tasks.append(asyncio.create_task(limited(pieces)))
+        results = [r for part in await asyncio.gather(*tasks) for r in part]
         return results, time.perf_counter() - started
 
 
 def _client_process(base_url: str, headers: dict[str, str], model: str,
-                    prompts: list[list[int]], args: argparse.Namespace, seed: int,
+                    prompts: list[list[list[int]]], args: argparse.Namespace, seed: int,
                     start_at: float) -> tuple[list[RequestResult], float, float, float]:
     """One client process's share: (results, wall-clock start and end, its CPU seconds)."""
     args = argparse.Namespace(**{**vars(args), "num_prompts": len(prompts)})
@@ -188,7 +222,8 @@ def _client_process(base_url: str, headers: dict[str, str], model: str,
     return results, started, time.time(), time.process_time() - cpu
 
 
-def run_split(base_url: str, headers: dict[str, str], model: str, prompts: list[list[int]],
+def run_split(base_url: str, headers: dict[str, str], model: str,
+              prompts: list[list[list[int]]],
               args: argparse.Namespace) -> tuple[list[RequestResult], float, float]:
     """The requests spread over --client-processes processes (one Python process parsing
     thousands of SSE events a second can be what limits the measurement): each gets every
@@ -286,7 +321,24 @@ def summarize(results: list[RequestResult], duration: float, server: dict,
         "server": server,
     }
     summary["http_overhead"] = overhead(itl["mean"] / 1000, server)
+    if getattr(args, "turns", 1) > 1:
+        summary["turns"] = per_turn(ok, args.turns)
     return summary
+
+
+def per_turn(ok: list[RequestResult], turns: int) -> dict:
+    """TTFT, prompt tokens and tokens from the prefix cache by turn, and the median TTFT of
+    the last turn over the second's (the first has nothing of its own to reuse)."""
+    rows = []
+    for turn in range(1, turns + 1):
+        these = [r for r in ok if r.turn == turn]
+        rows.append({
+            "turn": turn, "requests": len(these), "ttft_ms": stats_ms([r.ttft_s for r in these]),
+            "prompt_tokens": float(np.mean([r.prompt_tokens for r in these])) if these else 0.0,
+            "cached_tokens": float(np.mean([r.cached_tokens for r in these])) if these else 0.0,
+        })
+    second, last = rows[1]["ttft_ms"]["median"], rows[-1]["ttft_ms"]["median"]
+    return {"by_turn": rows, "last_over_second_ttft": last / second if second else None}
 
 
 def overhead(client_itl_s: float, server: dict) -> dict[str, float | None]:
@@ -348,6 +400,15 @@ def print_table(s: dict) -> None:
          s["client_cpu_s"] / s["duration_s"] / s["config"]["client_processes"], 100),
     ):
         rows.append((label, None if value is None else value * scale))
+    if "turns" in s:
+        by_turn = s["turns"]["by_turn"]
+        rows.append((SECTION, "Conversations (each turn re-sends the last)"))
+        for row in (by_turn[0], by_turn[1], by_turn[-1]):
+            rows.append((f"Median TTFT, turn {row['turn']} (ms)", row["ttft_ms"]["median"]))
+            rows.append((f"  prompt / cached tokens, turn {row['turn']}",
+                         f"{row['prompt_tokens']:.0f} / {row['cached_tokens']:.0f}"))
+        rows.append((f"TTFT turn {by_turn[-1]['turn']} / turn 2",
+                     s["turns"]["last_over_second_ttft"]))
     print(f"{' Serving Benchmark Result ':=^60}")
     for label, value in rows:
         if label is SECTION:
@@ -409,6 +470,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens every prompt starts with before its own --input-len")
     p.add_argument("--num-prefixes", type=int, default=1,
                    help="distinct shared prefixes, taken in turn")
+    p.add_argument("--turns", type=int, default=1,
+                   help="requests per conversation, each re-sending the one before it "
+                        "(a multi-turn chat)")
     p.add_argument("--dataset-path", default=None,
                    help="text file to cut prompts from (default: random words)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
@@ -430,6 +494,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--shared-prefix-len must be >= 0 and --num-prefixes >= 1")
     if args.client_processes < 1:
         p.error("--client-processes must be >= 1")
+    if args.turns < 1:
+        p.error("--turns must be >= 1")
     if args.request_rate <= 0 or args.burstiness <= 0:
         p.error("--request-rate and --burstiness must be > 0")
     return args
@@ -444,13 +510,13 @@ def main(argv: list[str] | None = None) -> dict:
                                       timeout=120) as client:
         model = args.model or client.get("/v1/models").json()["data"][0]["id"]
         tokens = token_stream(client, args, rng)
-        prompts = make_prompts(tokens, args, rng)
+        prompts = make_conversations(tokens, args, rng)
         if args.num_warmups:
             # First steps at each batch shape are slow (allocator growth, kernel selection).
             warmup = argparse.Namespace(**{**vars(args), "num_prompts": args.num_warmups,
-                                           "request_rate": float("inf")})
+                                           "request_rate": float("inf"), "turns": 1})
             asyncio.run(run_requests(args.base_url, headers, model,
-                                     make_prompts(tokens, warmup, rng), warmup, rng))
+                                     make_conversations(tokens, warmup, rng), warmup, rng))
         before = scrape(client)
         if args.client_processes > 1:
             results, duration, client_cpu_s = run_split(

@@ -91,3 +91,35 @@ def test_shared_prefix_prompts(bench):
     assert len(set(heads)) == 3
     assert all(heads[i] == heads[i % 3] for i in range(7))
     assert len({tuple(p[12:]) for p in prompts}) == 7
+
+
+def test_conversation_turns_resend_the_turn_before(bench):
+    """--turns: turn k's prompt is turn k-1's, then --output-len answer tokens and
+    --input-len new ones."""
+    import argparse
+    import itertools
+    import random
+
+    args = argparse.Namespace(num_prompts=3, input_len=5, output_len=4, shared_prefix_len=6,
+                              num_prefixes=1, turns=4)
+    conversations = bench.make_conversations(list(range(1000)), args, random.Random(0))
+    assert len(conversations) == 3
+    for pieces in conversations:
+        prompts = list(bench.turn_prompts(pieces))
+        assert [len(p) for p in prompts] == [11, 20, 29, 38]
+        for before, after in itertools.pairwise(prompts):
+            assert after[: len(before)] == before
+
+
+def test_benchmark_runs_conversations_turn_after_turn(bench, smol_server, capsys):
+    summary = bench.main([
+        "--base-url", smol_server.url, "--api-key", API_KEY, "--num-prompts", "2",
+        "--max-concurrency", "2", "--input-len", "8", "--output-len", "3", "--turns", "3",
+    ])
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert summary["total_input_tokens"] == 2 * (8 + 19 + 30)
+    turns = summary["turns"]["by_turn"]
+    assert [t["requests"] for t in turns] == [2, 2, 2]
+    assert [t["prompt_tokens"] for t in turns] == [8, 19, 30]
+    assert summary["turns"]["last_over_second_ttft"] > 0
+    assert "Median TTFT, turn 3 (ms)" in capsys.readouterr().out
