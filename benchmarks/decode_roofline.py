@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.engine_flags import add_engine_flags, sync
 from benchmarks.roofline import decode_step_cost, measure_ceilings
 from tova_engine import SamplingParams
 from tova_engine.config import EngineConfig
@@ -35,11 +36,7 @@ from tova_engine.frontend.llm_engine import LLMEngine
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="benchmarks/configs/llama-3.1-8b.json")
-    p.add_argument("--load-format", default="dummy")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--policy", default="tova")
+    add_engine_flags(p)
     p.add_argument("--rows", nargs="+", default=["128:512", "256:512", "512:256"],
                    help="batch:state_size")
     p.add_argument("--steps", type=int, default=50, help="timed decode steps per row")
@@ -61,11 +58,6 @@ def parse_args() -> argparse.Namespace:
                    help="write a torch.profiler table (host and device) of a few steps of the "
                         "first row here")
     return p.parse_args()
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def make_engine(args, batch: int, state_size: int, spare_slots: int = 0) -> LLMEngine:

@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.engine_flags import add_engine_flags, sync
 from benchmarks.roofline import measure_ceilings, weight_counts
 from tova_engine import SamplingParams
 from tova_engine.config import EngineConfig
@@ -36,11 +37,7 @@ from tova_engine.frontend.llm_engine import LLMEngine
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="benchmarks/configs/llama-3.1-8b.json")
-    p.add_argument("--load-format", default="dummy")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--policy", default="tova")
+    add_engine_flags(p)
     p.add_argument("--state-size", type=int, default=512)
     p.add_argument("--chunks", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192],
@@ -59,11 +56,6 @@ def parse_args() -> argparse.Namespace:
                    help="append a torch.profiler table of one staggered step with decodes here")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args()
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class Rig:

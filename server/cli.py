@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -46,22 +47,22 @@ def _count_or_fraction(text: str) -> int | float:
             f"expected a count or a fraction, got {text!r}") from None
 
 
-def _int_or_auto(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+def _or_auto(convert: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
+    """A flag's reader: a number (`convert`) or the word 'auto'."""
+    def read(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {expected} or 'auto', got {text!r}") from None
+
+    return read
 
 
-def _float_or_auto(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+_int_or_auto = _or_auto(int, "an integer")
+_float_or_auto = _or_auto(float, "a number")
 
 
 # How a field's type reads on the command line, by its annotation as Python keeps it (a string,

@@ -31,7 +31,7 @@ from tova_engine.core.messages import (
     StepOutputs,
     StepStats,
 )
-from tova_engine.core.prefill_pacer import PrefillPacer
+from tova_engine.core.prefill_pacer import AUTO_RATIO, PrefillPacer
 from tova_engine.core.prefix_cache import PrefixCache
 from tova_engine.core.scheduler import Scheduler
 from tova_engine.errors import InvalidRequestError
@@ -144,7 +144,8 @@ class EngineCore:
         logger.info(
             "prefill pacing: %s (--target-itl-ms); at most %d tokens a step "
             "(--max-num-batched-tokens), chunks of %d",
-            "off" if target == 0 else "a step beside decodes lasts about 3 decode steps"
+            "off" if target == 0
+            else f"a step beside decodes lasts about {AUTO_RATIO:g} decode steps"
             if target == "auto" else f"a step beside decodes lasts about {target:g} ms",
             self.pacer.ceiling,
             self.pacer.floor,
@@ -344,12 +345,11 @@ class EngineCore:
             return out
         self._apply_prompt_progress(scheduled, result.prompt_logprobs, out)
         self._apply_samples(result.sampled, out)
-        duration = self._step_time(started)
-        prompt_tokens = sum(c.length for c in scheduled.prefills)
-        self.pacer.observe(len(scheduled.decodes), prompt_tokens, duration)
         out.stats = self.stats(
-            scheduled, duration, len(result.sampled.sequences), result.evicted_ages
+            scheduled, self._step_time(started), len(result.sampled.sequences),
+            result.evicted_ages,
         )
+        self.pacer.observe(len(scheduled.decodes), out.stats.prompt_tokens, out.stats.duration_s)
         self.take_store_updates(out)
         return out
 

@@ -11,6 +11,7 @@ from tova_engine.attention.pytorch import ChunkAttention
 from tova_engine.model.llama import LlamaModel
 from tova_engine.state.kv_state import KVState
 from tova_engine.state.policies import Policy
+from tova_engine.step.batch import PrefillChunk
 
 
 class ChunkShape(NamedTuple):
@@ -22,6 +23,24 @@ class ChunkShape(NamedTuple):
     entries: int  # valid entries every row holds before the chunk
     length: int
     capacity: int  # the rows' state size
+
+
+def shape_of(chunks: list[PrefillChunk], rows: int | None = None) -> ChunkShape:
+    """A group's shape (chunks at the same point of their prompts, of one capacity), with
+    `rows` rows (default: one per chunk; the captured graphs pad them)."""
+    first = chunks[0]
+    capacity, position = first.request.capacity, first.position
+    return ChunkShape(rows or len(chunks), position, min(position, capacity), first.length,
+                      capacity)
+
+
+def chunk_attention(
+    state: KVState, policy: Policy, slots: list[int] | torch.Tensor, shape: ChunkShape
+) -> ChunkAttention:
+    """The attention of a chunk group of this shape on these slots."""
+    return ChunkAttention(
+        state, policy, slots, shape.entries, shape.start, shape.length, shape.capacity
+    )
 
 
 def forward_chunks(
@@ -36,9 +55,7 @@ def forward_chunks(
     """token_ids [rows * length], row after row; slots [rows]. Returns the logits, [rows, V]
     at each row's last position or [rows * length, V] at every position, and the evicted
     ages (`ChunkAttention.evicted_ages`, None when no layer evicted)."""
-    attend = ChunkAttention(
-        state, policy, slots, shape.entries, shape.start, shape.length, shape.capacity
-    )
+    attend = chunk_attention(state, policy, slots, shape)
     hidden = model(token_ids, attend.positions, attend)  # [rows * length, hidden]
     attend.finish()
     if not every_position:  # logits only where they are used

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tova_engine.execution.chunk_forward import ChunkShape, forward_chunks
+from tova_engine.execution.chunk_forward import ChunkShape, forward_chunks, shape_of
 from tova_engine.execution.decode_graphs import capture_on
 from tova_engine.model.llama import LlamaModel
 from tova_engine.state.kv_state import KVState
@@ -45,13 +45,9 @@ class _Captured:
     graph: torch.cuda.CUDAGraph | None = None  # None: replayed eagerly
 
 
-def shape_of(chunks: list[PrefillChunk]) -> ChunkShape:
+def padded_shape(chunks: list[PrefillChunk]) -> ChunkShape:
     """The group's shape with its rows padded to a power of two."""
-    first = chunks[0]
-    capacity = first.request.capacity
-    rows = 1 << (len(chunks) - 1).bit_length()
-    position = first.position
-    return ChunkShape(rows, position, min(position, capacity), first.length, capacity)
+    return shape_of(chunks, rows=1 << (len(chunks) - 1).bit_length())
 
 
 class PrefillGraphs:
@@ -96,7 +92,7 @@ class PrefillGraphs:
         """Replay the group's forward: (logits [R, V] of each row's last position, evicted
         ages [layers, R, n + C] or None), views valid until this shape replays again. None
         when the shape is not captured (yet): the caller runs the group eagerly."""
-        shape = shape_of(chunks)
+        shape = padded_shape(chunks)
         captured = self._graphs.get(shape)
         if captured is None:
             captured = self._maybe_capture(shape)

@@ -21,8 +21,8 @@ import torch
 from tova_engine.attention.backend import AttentionBackend
 from tova_engine.attention.fused import FusedDecodeAttention
 from tova_engine.attention.packed import PackedAttention
-from tova_engine.attention.pytorch import ChunkAttention, DecodeAttention
-from tova_engine.execution.chunk_forward import ChunkShape, forward_chunks
+from tova_engine.attention.pytorch import DecodeAttention
+from tova_engine.execution.chunk_forward import chunk_attention, forward_chunks, shape_of
 from tova_engine.execution.decode_graphs import DecodeGraphs
 from tova_engine.execution.logprobs import TokenLogprobs, TokenLogprobTensors, token_logprob_tensors
 from tova_engine.execution.penalty_counts import PenaltyCounts
@@ -190,6 +190,10 @@ class ModelRunner:
             ages = attend.evicted_ages
         if ages is not None:
             step.ages.append(ages)
+        self._after_single_tokens(decodes, chunks, logits, step)
+
+    def _after_single_tokens(self, decodes, chunks, logits, step: _StepTensors) -> None:
+        """logits: a row per decode, then one per one-token chunk (more rows may follow)."""
         if decodes:  # one block: no per-row views to build and stack
             step.pending.append(_Pending(logits[: len(decodes)], list(decodes)))
         for row, chunk in enumerate(chunks, start=len(decodes)):
@@ -243,7 +247,7 @@ class ModelRunner:
         token_ids = self._ids([token for c in chunks for token in c.token_ids])
         slots = [c.request.leader.slot for c in chunks]
         logits, ages = forward_chunks(
-            self.model, self.state, self.policy, token_ids, slots, _shape(chunks),
+            self.model, self.state, self.policy, token_ids, slots, shape_of(chunks),
             every_position=wants_all,
         )
         if ages is not None:
@@ -254,8 +258,7 @@ class ModelRunner:
 
     def _run_packed(self, decodes, single, groups, step: _StepTensors) -> dict[int, torch.Tensor]:
         """The one-token rows and the chunk groups in one forward (attention/packed.py).
-        Handles the one-token rows as `_run_single_tokens` does; returns each chunk's logits
-        at its last position ([1, V]) by id."""
+        Returns each chunk's logits at its last position ([1, V]) by id."""
         parts: list[AttentionBackend] = []
         inputs = []
         ones = len(decodes) + len(single)
@@ -266,12 +269,9 @@ class ModelRunner:
         picked = list(range(ones))  # the hidden rows that need logits
         chunks, offset = [], ones
         for group in groups:
-            shape = _shape(group)
+            shape = shape_of(group)
             slots = [c.request.leader.slot for c in group]
-            parts.append(ChunkAttention(
-                self.state, self.policy, slots, shape.entries, shape.start, shape.length,
-                shape.capacity,
-            ))
+            parts.append(chunk_attention(self.state, self.policy, slots, shape))
             inputs.append(self._ids([token for c in group for token in c.token_ids]))
             for chunk in group:  # its last position
                 offset += shape.length
@@ -284,10 +284,7 @@ class ModelRunner:
         ages = attend.evicted_ages
         if ages is not None:
             step.ages.append(ages)
-        if decodes:
-            step.pending.append(_Pending(logits[: len(decodes)], list(decodes)))
-        for row, chunk in enumerate(single, start=len(decodes)):
-            self._after_chunk(chunk, logits[row : row + 1], step)
+        self._after_single_tokens(decodes, single, logits, step)
         return {id(chunk): logits[row : row + 1]
                 for row, chunk in enumerate(chunks, start=ones)}
 
@@ -384,12 +381,6 @@ class ModelRunner:
 def _wants_all(chunks: list[PrefillChunk]) -> bool:
     """Whether a group (then one chunk) wants every position's logits: prompt log-probs."""
     return chunks[0].request.params.prompt_logprobs is not None
-
-
-def _shape(chunks: list[PrefillChunk]) -> ChunkShape:
-    first = chunks[0]
-    capacity, position = first.request.capacity, first.position
-    return ChunkShape(len(chunks), position, min(position, capacity), first.length, capacity)
 
 
 def _chunk_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
