@@ -270,8 +270,32 @@ def mean_delta(before: dict, after: dict, name: str, **labels: str) -> float | N
     return total / count if count else None
 
 
+def quantile_delta(before: dict, after: dict, name: str, q: float,
+                   **labels: str) -> float | None:
+    """A histogram's q-quantile over the run from its buckets' deltas: the upper bound of the
+    bucket it falls in (as coarse as the buckets, and an upper bound)."""
+    bounds = sorted({dict(lbl)["le"] for (n, lbl) in after if n == f"{name}_bucket"},
+                    key=float)
+    counts = [_total(after, f"{name}_bucket", le=le, **labels)
+              - _total(before, f"{name}_bucket", le=le, **labels) for le in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    for le, count in zip(bounds, counts, strict=True):
+        if count >= q * counts[-1]:
+            return float(le)
+    return None
+
+
 def server_view(before: dict, after: dict) -> dict[str, float | None]:
     return {
+        "decode_step_p99_s": quantile_delta(before, after, "tova_step_duration_seconds", 0.99,
+                                            phase="decode"),
+        "prefill_step_p99_s": quantile_delta(before, after, "tova_step_duration_seconds",
+                                             0.99, phase="prefill"),
+        "prefill_step_max_s": quantile_delta(before, after, "tova_step_duration_seconds", 1.0,
+                                             phase="prefill"),
+        "server_itl_p99_s": quantile_delta(before, after, "tova_inter_token_latency_seconds",
+                                           0.99),
         "decode_step_s": mean_delta(before, after, "tova_step_duration_seconds",
                                     phase="decode"),
         "prefill_step_s": mean_delta(before, after, "tova_step_duration_seconds",
@@ -359,6 +383,10 @@ def overhead(client_itl_s: float, server: dict) -> dict[str, float | None]:
     }
 
 
+def _pair(first: float | None, second: float | None) -> str:
+    return " / ".join("n/a" if v is None else f"{v * 1000:.0f}" for v in (first, second))
+
+
 SECTION = object()  # a row that starts a section: (SECTION, title)
 
 
@@ -389,7 +417,11 @@ def print_table(s: dict) -> None:
         ("Decode steps", server["decode_steps"], 1),
         ("Prefill steps (ran prompt tokens)", server["prefill_steps"], 1),
         ("Time in prefill steps (s)", server["prefill_seconds"], 1),
+        ("P99 decode / prefill step, bucket bound (ms)", _pair(
+            server.get("decode_step_p99_s"), server.get("prefill_step_p99_s")), 1),
+        ("Longest prefill step, bucket bound (ms)", server.get("prefill_step_max_s"), 1000),
         ("Mean server-side ITL (ms)", server["server_itl_s"], 1000),
+        ("P99 server-side ITL, bucket bound (ms)", server.get("server_itl_p99_s"), 1000),
         ("Mean ITL - mean decode step (ms)", extra.get("added_vs_decode_step_ms"), 1),
         ("  as share of decode step (%)", extra.get("added_vs_decode_step_ratio"), 100),
         ("HTTP only: ITL - server-side ITL (ms)", extra.get("http_only_ms"), 1),
@@ -399,7 +431,8 @@ def print_table(s: dict) -> None:
         ("Benchmark client CPU busy (%, per process)",
          s["client_cpu_s"] / s["duration_s"] / s["config"]["client_processes"], 100),
     ):
-        rows.append((label, None if value is None else value * scale))
+        rows.append((label, value if value is None or isinstance(value, str)
+                     else value * scale))
     if "turns" in s:
         by_turn = s["turns"]["by_turn"]
         rows.append((SECTION, "Conversations (each turn re-sends the last)"))

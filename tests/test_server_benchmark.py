@@ -123,3 +123,18 @@ def test_benchmark_runs_conversations_turn_after_turn(bench, smol_server, capsys
     assert [t["prompt_tokens"] for t in turns] == [8, 19, 30]
     assert summary["turns"]["last_over_second_ttft"] > 0
     assert "Median TTFT, turn 3 (ms)" in capsys.readouterr().out
+
+
+def test_histogram_quantile_over_the_run(bench):
+    """The q-quantile of what a histogram saw between two scrapes: the upper bound of the
+    bucket it falls in, counted from the buckets' deltas only."""
+    def scrape(counts: dict[str, float]) -> dict:
+        return {("x_bucket", (("le", le), ("phase", "decode"))): v for le, v in counts.items()}
+
+    before = scrape({"0.01": 5, "0.1": 5, "1.0": 5, "+Inf": 5})  # 5 old, all under 10 ms
+    after = scrape({"0.01": 95, "0.1": 104, "1.0": 105, "+Inf": 105})  # 90, 9, 1 new
+    assert bench.quantile_delta(before, after, "x", 0.5, phase="decode") == 0.01
+    assert bench.quantile_delta(before, after, "x", 0.99, phase="decode") == 0.1
+    assert bench.quantile_delta(before, after, "x", 1.0, phase="decode") == 1.0
+    assert bench.quantile_delta(before, before, "x", 0.99, phase="decode") is None
+    assert bench.quantile_delta(before, after, "x", 0.99, phase="prefill") is None
