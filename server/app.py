@@ -34,20 +34,17 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         engine.tokenizer.chat_template = settings.chat_template
     names = settings.served_model_names or (info.model_name,)
     metrics = _metrics(engine, names[0])
-    admission = Admission(lambda: engine.last_stats.num_running, settings.max_queue_len,
+    # This front end's requests: with several front ends, each admits against its own.
+    admission = Admission(lambda: engine.num_running, settings.max_queue_len,
                           settings.retry_after_s)
-    metrics.bind_gauges(
-        running=lambda: engine.last_stats.num_running, waiting=admission.waiting,
-        slots_used=lambda: engine.last_stats.slots_used, slots_total=info.max_num_seqs,
-        memory_bytes=info.state_total_bytes,
-        prompt_token_budget=lambda: engine.last_stats.prompt_token_budget,
-    )
+    metrics.bind_gauges(stats=lambda: engine.last_stats, waiting=admission.waiting,
+                        slots_total=info.max_num_seqs, memory_bytes=info.state_total_bytes)
     metrics.set_sequence_bytes(info.state_bytes_by_layer_kind, info.state_bytes_saved_per_sequence)
-    metrics.bind_prefix_cache(lambda: engine.last_stats.prefix_cache_rows_used,
-                              info.prefix_cache_rows, info.prefix_cache_bytes)
+    metrics.bind_prefix_cache(info.prefix_cache_rows, info.prefix_cache_bytes)
     app = FastAPI(title="tova-server", version=__version__)
     store_dir = engine.config.state_store_dir
-    responses = ResponseStore(None if store_dir is None else Path(store_dir) / "responses")
+    responses = ResponseStore(settings.responses_dir or (
+        None if store_dir is None else Path(store_dir) / "responses"))
     app.state.context = ServerContext(engine, settings, metrics, admission, names, Drain(),
                                       responses)
     install_error_handlers(app)
@@ -82,12 +79,14 @@ def _add_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetri
 
 def _metrics(engine: AsyncEngine, model_name: str) -> ServerMetrics:
     info = engine.info
-    metrics = ServerMetrics(model_name, info.max_model_len, info.max_num_seqs)
+    # Every front end hears every step; the first counts the engine's figures.
+    metrics = ServerMetrics(model_name, info.max_model_len, info.max_num_seqs,
+                            observes_engine=engine.client_index == 0)
     metrics.set_engine_info(
         policy=info.policy, state_size=info.state_size, max_num_seqs=info.max_num_seqs,
         dtype=info.dtype, device=info.device,
     )
     engine.on_stats(metrics.observe_step)
-    metrics.registry.register(SavedStatesCollector(engine, model_name))
-    engine.on_restart(metrics.engine_restarts.inc)
+    metrics.register_local(SavedStatesCollector(engine, model_name))
+    engine.on_restart(metrics.count_engine_restart)
     return metrics

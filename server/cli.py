@@ -20,12 +20,14 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
+from server.api_servers import serve_many
 from server.app import create_app
 from server.http.graceful import FLUSH_TIMEOUT_S, GracefulServer
 from server.http.keepalive import KeepAliveProtocol
@@ -196,7 +198,10 @@ def log_resolved(engine: AsyncEngine, settings: ServerSettings) -> None:
                        "kill the engine; this is for tests only")
 
 
-def serve(engine: AsyncEngine, settings: ServerSettings) -> None:
+def serve(engine: AsyncEngine, settings: ServerSettings,
+          sockets: list[socket.socket] | None = None) -> None:
+    """sockets: listen on these (already bound: several front ends share one) instead of
+    binding host:port."""
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -210,7 +215,7 @@ def serve(engine: AsyncEngine, settings: ServerSettings) -> None:
         http=KeepAliveProtocol, timeout_keep_alive=settings.timeout_keep_alive_s,
     )
     server = GracefulServer(config, app.state.context.drain, settings.shutdown_timeout_s)
-    server.run()
+    server.run(sockets=sockets)
     if not server.started:  # the port could not be bound; uvicorn has logged why
         sys.exit(3)
 
@@ -224,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         config, settings = configs(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if settings.api_server_count > 1:
+        serve_many(config, settings)
+        return
     try:
         logger.info("starting the engine core process (model %s)", config.model or "embedded")
         engine = AsyncEngine(config)

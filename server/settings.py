@@ -43,7 +43,15 @@ class ServerSettings:
               "none (the API is open)", env="TOVA_API_KEY", log_as="set")
     # Needs api_key.
     protect_metrics: bool = setting(False, "also require the API key on /metrics")
-    # Beyond it new requests get 429. None: unbounded.
+    # Front-end processes (HTTP, tokenizing, detokenizing, streaming) sharing one engine core
+    # and one listening socket (server/api_servers.py).
+    api_server_count: int = setting(
+        1, "front-end processes sharing the engine core: each has its own event loop, "
+           "detokenizer and streams (more serve more concurrent streams)")
+    # Where stored responses live when several front ends must all find them (set by the
+    # supervisor; None: beside the state store's directory, or in memory).
+    responses_dir: str | None = None
+    # Beyond it new requests get 429 (per front end). None: unbounded.
     max_queue_len: int | None = setting(
         None, "requests allowed to wait for a slot before 429; default: no limit")
     # Seconds a refused client is told to wait before retrying.
@@ -84,6 +92,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_queue_len is not None:
             require_positive_int("max_queue_len", self.max_queue_len)
+        require_positive_int("api_server_count", self.api_server_count)
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
         if self.protect_metrics and self.api_key is None:

@@ -5,12 +5,22 @@ counters, step times, batch sizes, evictions, prefix-cache lookups), the server'
 each request as its outputs arrive (latencies, per-request token counts, how it finished)
 and, at scrape time, the engine's counters (running, waiting, slots, prefix-cache rows).
 Every series carries `model_name`.
+
+With several front-end processes (`--api-server-count`), prometheus_client's multiprocess
+mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) makes the counters, histograms and
+the waiting gauge one view whichever process answers the scrape: each process writes its
+own, and a scrape sums them. Every front end receives every step's stats, so the engine's
+counters are observed by the first front end only (`observes_engine`), while what is
+computed at scrape time (live gauges, eviction ages, the state store) is whole in each.
+The per-process collectors (CPU, memory, GC) are left out then: they would describe only
+the process that answered.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +30,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -32,16 +44,29 @@ logger = logging.getLogger("server")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
+def multiprocess_dir() -> str | None:
+    """Where the front-end processes keep their metrics files (None: one process)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class ServerMetrics:
     """One registry per app, so several apps (tests) can live in one process."""
 
-    def __init__(self, model_name: str, max_model_len: int, max_num_seqs: int) -> None:
+    def __init__(self, model_name: str, max_model_len: int, max_num_seqs: int,
+                 observes_engine: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.observes_engine = observes_engine
         self._step_error_logged = False
         self._model = {"model_name": model_name}
-        for collector in (ProcessCollector, PlatformCollector, GCCollector):
-            collector(registry=self.registry)
+        self._shared_dir = multiprocess_dir()
+        # Collectors computed in this process at scrape time (rendered in both modes).
+        self._local: list = []
+        self._waiting: Callable[[], float] = lambda: 0.0
+        self._live: _LiveGauges | None = None
+        if self._shared_dir is None:
+            for collector in (ProcessCollector, PlatformCollector, GCCollector):
+                collector(registry=self.registry)
         self._define_gauges()
         self._define_counters()
         self._define_request_histograms(max_model_len)
@@ -51,15 +76,14 @@ class ServerMetrics:
     # ----- definitions --------------------------------------------------------------------
 
     def _gauge(self, name: str, doc: str) -> Gauge:
-        return Gauge(name, doc, ["model_name"], registry=self.registry)
+        """A gauge every front end sets to the same value (the engine's constants)."""
+        return Gauge(name, doc, ["model_name"], registry=self.registry, multiprocess_mode="max")
 
     def _define_gauges(self) -> None:
-        self.requests_running = self._gauge(
-            "tova_requests_running", "Requests holding slots (prefilling or decoding).")
-        self.requests_waiting = self._gauge(
-            "tova_requests_waiting", "Requests submitted and waiting for a slot.")
-        self.slots_used = self._gauge(
-            "tova_state_slots_used", "State slots in use (one per running choice).")
+        # Each front end's own waiting requests: the scrape sums the live processes'.
+        self.requests_waiting = Gauge(
+            "tova_requests_waiting", "Requests submitted and waiting for a slot.",
+            ["model_name"], registry=self.registry, multiprocess_mode="livesum")
         self.slots_total = self._gauge(
             "tova_state_slots_capacity", "State slots allocated at start-up (max_num_seqs).")
         self.memory_bytes = self._gauge(
@@ -73,22 +97,16 @@ class ServerMetrics:
             "tova_state_sequence_saved_bytes",
             "K/V bytes per sequence that local layers' windows save against every layer "
             "holding state_size entries.")
-        self.prefix_cache_rows_used = self._gauge(
-            "tova_prefix_cache_rows_used", "Prefix-cache rows holding a cached prompt prefix.")
         self.prefix_cache_rows = self._gauge(
             "tova_prefix_cache_rows_capacity",
             "State rows set aside for cached prompt prefixes (--prefix-cache-bytes; 0: off).")
         self.prefix_cache_bytes = self._gauge(
             "tova_prefix_cache_memory_bytes",
             "Bytes of the prefix cache's rows, allocated once at start-up beside the slots'.")
-        self.prompt_token_budget = self._gauge(
-            "tova_prompt_token_budget",
-            "Prompt tokens the latest step could prefill: paced beside running decodes "
-            "(--target-itl-ms), else --max-num-batched-tokens.")
         self.engine_info = Gauge(
             "tova_engine_info", "Constant 1; the labels describe the engine's configuration.",
             ["model_name", "policy", "state_size", "max_num_seqs", "dtype", "device"],
-            registry=self.registry)
+            registry=self.registry, multiprocess_mode="max")
 
     def _define_counters(self) -> None:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -161,10 +179,10 @@ class ServerMetrics:
         self.batch_size = self._histogram(
             "tova_batch_size", "Sequences run per engine step.",
             buckets.powers_of_two(max_num_seqs)).labels(self.model_name)
-        self.evicted_age = BulkHistogram(
+        self.evicted_age = self.register_local(BulkHistogram(
             "tova_evicted_token_age_tokens",
             "How many tokens back each evicted state entry was: what the bounded state forgets.",
-            buckets.one_two_five(max_model_len), self._model, self.registry)
+            buckets.one_two_five(max_model_len), self._model))
 
     def _define_http(self) -> None:
         self.http_requests = Counter(
@@ -178,20 +196,22 @@ class ServerMetrics:
 
     # ----- sources ------------------------------------------------------------------------
 
-    def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float],
-                    slots_used: Callable[[], float], slots_total: int, memory_bytes: int,
-                    prompt_token_budget: Callable[[], float]) -> None:
-        """Live values are read when Prometheus scrapes, not pushed on every step."""
-        self.prompt_token_budget.labels(self.model_name).set_function(prompt_token_budget)
-        self.requests_running.labels(self.model_name).set_function(running)
-        self.requests_waiting.labels(self.model_name).set_function(waiting)
-        self.slots_used.labels(self.model_name).set_function(slots_used)
+    def register_local(self, collector):
+        """A collector computed in this process when scraped (both modes render it)."""
+        self.registry.register(collector)
+        self._local.append(collector)
+        return collector
+
+    def bind_gauges(self, stats: Callable[[], StepStats], waiting: Callable[[], float],
+                    slots_total: int, memory_bytes: int) -> None:
+        """The engine's live counts are read from its latest stats when Prometheus scrapes;
+        this front end's waiting requests are written at each step and each scrape."""
+        self._live = self.register_local(_LiveGauges(stats, self.model_name))
+        self._waiting = waiting
         self.slots_total.labels(self.model_name).set(slots_total)
         self.memory_bytes.labels(self.model_name).set(memory_bytes)
 
-    def bind_prefix_cache(self, rows_used: Callable[[], float], rows: int,
-                          memory_bytes: int) -> None:
-        self.prefix_cache_rows_used.labels(self.model_name).set_function(rows_used)
+    def bind_prefix_cache(self, rows: int, memory_bytes: int) -> None:
         self.prefix_cache_rows.labels(self.model_name).set(rows)
         self.prefix_cache_bytes.labels(self.model_name).set(memory_bytes)
 
@@ -217,7 +237,12 @@ class ServerMetrics:
                 logger.exception("metrics: could not record an engine step (logged once)")
 
     def _observe_step(self, stats: StepStats) -> None:
+        self._refresh_waiting()
         if not stats.batch_size:  # the counts after an abort, not a step
+            return
+        if stats.evicted_ages:
+            self.evicted_age.observe_many(stats.evicted_ages)
+        if not self.observes_engine:
             return
         step = self._step_by_phase.get(stats.phase)
         if step is None:
@@ -230,7 +255,6 @@ class ServerMetrics:
             self.generation_tokens.inc(stats.generation_tokens)
         if stats.evicted_ages:
             self.evicted_tokens.inc(len(stats.evicted_ages))
-            self.evicted_age.observe_many(stats.evicted_ages)
         # A prompt looks the prefix cache up at its first chunk: never in a step without a
         # batch.
         if stats.prefix_cache_queried_tokens:
@@ -244,5 +268,50 @@ class ServerMetrics:
         self.http_requests.labels(self.model_name, method, route, str(status)).inc()
         self.http_latency.labels(self.model_name, method, route).observe(seconds)
 
+    def count_engine_restart(self) -> None:
+        if self.observes_engine:
+            self.engine_restarts.inc()
+
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self._refresh_waiting()
+        if self._shared_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self._shared_dir)
+        for collector in self._local:
+            registry.register(collector)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    def _refresh_waiting(self) -> None:
+        self.requests_waiting.labels(self.model_name).set(self._waiting())
+
+
+class _LiveGauges:
+    """The engine's counts after its latest step, read at scrape time: the same in every
+    front end, since each receives every step's stats."""
+
+    _GAUGES = (
+        ("tova_requests_running", "Requests holding slots (prefilling or decoding).",
+         "num_running"),
+        ("tova_state_slots_used", "State slots in use (one per running choice).", "slots_used"),
+        ("tova_prefix_cache_rows_used", "Prefix-cache rows holding a cached prompt prefix.",
+         "prefix_cache_rows_used"),
+        ("tova_prompt_token_budget",
+         "Prompt tokens the latest step could prefill: paced beside running decodes "
+         "(--target-itl-ms), else --max-num-batched-tokens.", "prompt_token_budget"),
+    )
+
+    def __init__(self, stats: Callable[[], StepStats], model_name: str) -> None:
+        self._stats = stats
+        self._model = model_name
+
+    def describe(self) -> Iterator[Metric]:
+        for name, doc, _ in self._GAUGES:
+            yield GaugeMetricFamily(name, doc, labels=["model_name"])
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        for name, doc, field in self._GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self._model], getattr(stats, field))
+            yield family

@@ -14,12 +14,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
 
 class BulkHistogram(Collector):
     def __init__(self, name: str, documentation: str, buckets: Sequence[float],
-                 labels: dict[str, str], registry: CollectorRegistry) -> None:
+                 labels: dict[str, str]) -> None:
         self.name = name
         self.documentation = documentation
         self._bounds = np.asarray(sorted(buckets), dtype=np.float64)
@@ -28,7 +28,6 @@ class BulkHistogram(Collector):
         self._counts = np.zeros(len(self._bounds) + 1, dtype=np.int64)
         self._sum = 0.0
         self._lock = threading.Lock()
-        registry.register(self)
 
     def observe_many(self, values: Sequence[float]) -> None:
         if not values:

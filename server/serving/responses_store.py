@@ -58,7 +58,13 @@ class ResponseStore:
         return len(self._records)
 
     def get(self, response_id: str) -> StoredResponse | None:
-        return self._records.get(response_id)
+        record = self._records.get(response_id)
+        if record is None and self.directory is not None and _SAFE_ID.fullmatch(response_id):
+            # Written by another front end sharing the directory (--api-server-count).
+            record = self._read(self._path(response_id))
+            if record is not None:
+                self._records[response_id] = record
+        return record
 
     def put(self, record: StoredResponse) -> None:
         self._records[record.id] = record
@@ -87,9 +93,16 @@ class ResponseStore:
 
     def _load(self) -> None:
         for path in self.directory.glob("resp_*.json"):
-            try:
-                record = StoredResponse.from_json(path.read_text())
-            except Exception:
-                logger.warning("ignoring %s: not a stored response", path)
-                continue
-            self._records[record.id] = record
+            record = self._read(path)
+            if record is not None:
+                self._records[record.id] = record
+
+    @staticmethod
+    def _read(path: Path) -> StoredResponse | None:
+        try:
+            return StoredResponse.from_json(path.read_text())
+        except FileNotFoundError:
+            return None
+        except Exception:
+            logger.warning("ignoring %s: not a stored response", path)
+            return None

@@ -144,9 +144,10 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     capacity: int
     max_tokens: int
     resume_key: str | None = None
+    client: int = 0  # the front end that sent it: where its outputs go
 
     @classmethod
-    def of(cls, request: CoreRequest) -> AddRequest:
+    def of(cls, request: CoreRequest, client: int = 0) -> AddRequest:
         return cls(
             request.request_id,
             request.prompt_token_ids,
@@ -154,6 +155,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
             request.capacity,
             request.max_tokens,
             request.resume_key,
+            client,
         )
 
     def to_request(self) -> CoreRequest:
@@ -185,10 +187,18 @@ class DropStates(msgspec.Struct, tag="drop", array_like=True):
     keys: list[str]
 
 
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    """A front end that attached to a running core asks for its `CoreReady`."""
+
+    client: int
+
+
 class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     info: EngineInfo
     tokenizer: bytes  # pickled tokenizer (b"" when the model has none)
     stored: list[SavedState] = []  # states the store holds already (its disk tier)
+    input_address: str = ""  # where this core generation takes its messages
+    pid: int = 0  # the core process
 
 
 class CoreFailed(msgspec.Struct, tag="failed", array_like=True):
@@ -198,8 +208,16 @@ class CoreFailed(msgspec.Struct, tag="failed", array_like=True):
     during_startup: bool
 
 
-ToCore = AddRequest | Abort | Shutdown | DropStates
-FromCore = CoreReady | StepOutputs | CoreFailed
+class CoreLost(msgspec.Struct, tag="lost", array_like=True):
+    """From the supervisor of a core shared by several front ends: the core died (`final`:
+    and will not be restarted). A restarted core announces itself with `CoreReady`."""
+
+    reason: str
+    final: bool = False
+
+
+ToCore = AddRequest | Abort | Shutdown | DropStates | Hello
+FromCore = CoreReady | StepOutputs | CoreFailed | CoreLost
 
 
 class Wire:

@@ -1,11 +1,16 @@
 """The engine core's own process: the step loop alone on its interpreter.
 
 Two I/O threads move messages so that the loop's thread only schedules and steps: one
-receives and decodes what the front end sends (requests, aborts, shutdown), one encodes and
-sends each step's `StepOutputs`. Socket calls release the GIL; msgspec's (de)coding is short.
+receives and decodes what the front ends send (requests, aborts, shutdown), one cuts each
+step's `StepOutputs` per front end (`routing.py`), encodes and sends them. Socket calls
+release the GIL; msgspec's (de)coding is short.
+
+It serves one front end, or several (`--api-server-count`): one output socket each, in the
+order of `output_addresses`; requests say which front end sent them. `CoreReady` and
+`CoreFailed` go to every front end and to the supervisor's control address, if any.
 
 The process exits when told to, when its parent disappears, or when the loop breaks (after
-sending `CoreFailed` with the reason); the front end (`core_client.py`) restarts it.
+sending `CoreFailed` with the reason); its parent (`frontend/core_client.py`) restarts it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 import zmq
@@ -29,12 +35,14 @@ from tova_engine.core.messages import (
     CoreFailed,
     CoreReady,
     DropStates,
+    Hello,
     RequestFailure,
     SequenceFinish,
     Shutdown,
     StepOutputs,
     Wire,
 )
+from tova_engine.core.routing import OutputRouter
 from tova_engine.errors import InvalidRequestError
 from tova_engine.step.request import CoreRequest
 
@@ -44,38 +52,56 @@ PARENT_CHECK_S = 1.0
 
 
 def run_core(
-    config: EngineConfig, input_address: str, output_address: str, log_level: int
+    config: EngineConfig, input_address: str, output_addresses: list[str], log_level: int,
+    control_address: str | None = None,
 ) -> None:
     """The spawned process's entry point."""
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s"
     )
-    # Ctrl-C reaches the whole process group; the front end drains, then says Shutdown.
+    # Ctrl-C (or a SIGTERM sent to the whole process group: `timeout`, a service manager)
+    # reaches this process too; the front end drains, then says Shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     context = zmq.Context()
-    outputs = context.socket(zmq.PUSH)
-    outputs.setsockopt(zmq.SNDHWM, 0)  # a step's outputs never wait for the front end
-    outputs.connect(output_address)
+    outputs = [_push(context, address) for address in output_addresses]
+    control = [] if control_address is None else [_push(context, control_address)]
     inputs = context.socket(zmq.PULL)
-    inputs.bind(input_address)  # the front end queues its messages until this exists
+    inputs.bind(input_address)  # the front ends queue their messages until this exists
     wire = Wire()
     try:
         core = EngineCore(config)
     except BaseException as exc:  # the front end reports why the core could not start
-        outputs.send(wire.encoder.encode(CoreFailed(_describe(exc), during_startup=True)))
-        outputs.close(linger=5000)
+        failed = wire.encoder.encode(CoreFailed(_describe(exc), during_startup=True))
+        for socket in outputs + control:
+            socket.send(failed)
+            socket.close(linger=5000)
         sys.exit(1)
     tokenizer = core.executor.tokenizer
     pickled = b"" if tokenizer is None else pickle.dumps(tokenizer)
-    outputs.send(wire.encoder.encode(CoreReady(core.info, pickled, core.store.saved())))
-    code = CoreLoop(core, inputs, outputs).run()
+
+    def ready() -> CoreReady:
+        return CoreReady(core.info, pickled, core.store.saved(), input_address, os.getpid())
+
+    announced = wire.encoder.encode(ready())
+    for socket in outputs + control:
+        socket.send(announced)
+    code = CoreLoop(core, inputs, outputs, ready, control).run()
     if not code:
         core.close()  # the other tensor-parallel ranks, if any
-    outputs.close(linger=5000)
+    for socket in outputs + control:
+        socket.close(linger=5000)
     inputs.close(linger=0)
     if code:  # a broken loop may have left the device unusable: skip the interpreter's exit
         os._exit(code)
     sys.exit(code)
+
+
+def _push(context: zmq.Context, address: str) -> zmq.Socket:
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.SNDHWM, 0)  # a step's outputs never wait for a front end
+    socket.connect(address)
+    return socket
 
 
 def _describe(exc: BaseException) -> str:
@@ -88,9 +114,21 @@ class _Prepared(NamedTuple):
     error: InvalidRequestError | None = None
 
 
+class _ForClient(NamedTuple):
+    """A message for one front end only (a `CoreReady` it asked for)."""
+
+    client: int
+    message: CoreReady
+
+
 class CoreLoop:
-    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
+    def __init__(
+        self, core: EngineCore, inputs: zmq.Socket, outputs: list[zmq.Socket],
+        ready: Callable[[], CoreReady] | None = None, control: list[zmq.Socket] = (),
+    ) -> None:
         self.core = core
+        self._ready = ready
+        self._router = OutputRouter(len(outputs))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._parent = os.getppid()
@@ -98,7 +136,7 @@ class CoreLoop:
             target=self._receive, args=(inputs,), name="core-in", daemon=True
         )
         self._sender = threading.Thread(
-            target=self._send, args=(outputs,), name="core-out", daemon=True
+            target=self._send, args=(outputs, list(control)), name="core-out", daemon=True
         )
 
     def run(self) -> int:
@@ -133,6 +171,9 @@ class CoreLoop:
                 self._add(message)
             elif isinstance(message, Abort):
                 self._abort(message)
+            elif isinstance(message, Hello):
+                if self._ready is not None and 0 <= message.client < self._router.clients:
+                    self._outbox.put(_ForClient(message.client, self._ready()))
             elif isinstance(message, DropStates):
                 self.core.drop_states(message.keys)
                 step = StepOutputs.empty(0.0)
@@ -179,15 +220,25 @@ class CoreLoop:
                 return
 
     def _prepare(self, message: AddRequest) -> _Prepared:
-        """On the input thread, beside the running step: the request decoded and its
-        structured-output matchers built (llguidance releases the GIL while it builds)."""
+        """On the input thread, beside the running step: the request decoded, its front end
+        noted, and its structured-output matchers built (llguidance releases the GIL while it
+        builds)."""
         request = message.to_request()
         try:
+            self._router.register(request.request_id, message.client, request.params.n)
             return _Prepared(request, self.core.grammars.matchers(request.params))
         except InvalidRequestError as exc:
             return _Prepared(request, None, exc)
 
-    def _send(self, outputs: zmq.Socket) -> None:
+    def _send(self, outputs: list[zmq.Socket], control: list[zmq.Socket]) -> None:
         encoder = Wire().encoder
         while (message := self._outbox.get()) is not None:
-            outputs.send(encoder.encode(message), copy=False)
+            if isinstance(message, _ForClient):
+                outputs[message.client].send(encoder.encode(message.message), copy=False)
+            elif isinstance(message, StepOutputs):
+                for socket, part in zip(outputs, self._router.split(message), strict=True):
+                    socket.send(encoder.encode(part), copy=False)
+            else:  # CoreFailed: every front end and the supervisor hear it
+                data = encoder.encode(message)
+                for socket in outputs + control:
+                    socket.send(data, copy=False)

@@ -12,6 +12,10 @@ A stream that falls behind gets the outputs that piled up merged into one.
 
 If the core process dies, every request in flight fails at once with `EngineDeadError`, new
 ones are refused while it restarts, and the core is restarted with back-off.
+
+By default the engine starts its own core. With `attach` it is one of several front-end
+processes sharing a core that another process supervises (`shared_core.py`): its requests
+carry its index, and only their outputs come back to it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from tova_engine.errors import (
     RequestFailedError,
     UnknownStateError,
 )
+from tova_engine.frontend.attached_core import AttachedCoreClient
 from tova_engine.frontend.core_client import (
     CoreClient,
     CoreStartError,
@@ -48,6 +53,7 @@ from tova_engine.frontend.core_client import (
 )
 from tova_engine.frontend.output_processor import OutputProcessor, merge_delta
 from tova_engine.frontend.request_builder import PreparedRequest, RequestBuilder
+from tova_engine.frontend.shared_core import CoreAttachment
 from tova_engine.outputs import RequestOutput
 from tova_engine.sampling_params import SamplingParams
 from tova_engine.state.store import SavedState, StoreStats
@@ -90,6 +96,7 @@ class AsyncEngine:
         config: EngineConfig,
         stats_callback: Callable[[StepStats], None] | None = None,
         restart_policy: RestartPolicy | None = None,
+        attach: CoreAttachment | None = None,
     ) -> None:
         # Open requests by id. The event loop adds and removes; the client thread only reads
         # (a dict's single operations are atomic).
@@ -103,9 +110,18 @@ class AsyncEngine:
         self.saved_states: dict[str, SavedState] = {}
         self.store_stats = StoreStats()
         self._started = False  # the first CoreReady is the start, later ones are restarts
-        self._client = CoreClient(
-            config, self._on_step, self._on_lost, self._on_ready, restart_policy
-        )
+        # Requests of this front end holding a slot (client thread writes, others read len).
+        self._running: set[str] = set()
+        self.client_index = 0 if attach is None else attach.client
+        self._client: CoreClient | AttachedCoreClient
+        if attach is None:
+            self._client = CoreClient(
+                config, self._on_step, self._on_lost, self._on_ready, restart_policy
+            )
+        else:
+            self._client = AttachedCoreClient(
+                attach, self._on_step, self._on_lost, self._on_ready
+            )
         try:
             ready = self._client.start()
         except CoreStartError as exc:
@@ -127,6 +143,11 @@ class AsyncEngine:
     def dead_reason(self) -> str | None:
         """Why the engine will not come back (restarts exhausted or shut down), else None."""
         return self._client.dead_reason
+
+    @property
+    def num_running(self) -> int:
+        """This front end's requests that hold a slot (with one front end: all of them)."""
+        return len(self._running)
 
     @property
     def restarts(self) -> int:
@@ -229,7 +250,7 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             self._changes.put(("close", request.request_id))
             raise
-        self._client.send(AddRequest.of(request.core))
+        self._client.send(AddRequest.of(request.core, self.client_index))
         return stream
 
     def _check_ready(self) -> None:
@@ -249,6 +270,7 @@ class AsyncEngine:
                 self._outputs.add(item)
             else:
                 self._outputs.abort(item)
+                self._running.discard(item)
 
     def _on_step(self, step: StepOutputs) -> None:
         try:
@@ -267,7 +289,13 @@ class AsyncEngine:
             self.saved_states.pop(key, None)
         if step.store is not None:
             self.store_stats = step.store
+        self._running.update(step.admitted)
         processed = self._outputs.process(step)
+        for output in processed.outputs:
+            if output.finished:
+                self._running.discard(output.request_id)
+        for failure in step.failed:
+            self._running.discard(failure.request_id)
         deliveries = [(self._streams.get(o.request_id), o) for o in processed.outputs]
         if processed.stops:
             self._client.send(Abort(sequences=processed.stops))
@@ -286,6 +314,7 @@ class AsyncEngine:
         error = RequestFailedError("internal error while building this request's output")
         for request_id in request_ids:
             self._outputs.abort(request_id)
+            self._running.discard(request_id)
         self._client.send(Abort(requests=sorted(request_ids)))
         self._deliver([(self._streams.get(i), error) for i in request_ids])
 
@@ -306,6 +335,7 @@ class AsyncEngine:
     def _fail_all(self, error: BaseException) -> None:
         """Client thread (or after it has stopped): end every open request with `error`."""
         self._apply_changes()
+        self._running.clear()
         self._outputs = OutputProcessor(self.tokenizer)
         self._deliver([(stream, error) for stream in list(self._streams.values())])
 

@@ -45,26 +45,39 @@ class CoreStartError(RuntimeError):
     """The core process could not start (its own error, or it died while loading)."""
 
 
+def ipc_base(kind: str) -> str:
+    """A fresh path prefix for ipc:// sockets, in the temporary directory."""
+    return os.path.join(tempfile.gettempdir(), f"tova-{kind}-{uuid.uuid4().hex[:12]}")
+
+
 class _Generation:
     """One core process and its two sockets.
 
     The front end connects its input socket to the core (which binds it), so sending never
     blocks: messages queue on this side while the core starts, and a dead core's queue goes
     with the socket. (A bound PUSH socket blocks while it has no peer: an abort sent after
-    the core died would freeze the event loop.)"""
+    the core died would freeze the event loop.)
 
-    def __init__(self, context: zmq.Context, config: EngineConfig) -> None:
-        base = os.path.join(tempfile.gettempdir(), f"tova-core-{uuid.uuid4().hex[:12]}")
+    front_ends: the output addresses of the front-end processes that share this core; then
+    the core's step outputs go to them, and this side's socket hears only whether the core
+    started or failed (its control address)."""
+
+    def __init__(self, context: zmq.Context, config: EngineConfig,
+                 front_ends: tuple[str, ...] = ()) -> None:
+        base = ipc_base("core")
         self.paths = (f"{base}-in", f"{base}-out")
+        self.input_address = f"ipc://{base}-in"
         self.inputs = context.socket(zmq.PUSH)
         self.inputs.setsockopt(zmq.SNDHWM, 0)  # no limit: a send never waits
-        self.inputs.connect(f"ipc://{base}-in")
+        self.inputs.connect(self.input_address)
         self.outputs = context.socket(zmq.PULL)
         self.outputs.bind(f"ipc://{base}-out")
+        own = f"ipc://{base}-out"
+        outputs, control = (list(front_ends), own) if front_ends else ([own], None)
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(
             target=run_core,
-            args=(config, f"ipc://{base}-in", f"ipc://{base}-out", logging.getLogger().level),
+            args=(config, self.input_address, outputs, logging.getLogger().level, control),
             name="tova-engine-core",
             # A daemon dies with the front end, but may not start processes of its own: the
             # tensor-parallel ranks. Without daemon, the core still exits when its parent is
@@ -75,6 +88,8 @@ class _Generation:
         self.started = time.monotonic()
 
     def close(self, kill_after_s: float = 0.0) -> None:
+        if self.inputs.closed:
+            return
         self.process.join(kill_after_s)
         if self.process.is_alive():
             self.process.kill()
@@ -95,6 +110,11 @@ class _Generation:
 
 
 class CoreClient:
+    """Starts the core process, watches it and restarts it. By default it is also the core's
+    one front end (step outputs reach `on_step`); with `front_ends` (the output addresses of
+    front-end processes that attach to the core: `frontend/attached_core.py`) it only
+    supervises, and `on_gave_up` hears when restarts are exhausted."""
+
     def __init__(
         self,
         config: EngineConfig,
@@ -102,11 +122,15 @@ class CoreClient:
         on_lost: Callable[[str], None],
         on_ready: Callable[[CoreReady], None],
         restart: RestartPolicy | None = None,
+        front_ends: tuple[str, ...] = (),
+        on_gave_up: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
+        self.front_ends = tuple(front_ends)
         self._on_step = on_step
         self._on_lost = on_lost
         self._on_ready = on_ready
+        self._on_gave_up = on_gave_up
         self.restart_policy = restart or RestartPolicy()
         self._context = zmq.Context()
         self._wire = Wire()
@@ -133,13 +157,25 @@ class CoreClient:
         self._stopping = True
         self.ready = False
         self.dead_reason = "the engine was shut down"
-        generation = self._generation
-        if generation is not None:
-            self.send(Shutdown())
-            generation.close(kill_after_s=timeout_s)
+        self._stop_generation(timeout_s)
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self._stop_generation(timeout_s)  # one that a restart under way had started
         self._context.term()
+
+    def _stop_generation(self, timeout_s: float) -> None:
+        with self._send_lock:
+            generation, self._generation = self._generation, None
+        if generation is not None:
+            with contextlib.suppress(zmq.Again):
+                generation.inputs.send(self._wire.encoder.encode(Shutdown()), flags=zmq.NOBLOCK)
+            generation.close(kill_after_s=timeout_s)
+
+    @property
+    def input_address(self) -> str | None:
+        """Where the running core takes its messages (None while none runs)."""
+        generation = self._generation
+        return None if generation is None else generation.input_address
 
     @property
     def pid(self) -> int | None:
@@ -158,12 +194,15 @@ class CoreClient:
     # ----- the client thread ----------------------------------------------------------------
 
     def _start_generation(self) -> CoreReady:
-        generation = _Generation(self._context, self.config)
+        generation = _Generation(self._context, self.config, self.front_ends)
         poller = zmq.Poller()
         poller.register(generation.outputs, zmq.POLLIN)
         poller.register(generation.process.sentinel, zmq.POLLIN)
         while True:
-            events = dict(poller.poll())
+            events = dict(poller.poll(timeout=500))
+            if self._stopping:  # shut down while this core was starting
+                generation.close(kill_after_s=5)
+                raise CoreStartError("the engine was shut down")
             if generation.outputs in events:
                 message = self._wire.from_core.decode(generation.outputs.recv())
                 if isinstance(message, CoreReady):
@@ -189,6 +228,8 @@ class CoreClient:
             logger.error("engine core lost: %s", reason)
             self._on_lost(reason)
             if not self._restart():
+                if self._on_gave_up is not None and not self._stopping:
+                    self._on_gave_up(self.dead_reason or "restarts exhausted")
                 return
 
     def _receive_until_lost(self) -> str:
@@ -199,7 +240,7 @@ class CoreClient:
         while not self._stopping:
             events = dict(poller.poll(timeout=500))
             if generation.outputs in events:
-                while (frame := _recv_nowait(generation.outputs)) is not None:
+                while (frame := recv_nowait(generation.outputs)) is not None:
                     message = self._wire.from_core.decode(frame)
                     if isinstance(message, StepOutputs):
                         self._hand_over(message)
@@ -247,7 +288,7 @@ class CoreClient:
         return False
 
 
-def _recv_nowait(socket: zmq.Socket) -> bytes | None:
+def recv_nowait(socket: zmq.Socket) -> bytes | None:
     try:
         return socket.recv(zmq.NOBLOCK)
     except zmq.Again:
