@@ -148,6 +148,7 @@ class FrontEnds:
     def _restart(self, index: int, process: multiprocessing.Process) -> None:
         code = process.exitcode
         _mark_dead(process.pid)
+        self.core.abort_front_end(index)
         if code == EXIT_CANNOT_START:
             logger.error("front end %d could not start; stopping the server", index)
             self._processes[index] = None

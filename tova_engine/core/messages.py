@@ -171,10 +171,12 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
-    """Stop whole requests (the client left) or single choices (a stop string appeared)."""
+    """Stop whole requests (the client left), single choices (a stop string appeared) or
+    every request of a front-end process that died (`clients`, from its supervisor)."""
 
     requests: list[str] = []
     sequences: list[SequenceRef] = []
+    clients: list[int] = []
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):

@@ -195,7 +195,10 @@ class CoreLoop:
             self._outbox.put(step)
 
     def _abort(self, message: Abort) -> None:
-        finished = self.core.abort(message.requests, message.sequences)
+        requests = message.requests
+        if message.clients:  # a dead front end's: nobody reads their outputs any more
+            requests = [*requests, *self._router.requests_of(message.clients)]
+        finished = self.core.abort(requests, message.sequences)
         step = StepOutputs.empty(0.0)
         step.finished = finished
         step.stats = self.core.stats()  # slots freed while idle must show in the gauges

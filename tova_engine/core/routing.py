@@ -41,6 +41,11 @@ class OutputRouter:
         entry = self._owners.get(request_id)
         return None if entry is None else entry[0]
 
+    def requests_of(self, clients: list[int]) -> list[str]:
+        wanted = set(clients)
+        with self._lock:
+            return [rid for rid, (client, _) in self._owners.items() if client in wanted]
+
     def split(self, step: StepOutputs) -> list[StepOutputs]:
         """One message per front end (index = front end). Rows of requests nobody owns (an
         abort already settled them) are dropped."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import zmq
 
 from tova_engine.config import EngineConfig
-from tova_engine.core.messages import CoreLost, CoreReady, StepOutputs, Wire
+from tova_engine.core.messages import Abort, CoreLost, CoreReady, StepOutputs, Wire
 from tova_engine.frontend.core_client import CoreClient, RestartPolicy, ipc_base
 
 logger = logging.getLogger("tova_engine")
@@ -70,6 +70,10 @@ class SharedCore:
     @property
     def pid(self) -> int | None:
         return self._client.pid
+
+    def abort_front_end(self, client: int) -> None:
+        """Free the slots of a front end that died: its clients' connections are gone."""
+        self._client.send(Abort(clients=[client]))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._client.shutdown(timeout_s)
