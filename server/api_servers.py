@@ -33,6 +33,7 @@ import time
 from multiprocessing.connection import wait
 from types import FrameType
 
+from server.serve import log_resolved, serve
 from server.settings import ServerSettings
 from tova_engine import AsyncEngine, EngineConfig
 from tova_engine.frontend.core_client import CoreStartError
@@ -208,8 +209,6 @@ def _mark_dead(pid: int | None) -> None:
 def run_front_end(config: EngineConfig, settings: ServerSettings, attachment: CoreAttachment,
                   listener: socket.socket, log_level: int) -> None:
     """A front-end process: attach to the core, then serve the app on the shared socket."""
-    from server.cli import log_resolved, serve  # the spawned process imports them here
-
     os.setpgrp()  # signals come through the supervisor (see the module's docstring)
     _exit_with_parent()
     logging.basicConfig(

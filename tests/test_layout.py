@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     "server.__main__",
     "server.cli",
+    "server.api_servers",
+    "server.serve",
     "server.app",
     "server.routes",
     "server.serving",
