@@ -125,9 +125,10 @@ def test_matchers_are_built_as_the_request_arrives_beside_the_step(smol):
 
     from tova_engine.core.messages import AddRequest
     from tova_engine.core.process import CoreLoop
+    from tova_engine.core.routing import OutputRouter
     from tova_engine.step.request import CoreRequest
 
-    loop = SimpleNamespace(core=smol.engine.core)
+    loop = SimpleNamespace(core=smol.engine.core, _router=OutputRouter(1))
     params = SamplingParams(n=2, max_tokens=4,
                             structured_outputs=StructuredOutputs(choice=["yes", "no"]))
     prepared = CoreLoop._prepare(loop, AddRequest.of(CoreRequest("a", [1, 2], params, 64, 4)))

@@ -122,15 +122,11 @@ class AsyncEngine:
             self._client = AttachedCoreClient(
                 attach, self._on_step, self._on_lost, self._on_ready
             )
+        self.config = config
         try:
-            ready = self._client.start()
+            self._client.start()  # _on_ready has set up what follows from the model
         except CoreStartError as exc:
             raise ValueError(str(exc)) from None
-        self.info: EngineInfo = ready.info
-        self.tokenizer = load_tokenizer(ready)
-        self.config = config.replace(max_num_seqs=ready.info.max_num_seqs)
-        self._builder = RequestBuilder(self.tokenizer, self.info)
-        self._outputs = OutputProcessor(self.tokenizer)
 
     # ----- what the server may ask --------------------------------------------------------
 
@@ -328,9 +324,20 @@ class AsyncEngine:
         self.saved_states = {saved.key: saved for saved in ready.stored}
         if not self._started:
             self._started = True
+            self._set_up(ready)
             return
         for callback in self._restart_callbacks:
             callback()
+
+    def _set_up(self, ready: CoreReady) -> None:
+        """What follows from the loaded model, set before the client thread hands over any
+        step: a core shared with other front ends sends this one every step's stats from
+        the moment it is attached."""
+        self.info: EngineInfo = ready.info
+        self.tokenizer = load_tokenizer(ready)
+        self.config = self.config.replace(max_num_seqs=ready.info.max_num_seqs)
+        self._builder = RequestBuilder(self.tokenizer, self.info)
+        self._outputs = OutputProcessor(self.tokenizer)
 
     def _fail_all(self, error: BaseException) -> None:
         """Client thread (or after it has stopped): end every open request with `error`."""
