@@ -49,8 +49,8 @@ STABLE_S = 60.0
 
 
 def serve_many(config: EngineConfig, settings: ServerSettings) -> None:
-    """Run the core and `settings.api_server_count` front ends until a signal stops them."""
-    count = settings.api_server_count
+    """Run the core and `settings.front_ends` front ends until a signal stops them."""
+    count = settings.front_ends
     cores = os.cpu_count() or 1
     if count > cores:
         logger.warning("--api-server-count %d is more than the %d CPU cores here: the front "
@@ -96,14 +96,15 @@ class FrontEnds:
 
     def __init__(self, config: EngineConfig, settings: ServerSettings, core: SharedCore,
                  listener: socket.socket) -> None:
+        count = settings.front_ends
         self.config = config
         self.settings = settings
         self.core = core
         self.listener = listener
         self._spawn = multiprocessing.get_context("spawn")
-        self._processes: list[multiprocessing.Process | None] = [None] * settings.api_server_count
-        self._started_at = [0.0] * settings.api_server_count
-        self._failures = [0] * settings.api_server_count
+        self._processes: list[multiprocessing.Process | None] = [None] * count
+        self._started_at = [0.0] * count
+        self._failures = [0] * count
         self._stopping = False
 
     def run(self) -> None:

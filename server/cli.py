@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         config, settings = configs(args)
     except ValueError as exc:
         parser.error(str(exc))
-    if settings.api_server_count > 1:
+    # "auto" becomes a count here, so the log and every front end see the number.
+    settings = dataclasses.replace(settings, api_server_count=settings.front_ends)
+    if settings.front_ends > 1:
         serve_many(config, settings)
         return
     try:

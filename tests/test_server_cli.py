@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -124,6 +125,8 @@ def test_empty_api_key_in_environment_means_no_key(monkeypatch):
     (["--memory-utilization", "1.5"], "memory_utilization"),
     (["--memory-utilization", "0"], "memory_utilization"),
     (["--max-queue-len", "0"], "max_queue_len"),
+    (["--api-server-count", "0"], "api_server_count"),
+    (["--api-server-count", "some"], "--api-server-count"),
     (["--max-request-body-bytes", "0"], "max_request_body_bytes"),
     (["--shutdown-timeout", "-1"], "shutdown_timeout_s"),
     (["--shutdown-timeout", "nan"], "shutdown_timeout_s"),
@@ -159,3 +162,15 @@ def test_chat_template_by_name_file_or_text(tmp_path):
     path.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert load_chat_template(str(path)) == path.read_text()
     assert load_chat_template("{{ messages[0]['content'] }}") == "{{ messages[0]['content'] }}"
+
+
+def test_api_server_count_auto_follows_the_cores():
+    from server.settings import auto_api_server_count
+
+    assert [auto_api_server_count(c) for c in (1, 2, 7, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
+    parser = build_parser()
+    _, settings = configs(parser.parse_args([]))
+    assert settings.api_server_count == "auto"
+    assert settings.front_ends == auto_api_server_count(os.cpu_count() or 1)
+    _, settings = configs(parser.parse_args(["--api-server-count", "3"]))
+    assert settings.api_server_count == settings.front_ends == 3
