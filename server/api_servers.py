@@ -36,6 +36,7 @@ from types import FrameType
 from server.serve import log_resolved, serve
 from server.settings import ServerSettings
 from tova_engine import AsyncEngine, EngineConfig
+from tova_engine.execution.threads import usable_cpus
 from tova_engine.frontend.core_client import CoreStartError
 from tova_engine.frontend.shared_core import CoreAttachment, SharedCore
 
@@ -51,7 +52,7 @@ STABLE_S = 60.0
 def serve_many(config: EngineConfig, settings: ServerSettings) -> None:
     """Run the core and `settings.front_ends` front ends until a signal stops them."""
     count = settings.front_ends
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     if count > cores:
         logger.warning("--api-server-count %d is more than the %d CPU cores here: the front "
                        "ends will compete with the engine core for them", count, cores)

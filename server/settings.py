@@ -6,12 +6,12 @@ flags from the fields.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 from server.chat_template import load_chat_template, shipped_names
 from tova_engine.config import setting
+from tova_engine.execution.threads import usable_cpus
 from tova_engine.validation import is_finite_number, require_positive_int
 
 # Large enough for a batch of long token-id prompts (8192 ids of 5 digits are ~50 KB), small
@@ -49,8 +49,8 @@ class ServerSettings:
     # and one listening socket (server/api_servers.py).
     api_server_count: int | Literal["auto"] = setting(
         "auto", "front-end processes sharing the engine core: each has its own event loop, "
-                "detokenizer and streams; auto: 1 below 8 CPU cores, else a quarter of "
-                "them, at most 4")
+                "detokenizer and streams; auto: 1 below 8 usable CPUs (affinity, container "
+                "quota), else a quarter of them, at most 4")
     # Where stored responses live when several front ends must all find them (set by the
     # supervisor; None: beside the state store's directory, or in memory).
     responses_dir: str | None = None
@@ -97,7 +97,7 @@ class ServerSettings:
         """How many front-end processes to run (`api_server_count` resolved)."""
         if self.api_server_count != "auto":
             return self.api_server_count
-        return auto_api_server_count(os.cpu_count() or 1)
+        return auto_api_server_count(usable_cpus())
 
     def __post_init__(self) -> None:
         if self.max_queue_len is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import subprocess
 import sys
@@ -166,11 +165,12 @@ def test_chat_template_by_name_file_or_text(tmp_path):
 
 def test_api_server_count_auto_follows_the_cores():
     from server.settings import auto_api_server_count
+    from tova_engine.execution.threads import usable_cpus
 
     assert [auto_api_server_count(c) for c in (1, 2, 7, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
     parser = build_parser()
     _, settings = configs(parser.parse_args([]))
     assert settings.api_server_count == "auto"
-    assert settings.front_ends == auto_api_server_count(os.cpu_count() or 1)
+    assert settings.front_ends == auto_api_server_count(usable_cpus())
     _, settings = configs(parser.parse_args(["--api-server-count", "3"]))
     assert settings.api_server_count == settings.front_ends == 3

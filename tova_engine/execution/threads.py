@@ -95,11 +95,23 @@ def usable_cores() -> int:
     """Physical cores this process may run on: its CPU affinity (SMT siblings count as
     one core), capped by the cgroup's CPU quota (a container's --cpus)."""
     logical = os.cpu_count() or 1
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     physical = _physical_cores() or logical
-    cores = max(1, allowed * physical // logical)
+    cores = max(1, _allowed() * physical // logical)
     quota = _cgroup_cpu_quota()
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity), capped by the cgroup's quota:
+    how many processes can run at once here."""
+    quota = _cgroup_cpu_quota()
+    return _allowed() if quota is None else max(1, min(_allowed(), math.ceil(quota)))
+
+
+def _allowed() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _physical_cores(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
