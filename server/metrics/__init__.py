@@ -240,7 +240,9 @@ class ServerMetrics:
         self._refresh_waiting()
         if not stats.batch_size:  # the counts after an abort, not a step
             return
-        if stats.evicted_ages:
+        if stats.evicted_age_counts:  # binned by the core before they were sent
+            self.evicted_age.observe_counts(stats.evicted_age_counts, stats.evicted_age_sum)
+        elif stats.evicted_ages:
             self.evicted_age.observe_many(stats.evicted_ages)
         if not self.observes_engine:
             return
@@ -253,8 +255,8 @@ class ServerMetrics:
             self.prompt_tokens.inc(stats.prompt_tokens)
         if stats.generation_tokens:
             self.generation_tokens.inc(stats.generation_tokens)
-        if stats.evicted_ages:
-            self.evicted_tokens.inc(len(stats.evicted_ages))
+        if evicted := stats.evicted_count:
+            self.evicted_tokens.inc(evicted)
         # A prompt looks the prefix cache up at its first chunk: never in a step without a
         # batch.
         if stats.prefix_cache_queried_tokens:

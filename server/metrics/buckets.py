@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The token-count buckets; the engine bins eviction ages with the same ones.
+from tova_engine.core.eviction_ages import one_two_five  # noqa: F401
+
 TIME_TO_FIRST_TOKEN = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
@@ -23,18 +26,6 @@ HTTP_LATENCY = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
     600.0,
 )
-
-
-def one_two_five(limit: int) -> tuple[int, ...]:
-    """1, 2, 5, 10, 20, 50, ... up to and including `limit` (vLLM's token-count buckets)."""
-    buckets, scale = [], 1
-    while True:
-        for mantissa in (1, 2, 5):
-            value = mantissa * scale
-            if value >= limit:
-                return (*buckets, limit)
-            buckets.append(value)
-        scale *= 10
 
 
 def powers_of_two(limit: int) -> tuple[int, ...]:

@@ -29,6 +29,14 @@ class BulkHistogram(Collector):
         self._sum = 0.0
         self._lock = threading.Lock()
 
+    def observe_counts(self, counts: Sequence[int], total: float) -> None:
+        """Observations already bucketed (per bucket, then +Inf; not cumulative)."""
+        if len(counts) != len(self._counts):
+            raise ValueError(f"{len(counts)} bucket counts for {len(self._counts)} buckets")
+        with self._lock:
+            self._counts += np.asarray(counts, dtype=np.int64)
+            self._sum += total
+
     def observe_many(self, values: Sequence[float]) -> None:
         if not values:
             return

@@ -102,6 +102,15 @@ class StepStats(msgspec.Struct, array_like=True):
     prefix_cache_rows_used: int = 0
     # The prompt tokens the latest scheduled step could take (the paced budget, or the whole).
     prompt_token_budget: int = 0
+    # Across the process boundary the ages travel binned (core/eviction_ages.py): per 1-2-5
+    # bucket up to max_model_len, then +Inf, how many; and their sum.
+    evicted_age_counts: list[int] = []
+    evicted_age_sum: float = 0.0
+
+    @property
+    def evicted_count(self) -> int:
+        """Entries evicted this step, whichever form the ages are in."""
+        return len(self.evicted_ages) or sum(self.evicted_age_counts)
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):

@@ -29,6 +29,7 @@ import zmq
 
 from tova_engine.config import EngineConfig
 from tova_engine.core.engine_core import EngineCore
+from tova_engine.core.eviction_ages import compact, one_two_five
 from tova_engine.core.messages import (
     Abort,
     AddRequest,
@@ -77,6 +78,7 @@ def run_core(
             socket.send(failed)
             socket.close(linger=5000)
         sys.exit(1)
+    age_bounds = one_two_five(core.info.max_model_len)
     tokenizer = core.executor.tokenizer
     pickled = b"" if tokenizer is None else pickle.dumps(tokenizer)
 
@@ -86,7 +88,7 @@ def run_core(
     announced = wire.encoder.encode(ready())
     for socket in outputs + control:
         socket.send(announced)
-    code = CoreLoop(core, inputs, outputs, ready, control).run()
+    code = CoreLoop(core, inputs, outputs, ready, control, age_bounds).run()
     if not code:
         core.close()  # the other tensor-parallel ranks, if any
     for socket in outputs + control:
@@ -125,8 +127,10 @@ class CoreLoop:
     def __init__(
         self, core: EngineCore, inputs: zmq.Socket, outputs: list[zmq.Socket],
         ready: Callable[[], CoreReady] | None = None, control: list[zmq.Socket] = (),
+        age_bounds: tuple[int, ...] = (),
     ) -> None:
         self.core = core
+        self._age_bounds = age_bounds
         self._ready = ready
         self._router = OutputRouter(len(outputs))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -239,6 +243,8 @@ class CoreLoop:
             if isinstance(message, _ForClient):
                 outputs[message.client].send(encoder.encode(message.message), copy=False)
             elif isinstance(message, StepOutputs):
+                if message.stats is not None and self._age_bounds:
+                    compact(message.stats, self._age_bounds)
                 for socket, part in zip(outputs, self._router.split(message), strict=True):
                     socket.send(encoder.encode(part), copy=False)
             else:  # CoreFailed: every front end and the supervisor hear it
