@@ -36,7 +36,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     metrics = _metrics(engine, names[0])
     # This front end's requests: with several front ends, each admits against its own.
     admission = Admission(lambda: engine.num_running, settings.max_queue_len,
-                          settings.retry_after_s)
+                          settings.retry_after_s, on_change=metrics.refresh_waiting)
     metrics.bind_gauges(stats=lambda: engine.last_stats, waiting=admission.waiting,
                         slots_total=info.max_num_seqs, memory_bytes=info.state_total_bytes)
     metrics.set_sequence_bytes(info.state_bytes_by_layer_kind, info.state_bytes_saved_per_sequence)

@@ -11,7 +11,6 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -47,8 +46,8 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def two_front_ends(tiny_chat_model, tmp_path_factory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("frontends") / "server.log"
-    server = ServerProcess([*reliable_server_args(tiny_chat_model), "--api-server-count", "2"],
-                           log)
+    server = ServerProcess([*reliable_server_args(tiny_chat_model), "--api-server-count", "2",
+                            "--shutdown-timeout", "60"], log)
     try:
         server.wait_ready()
         wait_for(lambda: len(started_front_ends(server)) == 2, 60, "both front ends")
@@ -167,31 +166,24 @@ def test_a_killed_front_end_comes_back_and_the_other_goes_on(two_front_ends):
         assert served.status_code == 200, served.text
 
 
-def test_sigterm_drains_both_front_ends_and_exits_0(tiny_chat_model, tmp_path: Path):
-    server = ServerProcess([*reliable_server_args(tiny_chat_model), "--api-server-count", "2",
-                            "--shutdown-timeout", "60"], tmp_path / "server.log")
-    try:
-        server.wait_ready()
-        wait_for(lambda: len(started_front_ends(server)) == 2, 60, "both front ends")
-        url = server.url
-        tokens = 40
-        body = {"prompt": "Once", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+def test_sigterm_drains_both_front_ends_and_exits_0(two_front_ends):
+    """Last in this module: it stops the module's server."""
+    server, url = two_front_ends, two_front_ends.url
+    tokens = 40
+    body = {"prompt": "Once", "max_tokens": tokens, "ignore_eos": True, "stream": True}
 
-        async def run() -> list:
-            async with httpx.AsyncClient(base_url=url, headers=auth_headers(),
-                                         timeout=60) as http:
-                slow = {"X-Tova-Fault": "delay:0.01"}
-                tasks = [asyncio.create_task(read_stream(http, "/v1/completions", body,
-                                                         headers=slow)) for _ in range(6)]
-                assert await asyncio.to_thread(wait_for_metric, url, "tova_requests_running",
-                                               6, 30) == 6
-                os.kill(server.process.pid, signal.SIGTERM)
-                return await asyncio.gather(*tasks)
+    async def run() -> list:
+        async with httpx.AsyncClient(base_url=url, headers=auth_headers(), timeout=60) as http:
+            slow = {"X-Tova-Fault": "delay:0.01"}
+            tasks = [asyncio.create_task(read_stream(http, "/v1/completions", body,
+                                                     headers=slow)) for _ in range(6)]
+            assert await asyncio.to_thread(wait_for_metric, url, "tova_requests_running",
+                                           6, 30) == 6
+            os.kill(server.process.pid, signal.SIGTERM)
+            return await asyncio.gather(*tasks)
 
-        results = asyncio.run(run())
-        assert all(r.done and r.error is None and r.tokens == {0: tokens} for r in results)
-        assert server.process.wait(30) == 0
-        log = server.log()
-        assert log.count("drained: no request in flight") == 2
-    finally:
-        server.stop()
+    results = asyncio.run(run())
+    assert all(r.done and r.error is None and r.tokens == {0: tokens} for r in results)
+    assert server.process.wait(30) == 0
+    # Both front ends drained (the one restarted by the test before too).
+    assert server.log().count("drained: no request in flight") == 2

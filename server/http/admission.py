@@ -16,10 +16,13 @@ from server.http.errors import APIError
 
 class Admission:
     def __init__(self, num_running: Callable[[], int], max_queue_len: int | None,
-                 retry_after_s: int = 1) -> None:
+                 retry_after_s: int = 1, on_change: Callable[[], None] | None = None) -> None:
         self._num_running = num_running
         self.max_queue_len = max_queue_len
         self.retry_after_s = retry_after_s
+        # Told when `submitted` changes (the waiting gauge is written, not read, with several
+        # front ends: server/metrics).
+        self.on_change = on_change
         # Engine requests submitted (or about to be) and not finished; event-loop thread only.
         self.submitted = 0
 
@@ -39,7 +42,12 @@ class Admission:
                 headers={"Retry-After": str(self.retry_after_s)},
             )
         self.submitted += count
+        self.changed()
         return Ticket(self, count)
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
 
 class Ticket:
@@ -55,6 +63,7 @@ class Ticket:
         count = min(count, self._held)
         self._held -= count
         self._admission.submitted -= count
+        self._admission.changed()
 
     def release_all(self) -> None:
         self.release(self._held)

@@ -237,7 +237,7 @@ class ServerMetrics:
                 logger.exception("metrics: could not record an engine step (logged once)")
 
     def _observe_step(self, stats: StepStats) -> None:
-        self._refresh_waiting()
+        self.refresh_waiting()
         if not stats.batch_size:  # the counts after an abort, not a step
             return
         if stats.evicted_age_counts:  # binned by the core before they were sent
@@ -275,7 +275,7 @@ class ServerMetrics:
             self.engine_restarts.inc()
 
     def render(self) -> tuple[bytes, str]:
-        self._refresh_waiting()
+        self.refresh_waiting()
         if self._shared_dir is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
@@ -284,7 +284,9 @@ class ServerMetrics:
             registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
-    def _refresh_waiting(self) -> None:
+    def refresh_waiting(self) -> None:
+        """This front end's waiting requests into its gauge: at each step, each scrape and
+        each change of what it has submitted."""
         self.requests_waiting.labels(self.model_name).set(self._waiting())
 
 
