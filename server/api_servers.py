@@ -145,8 +145,9 @@ class FrontEnds:
     def _start(self, index: int) -> None:
         process = self._spawn.Process(
             target=run_front_end, name=f"tova-frontend-{index}",
-            args=(self.config, self.settings, self.core.attachment(index), self.listener,
-                  logging.getLogger().level),
+            # With SO_REUSEPORT each front end listens on a socket of its own.
+            args=(self.config, self.settings, self.core.attachment(index),
+                  None if REUSE_PORT else self.listener, logging.getLogger().level),
         )
         process.start()
         self._processes[index] = process
@@ -224,8 +225,9 @@ def _mark_dead(pid: int | None) -> None:
 
 
 def run_front_end(config: EngineConfig, settings: ServerSettings, attachment: CoreAttachment,
-                  listener: socket.socket, log_level: int) -> None:
-    """A front-end process: attach to the core, then serve the app on the shared socket."""
+                  listener: socket.socket | None, log_level: int) -> None:
+    """A front-end process: attach to the core, then serve the app on the shared socket
+    (`listener`) or, with SO_REUSEPORT (None), on one of its own."""
     os.setpgrp()  # signals come through the supervisor (see the module's docstring)
     _exit_with_parent()
     logging.basicConfig(
@@ -237,7 +239,7 @@ def run_front_end(config: EngineConfig, settings: ServerSettings, attachment: Co
     except ValueError as exc:  # the core is gone for good
         logger.error("%s", exc)
         sys.exit(1)
-    if REUSE_PORT:  # a listening socket of its own, once it can serve
+    if listener is None:  # a listening socket of its own, once it can serve
         listener = _bound(settings.host, settings.port, listen=True)
     try:
         if attachment.client == 0:

@@ -63,7 +63,6 @@ class ServerMetrics:
         # Collectors computed in this process at scrape time (rendered in both modes).
         self._local: list = []
         self._waiting: Callable[[], float] = lambda: 0.0
-        self._live: _LiveGauges | None = None
         if self._shared_dir is None:
             for collector in (ProcessCollector, PlatformCollector, GCCollector):
                 collector(registry=self.registry)
@@ -206,7 +205,7 @@ class ServerMetrics:
                     slots_total: int, memory_bytes: int) -> None:
         """The engine's live counts are read from its latest stats when Prometheus scrapes;
         this front end's waiting requests are written at each step and each scrape."""
-        self._live = self.register_local(_LiveGauges(stats, self.model_name))
+        self.register_local(_LiveGauges(stats, self.model_name))
         self._waiting = waiting
         self.slots_total.labels(self.model_name).set(slots_total)
         self.memory_bytes.labels(self.model_name).set(memory_bytes)

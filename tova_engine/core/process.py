@@ -65,8 +65,8 @@ def run_core(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     context = zmq.Context()
-    outputs = [_push(context, address) for address in output_addresses]
-    control = [] if control_address is None else [_push(context, control_address)]
+    outputs = [push_socket(context, address) for address in output_addresses]
+    control = [] if control_address is None else [push_socket(context, control_address)]
     inputs = context.socket(zmq.PULL)
     inputs.bind(input_address)  # the front ends queue their messages until this exists
     wire = Wire()
@@ -99,9 +99,12 @@ def run_core(
     sys.exit(code)
 
 
-def _push(context: zmq.Context, address: str) -> zmq.Socket:
+def push_socket(context: zmq.Context, address: str) -> zmq.Socket:
+    """A connected PUSH socket without a send limit: a send never waits, messages queue on
+    this side until the peer has bound `address` (every sender between core, front ends and
+    supervisor is one of these)."""
     socket = context.socket(zmq.PUSH)
-    socket.setsockopt(zmq.SNDHWM, 0)  # a step's outputs never wait for a front end
+    socket.setsockopt(zmq.SNDHWM, 0)
     socket.connect(address)
     return socket
 

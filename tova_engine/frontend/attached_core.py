@@ -28,6 +28,7 @@ from tova_engine.core.messages import (
     ToCore,
     Wire,
 )
+from tova_engine.core.process import push_socket
 from tova_engine.frontend.core_client import CoreStartError, recv_nowait
 from tova_engine.frontend.shared_core import CoreAttachment
 
@@ -161,8 +162,6 @@ class AttachedCoreClient:
         with self._send_lock:
             if self._inputs is not None:
                 self._inputs.close(linger=0)
-            self._inputs = self._context.socket(zmq.PUSH)
-            self._inputs.setsockopt(zmq.SNDHWM, 0)
-            self._inputs.connect(address)
+            self._inputs = push_socket(self._context, address)
             self._input_address = address
 

@@ -25,7 +25,7 @@ import zmq
 
 from tova_engine.config import EngineConfig
 from tova_engine.core.messages import CoreFailed, CoreReady, Shutdown, StepOutputs, ToCore, Wire
-from tova_engine.core.process import run_core
+from tova_engine.core.process import push_socket, run_core
 
 logger = logging.getLogger("tova_engine")
 
@@ -67,12 +67,10 @@ class _Generation:
         base = ipc_base("core")
         self.paths = (f"{base}-in", f"{base}-out")
         self.input_address = f"ipc://{base}-in"
-        self.inputs = context.socket(zmq.PUSH)
-        self.inputs.setsockopt(zmq.SNDHWM, 0)  # no limit: a send never waits
-        self.inputs.connect(self.input_address)
-        self.outputs = context.socket(zmq.PULL)
-        self.outputs.bind(f"ipc://{base}-out")
+        self.inputs = push_socket(context, self.input_address)
         own = f"ipc://{base}-out"
+        self.outputs = context.socket(zmq.PULL)
+        self.outputs.bind(own)
         outputs, control = (list(front_ends), own) if front_ends else ([own], None)
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(

@@ -17,6 +17,7 @@ import zmq
 
 from tova_engine.config import EngineConfig
 from tova_engine.core.messages import Abort, CoreLost, CoreReady, StepOutputs, Wire
+from tova_engine.core.process import push_socket
 from tova_engine.frontend.core_client import CoreClient, RestartPolicy, ipc_base
 
 logger = logging.getLogger("tova_engine")
@@ -44,12 +45,8 @@ class SharedCore:
         self._wire = Wire()
         # The supervisor's own line to each front end (for CoreLost): connected, so sends
         # queue while a front end (re)starts and never block.
-        self._notify = []
-        for address in self.output_addresses:
-            socket = self._context.socket(zmq.PUSH)
-            socket.setsockopt(zmq.SNDHWM, 0)
-            socket.connect(address)
-            self._notify.append(socket)
+        self._notify = [push_socket(self._context, address)
+                        for address in self.output_addresses]
         self._client = CoreClient(
             config, on_step=_no_steps, on_lost=self._lost, on_ready=_announced, restart=restart,
             front_ends=self.output_addresses, on_gave_up=self._gave_up,
