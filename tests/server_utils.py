@@ -23,6 +23,16 @@ SMOL_NAMES = ("smol", "smol-alias")
 START_TIMEOUT_S = 240.0
 
 
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str,
+               poll_s: float = 0.1) -> None:
+    """Poll `predicate` until it holds; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll_s)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,7 +9,6 @@ import asyncio
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -22,6 +21,7 @@ from tests.server_utils import (
     auth_headers,
     scrape,
     wait_for_metric,
+    wait_until,
 )
 
 pytest_plugins = ("tests.reliability_fixtures",)
@@ -35,14 +35,6 @@ def started_front_ends(server: ServerProcess) -> list[int]:
     return [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", server.log())]
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def two_front_ends(tiny_chat_model, tmp_path_factory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("frontends") / "server.log"
@@ -50,7 +42,7 @@ def two_front_ends(tiny_chat_model, tmp_path_factory) -> Iterator[ServerProcess]
                             "--shutdown-timeout", "60"], log)
     try:
         server.wait_ready()
-        wait_for(lambda: len(started_front_ends(server)) == 2, 60, "both front ends")
+        wait_until(lambda: len(started_front_ends(server)) == 2, 60, "both front ends")
         yield server
     finally:
         server.stop()
@@ -88,7 +80,7 @@ def test_200_streams_over_two_front_ends_get_every_token_and_one_metrics_view(tw
     def delta(metrics: Metrics, name: str, **labels: str) -> float:
         return metrics.get(name, **labels) - before.get(name, **labels)
 
-    wait_for(lambda: scrape(url).get("tova_requests_running") == 0, 10, "the slots to free")
+    wait_until(lambda: scrape(url).get("tova_requests_running") == 0, 10, "the slots to free")
     for metrics in scrapes(url):
         # The requests each process counted, summed; the engine's counters counted once.
         assert delta(metrics, "tova_requests_total", finished_reason="length") == STREAMS
@@ -158,7 +150,7 @@ def test_a_killed_front_end_comes_back_and_the_other_goes_on(two_front_ends):
     # The killed process's requests left the core (else they would run 3,000 tokens), the
     # survivors' went when their clients closed.
     assert wait_for_metric(url, "tova_requests_running", 0, 20) == 0
-    wait_for(lambda: len(started_front_ends(server)) == 3, 60, "the front end's restart")
+    wait_until(lambda: len(started_front_ends(server)) == 3, 60, "the front end's restart")
     assert "front end 0 (pid" in server.log() or "front end 1 (pid" in server.log()
     for _ in range(12):
         served = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2},

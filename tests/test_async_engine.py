@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from tests.server_utils import wait_until
 from tests.test_correctness import PROMPT
 from tova_engine import (
     AsyncEngine,
@@ -154,10 +155,7 @@ def test_cumulative_and_final_output_kinds(engine):
 
 
 def wait_for(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+    wait_until(condition, timeout_s, "the condition", poll_s=0.02)
 
 
 def test_closing_stream_aborts_and_frees_slot(engine):

@@ -31,7 +31,14 @@ from tests.deploy_utils import (
     retarget,
     selectors,
 )
-from tests.server_utils import Metrics, ServerProcess, free_port, scrape, tiny_config
+from tests.server_utils import (
+    Metrics,
+    ServerProcess,
+    free_port,
+    scrape,
+    tiny_config,
+    wait_until,
+)
 
 MODEL = "tova-deploy-test"
 # Two slots for three clients: requests wait (queue time, waiting gauge). Prompts of 100+
@@ -146,14 +153,6 @@ def prometheus(server, tmp_path_factory) -> Iterator[PrometheusProcess]:
         process.stop()
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
-
-
 def scraped_value(prometheus: PrometheusProcess, expr: str) -> float | None:
     result = prometheus.query(expr)
     return float(result[0]["value"][1]) if result else None
@@ -163,12 +162,12 @@ def scraped_value(prometheus: PrometheusProcess, expr: str) -> float | None:
 def loaded(server, prometheus) -> PrometheusProcess:
     """Prometheus holding a scrape before the load, several during, and one after it."""
     wait_until(lambda: scraped_value(prometheus, 'up{job="tova-server"}') == 1.0, 30,
-               "the first scrape")
+               "the first scrape", poll_s=0.25)
     assert drive_load(server.url, LOAD_S) > 0
     final = scrape(server.url).value("tova_generation_tokens_total")
     wait_until(lambda: scraped_value(
         prometheus, f'tova_generation_tokens_total{{model_name="{MODEL}"}}') == final, 30,
-        "a scrape after the load")
+        "a scrape after the load", poll_s=0.25)
     return prometheus
 
 

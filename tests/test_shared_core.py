@@ -8,10 +8,10 @@ import asyncio
 import logging
 import os
 import signal
-import time
 
 import pytest
 
+from tests.server_utils import wait_until
 from tova_engine import LLM, AsyncEngine, EngineConfig, EngineDeadError, SamplingParams
 from tova_engine.frontend.core_client import RestartPolicy
 from tova_engine.frontend.shared_core import SharedCore
@@ -50,13 +50,6 @@ async def tokens_of(engine: AsyncEngine, prompt: list[int], max_tokens: int = 24
     async for out in engine.generate(prompt, greedy(max_tokens)):
         tokens += out.outputs[0].token_ids
     return tokens
-
-
-def wait_for(predicate, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_each_front_end_gets_its_own_tokens_and_one_attaches_while_another_streams(
@@ -109,7 +102,8 @@ def test_a_dead_core_fails_every_front_ends_streams_and_comes_back_to_all(
         old_pid = shared.pid
         errors = asyncio.run(run())
         assert all("engine core" in str(error) for error in errors)
-        wait_for(lambda: all(engine.is_ready for engine in engines))
+        wait_until(lambda: all(engine.is_ready for engine in engines), 60,
+                   "both front ends to take requests again", poll_s=0.05)
         assert shared.restarts == 1 and shared.pid != old_pid
         assert [engine.restarts for engine in engines] == [1, 1]
         assert all(engine.core_pid == shared.pid for engine in engines)
