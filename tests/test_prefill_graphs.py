@@ -63,7 +63,9 @@ def test_replayed_prefill_equals_eager(tiny_llama, policy):
             assert b.outputs[0].token_ids == a.outputs[0].token_ids
             assert b.outputs[0].state_positions == a.outputs[0].state_positions
     assert graphs.captures > 0 and graphs.replays > graphs.captures
-    assert ChunkShape(4, 5, 5, 5, 8) in graphs.shapes()  # 3 rows padded to 4, an evicting chunk
+    # 3 rows padded to 4; the chunks at 10 and 15 (a full state, evicting) share one graph.
+    assert ChunkShape(4, 8, 5, 8) in graphs.shapes()
+    assert ChunkShape(4, 5, 5, 8) in graphs.shapes()
 
 
 def test_evicted_ages_are_the_real_rows_only(tiny_llama):
@@ -84,13 +86,38 @@ def test_shapes_are_captured_on_second_sight_and_least_recently_used_go(tiny_lla
     llm.generate(prompts(1, 3, 1), params, use_tqdm=False)
     assert len(graphs) == 0  # seen once
     llm.generate(prompts(1, 3, 2), params, use_tqdm=False)
-    assert graphs.shapes() == [ChunkShape(1, 0, 0, 3, 8)]
+    assert graphs.shapes() == [ChunkShape(1, 0, 3, 8)]
     for seed in range(2):  # a second shape (2 rows of 4 tokens), then a third
         llm.generate(prompts(2, 4, seed), params, use_tqdm=False)
     llm.generate(prompts(1, 3, 3), params, use_tqdm=False)  # the first is used again
     for seed in range(2):
         llm.generate(prompts(1, 2, seed), params, use_tqdm=False)
-    assert graphs.shapes() == [ChunkShape(1, 0, 0, 3, 8), ChunkShape(1, 0, 0, 2, 8)]
+    assert graphs.shapes() == [ChunkShape(1, 0, 3, 8), ChunkShape(1, 0, 2, 8)]
+
+
+def test_the_grid_captured_at_start_serves_every_full_chunk(tiny_llama):
+    """capture_grid takes the full chunks' shapes (1, 2, 4 rows; before the state holds 5, 8
+    entries) ahead of the traffic: long prompts then capture nothing more, whatever their
+    start, and replay what the eager forward computes."""
+    eager, replayed = make_llm(tiny_llama, "tova"), make_llm(tiny_llama, "tova")
+    graphs = use_prefill_graphs(replayed, min_uses=1, max_graphs=32)
+    assert graphs.capture_grid(chunk_size=5, token_budget=20, capacity=8) == 9
+    assert ChunkShape(4, 8, 5, 8) in graphs.shapes() and ChunkShape(1, 0, 5, 8) in graphs.shapes()
+    params = SamplingParams(**GREEDY)
+    batch = prompts(3, 30, seed=5)  # six full chunks each, at 0 to 25
+    want = eager.generate(batch, params, use_tqdm=False)
+    got = replayed.generate(batch, params, use_tqdm=False)
+    for a, b in zip(want, got, strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert b.outputs[0].state_positions == a.outputs[0].state_positions
+    assert graphs.captures == 9 and graphs.replays >= 6
+
+
+def test_the_grid_takes_at_most_half_of_the_graphs(tiny_llama):
+    graphs = use_prefill_graphs(make_llm(tiny_llama, "tova"), max_graphs=4)
+    assert graphs.capture_grid(chunk_size=5, token_budget=20, capacity=8) == 2
+    # The largest are kept: 4 rows on a full state, then 4 rows before it is.
+    assert sorted(graphs.shapes()) == [ChunkShape(4, 5, 5, 8), ChunkShape(4, 8, 5, 8)]
 
 
 def test_chunks_that_want_prompt_logprobs_run_eagerly(tiny_llama):

@@ -136,14 +136,15 @@ class ChunkAttention(AttentionBackend):
         policy: Policy,
         slots: list[int] | torch.Tensor,
         entries: int,
-        start: int,
+        start: int | torch.Tensor,
         length: int,
         capacity: int,
     ) -> None:
         """slots: the rows' slots, a list or a device tensor (a captured graph's input);
-        entries: valid entries every global layer of a row holds before the chunk; capacity:
-        the rows' state size, as the host knows it (reading it back would be a host-device
-        sync)."""
+        entries: valid entries every global layer of a row holds before the chunk; start: the
+        chunk's first position, an int or a [1] device tensor (a captured graph's input: no
+        kernel's shape depends on it); capacity: the rows' state size, as the host knows it
+        (reading it back would be a host-device sync)."""
         self.state = state
         device = state.num_seen.device
         self.num_rows = len(slots)
@@ -154,11 +155,10 @@ class ChunkAttention(AttentionBackend):
             # One row reads its slot through a view; several are gathered.
             self.rows = slots[0] if len(slots) == 1 else self.slots
         self.entries = entries
-        self.start = start
         self.length = length
         self.capacity = capacity
         self.kinds = layer_kinds(state, policy)
-        self.chunk_positions = torch.arange(start, start + length, device=device)  # [C]
+        self.chunk_positions = torch.arange(length, device=device) + start  # [C]
         self._masks: dict[int, torch.Tensor] = {}
         self._causal_bias = causal_lower_right(length, entries + length)
         # Per layer that evicted: [R, entries + C], tokens back from the chunk's last position
@@ -290,7 +290,8 @@ class ChunkAttention(AttentionBackend):
     def finish(self) -> None:
         state = self.state
         state.num_entries.index_fill_(0, self.slots, min(self.entries + self.length, self.capacity))
-        state.num_seen.index_fill_(0, self.slots, self.start + self.length)
+        seen = self.chunk_positions[-1:] + 1  # start + length, without reading start back
+        state.num_seen[self.slots] = seen.expand(self.num_rows)
 
     @property
     def evicted_ages(self) -> torch.Tensor | None:

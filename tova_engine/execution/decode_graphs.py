@@ -103,15 +103,23 @@ def _ranges(sizes: list[int]) -> str:
 
 def capture_on(device: torch.device, pool, forward: Callable[[], object]) -> torch.cuda.CUDAGraph:
     """`forward` run once on a side stream of `device` (Triton compiles, cuBLAS picks its
-    kernels), then captured on that stream. The stream is named: torch.cuda.graph's default
-    capture stream is made once per process, on whichever device was current then, and a
-    graph of this device's kernels captured on another device's stream is empty."""
+    kernels), then captured on that stream. The stream is named: a graph of this device's
+    kernels captured on another device's stream is empty.
+
+    Not `torch.cuda.graph`: on entry it synchronises the device and empties the allocator's
+    device and pinned-host caches, which mid-serving (a prefill shape met for the first time)
+    stalls the step in flight and makes the next steps allocate afresh. Capture errors are
+    this thread's own ("thread_local"): the core's other threads keep reading back steps."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         forward()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream):
-        forward()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            forward()
+        finally:
+            graph.capture_end()
     return graph

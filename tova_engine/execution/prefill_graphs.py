@@ -4,14 +4,18 @@ An eager prefill forward is launch-bound for short chunks: about 600 kernel laun
 15-20 ms of host time on an 8B model for a 128-token prompt whose GPU work is under 3 ms,
 and the decodes in the same step wait for it. Shapes recur: prompts of one length, and every
 long prompt's full chunks (start 0, 512, 1024, ... at the chunk size). A shape is
-(rows, start, entries, length, capacity): with those fixed, a chunk group's forward
-(`ChunkAttention` in every layer, the counters, the logits of each row's last position and
-the evicted ages) has static shapes and no host synchronisation, so it can be captured.
+(rows, entries, length, capacity): with those fixed, a chunk group's forward (`ChunkAttention`
+in every layer, the counters, the logits of each row's last position and the evicted ages)
+has static shapes and no host synchronisation, so it can be captured. The group's first
+position is an input like its tokens and slots: once a state is full, every full chunk of
+every prompt replays one graph per row count.
 
 Rows are padded to a power of two with rows that point at the state's spare slot (as the
 decode graphs do): a group of 3 and a group of 4 replay the same graph. A shape is captured
 the `min_uses`-th time it is seen, the least recently used graph goes when there are
 `max_graphs`; a chunk that wants prompt log-probs (every position's logits) runs eagerly.
+`capture_grid` captures the full-chunk shapes at start-up: a shape met first while serving
+costs a warm-up forward and a capture inside a step that every running stream waits for.
 
 `replay="eager"` runs the same padded forward without capturing it: the CPU path the tests
 check the padding, the static buffers and the cache against.
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tova_engine.execution.chunk_forward import ChunkShape, forward_chunks, shape_of
+from tova_engine.execution.chunk_forward import ChunkShape, forward_chunks, shape_of, start_of
 from tova_engine.execution.decode_graphs import capture_on
 from tova_engine.model.llama import LlamaModel
 from tova_engine.state.kv_state import KVState
@@ -39,7 +43,7 @@ _MAX_SEEN = 4096  # shapes counted before the counts start over (bounded memory)
 
 @dataclass(slots=True)
 class _Captured:
-    inputs: torch.Tensor  # [rows * length] token ids, then [rows] slots
+    inputs: torch.Tensor  # [rows * length] token ids, then [rows] slots, then the start
     logits: torch.Tensor | None = None  # [rows, V]: each row's last position
     ages: torch.Tensor | None = None  # [layers that evicted, rows, entries + length]
     graph: torch.cuda.CUDAGraph | None = None  # None: replayed eagerly
@@ -125,11 +129,38 @@ class PrefillGraphs:
         self._seen.pop(shape, None)
         return captured
 
+    def capture_grid(self, chunk_size: int, token_budget: int, capacity: int) -> int:
+        """Capture the shapes of full chunks on the prefill grid for rows of `capacity`: one
+        to as many rows as `token_budget` holds (powers of two), before the state is full and
+        once it is. Largest first (the smaller ones reuse its memory pool); at most half of
+        `max_graphs`, the rest left for the shapes the traffic brings. Returns how many."""
+        row_counts = []
+        rows = 1
+        while rows * chunk_size <= min(token_budget, self.max_captured_tokens):
+            row_counts.append(rows)
+            rows *= 2
+        starts = range(0, capacity + chunk_size, chunk_size)
+        entries = sorted({min(start, capacity) for start in starts}, reverse=True)
+        shapes = [ChunkShape(r, n, chunk_size, capacity) for r in reversed(row_counts)
+                  for n in entries][: self.max_graphs // 2]
+        started = time.perf_counter()
+        for shape in shapes:
+            if shape not in self._graphs:
+                self._graphs[shape] = self._capture(shape)
+        # The smallest go first when the traffic's shapes need room.
+        self._graphs = OrderedDict(reversed(self._graphs.items()))
+        if shapes:
+            logger.info("captured %d prefill CUDA graphs in %.1f s", len(shapes),
+                        time.perf_counter() - started)
+        return len(shapes)
+
     def _fill_inputs(self, captured: _Captured, shape: ChunkShape, chunks) -> None:
         pad = shape.rows - len(chunks)
         tokens = [token for c in chunks for token in c.token_ids]
         slots = [c.request.leader.slot for c in chunks] + [self.state.pad_slot] * pad
-        host = torch.tensor(tokens + [0] * (pad * shape.length) + slots, dtype=torch.int64)
+        start = [start_of(chunks)]
+        host = torch.tensor(tokens + [0] * (pad * shape.length) + slots + start,
+                            dtype=torch.int64)
         if self.device.type == "cuda":
             host = host.pin_memory()
         captured.inputs.copy_(host, non_blocking=True)
@@ -138,14 +169,18 @@ class PrefillGraphs:
     def _forward(self, captured: _Captured, shape: ChunkShape):
         tokens = shape.rows * shape.length
         inputs = captured.inputs
+        slots, start = inputs[tokens:-1], inputs[-1:]
         return forward_chunks(
-            self.model, self.state, self.policy, inputs[:tokens], inputs[tokens:], shape
+            self.model, self.state, self.policy, inputs[:tokens], slots, shape, start
         )
 
     def _capture(self, shape: ChunkShape) -> _Captured:
-        inputs = torch.zeros(shape.rows * (shape.length + 1), dtype=torch.int64, device=self.device)
-        # Until replayed with real rows, every row points at the spare slot.
-        inputs[shape.rows * shape.length :] = self.state.pad_slot
+        size = shape.rows * (shape.length + 1) + 1
+        inputs = torch.zeros(size, dtype=torch.int64, device=self.device)
+        # Until replayed with real rows, every row points at the spare slot, from the
+        # position the shape's entries imply.
+        inputs[shape.rows * shape.length : -1] = self.state.pad_slot
+        inputs[-1] = shape.entries
         captured = _Captured(inputs)
         if self.replay == "eager":
             self.captures += 1
@@ -159,10 +194,10 @@ class PrefillGraphs:
         captured.graph = capture_on(self.device, self.pool, forward)
         self.captures += 1
         logger.info(
-            "captured a prefill CUDA graph for %d rows x %d tokens at %d (%.2f s)",
+            "captured a prefill CUDA graph for %d rows x %d tokens after %d entries (%.2f s)",
             shape.rows,
             shape.length,
-            shape.start,
+            shape.entries,
             time.perf_counter() - started,
         )
         return captured

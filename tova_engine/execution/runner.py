@@ -22,7 +22,12 @@ from tova_engine.attention.backend import AttentionBackend
 from tova_engine.attention.fused import FusedDecodeAttention
 from tova_engine.attention.packed import PackedAttention
 from tova_engine.attention.pytorch import DecodeAttention
-from tova_engine.execution.chunk_forward import chunk_attention, forward_chunks, shape_of
+from tova_engine.execution.chunk_forward import (
+    chunk_attention,
+    forward_chunks,
+    shape_of,
+    start_of,
+)
 from tova_engine.execution.decode_graphs import DecodeGraphs
 from tova_engine.execution.logprobs import TokenLogprobs, TokenLogprobTensors, token_logprob_tensors
 from tova_engine.execution.penalty_counts import PenaltyCounts
@@ -248,7 +253,7 @@ class ModelRunner:
         slots = [c.request.leader.slot for c in chunks]
         logits, ages = forward_chunks(
             self.model, self.state, self.policy, token_ids, slots, shape_of(chunks),
-            every_position=wants_all,
+            start_of(chunks), every_position=wants_all,
         )
         if ages is not None:
             step.ages.append(ages)
@@ -271,7 +276,7 @@ class ModelRunner:
         for group in groups:
             shape = shape_of(group)
             slots = [c.request.leader.slot for c in group]
-            parts.append(chunk_attention(self.state, self.policy, slots, shape))
+            parts.append(chunk_attention(self.state, self.policy, slots, shape, start_of(group)))
             inputs.append(self._ids([token for c in group for token in c.token_ids]))
             for chunk in group:  # its last position
                 offset += shape.length

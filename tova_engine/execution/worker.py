@@ -107,7 +107,7 @@ def _build_worker(config: EngineConfig, tp: TensorParallel) -> Worker:
 
 
 def capture_graphs(worker: Worker) -> None:
-    """Capture the decode graphs and set up the prefill ones (when the state has a padding
+    """Capture the decode graphs and the full prefill chunks' (when the state has a padding
     slot, i.e. graphs are on). Under tensor parallelism a captured step holds collectives:
     every rank calls this once the group is formed, in the same order."""
     state, config, runner = worker.state, worker.config, worker.runner
@@ -122,6 +122,9 @@ def capture_graphs(worker: Worker) -> None:
                 worker.policy,
                 max_graphs=config.max_prefill_graphs,
                 max_captured_tokens=config.batched_token_budget,
+            )
+            runner.prefill_graphs.capture_grid(
+                config.prefill_chunk_size, config.batched_token_budget, config.state_size
             )
 
 
