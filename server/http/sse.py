@@ -4,6 +4,7 @@ that stops the generation as soon as the client hangs up."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -25,6 +26,28 @@ def sse(chunk: ResponseModel) -> str:
     if not data.isascii():  # the common case is checked in C, fast
         data = data.translate(_LINE_BREAKS)
     return f"data: {data}\n\n"
+
+
+class TextEvent:
+    """Events that differ only in one string field (a stream's content deltas): the chunk is
+    serialised once with a marker in that field, and each event is the text's JSON spliced
+    between the two halves (no model objects per token; about a tenth of the cost). The
+    result is byte for byte what `sse` gives for the same chunk (tests/test_sse.py)."""
+
+    MARKER = "\x00"  # as pydantic writes it in JSON: "\u0000"
+
+    def __init__(self, chunk: ResponseModel) -> None:
+        """chunk: the event with MARKER as the varying field's value."""
+        parts = sse(chunk).split('"\\u0000"')
+        if len(parts) != 2:
+            raise ValueError("the chunk must hold the marker exactly once")
+        self._head, self._tail = parts
+
+    def __call__(self, text: str) -> str:
+        data = json.dumps(text, ensure_ascii=False)
+        if not data.isascii():
+            data = data.translate(_LINE_BREAKS)
+        return self._head + data + self._tail
 
 
 async def with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from server.http.sse import sse
+from server.http.sse import TextEvent, sse
 from server.protocol.chat import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -53,6 +53,17 @@ class ChatChoiceState:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def plain(self) -> bool:
+        """Its deltas are content alone (no log-probs, tools or reasoning to split)."""
+        return self._top is None and self._tools is None and self._reasoning is None
+
+    def take_text(self, out: CompletionOutput) -> str:
+        """A plain choice's delta that does not finish it: its content."""
+        self._parts.append(out.text)
+        self.num_tokens += len(out.token_ids)
+        return out.text
 
     def update(self, out: CompletionOutput) -> list[ChatStreamChoice]:
         """The chunks' choices for this delta: content (if any), then the finish (if now)."""
@@ -153,6 +164,7 @@ class ChatSession:
         top = (body.top_logprobs or 0) if body.logprobs else None
         self.choices = [ChatChoiceState(i, top, names, tools, reasoning)
                         for i in range(body.n or 1)]
+        self._content_events: dict[int, TextEvent] = {}
 
     def _usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices),
@@ -176,12 +188,26 @@ class ChatSession:
         async for _, output in run:
             self.cached_tokens = output.num_cached_tokens
             for out in output.outputs:
-                for choice in self.choices[out.index].update(out):
+                state = self.choices[out.index]
+                if state.plain and out.finish_reason is None and not state.done:
+                    # The common token: its event from a template, no models built.
+                    if out.text or out.token_ids:
+                        yield self._content_event(state.index)(state.take_text(out))
+                    continue
+                for choice in state.update(out):
                     yield sse(self._chunk([choice]))
         if self.include_usage:
             final = self._chunk([])
             final.usage = self._usage()
             yield sse(final)
+
+    def _content_event(self, index: int) -> TextEvent:
+        event = self._content_events.get(index)
+        if event is None:
+            delta = ChatDelta(content=TextEvent.MARKER)
+            event = TextEvent(self._chunk([ChatStreamChoice(index=index, delta=delta)]))
+            self._content_events[index] = event
+        return event
 
     def _chunk(self, choices: list[ChatStreamChoice]) -> ChatCompletionChunk:
         chunk = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,

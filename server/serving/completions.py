@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.http.sse import sse
+from server.http.sse import TextEvent, sse
 from server.protocol.common import Usage
 from server.protocol.completion import (
     CompletionChoice,
@@ -44,6 +44,15 @@ class CompletionChoiceState:
         self._logprobs = CompletionLogprobs() if logprobs else None
         self._last: CompletionChoice | None = None
         self.done = False
+
+    def plain_text(self, out: CompletionOutput) -> str | None:
+        """The delta's text when its chunk is text alone (no log-probs, no echo to prepend,
+        not the last): taken into the choice. None: `update` builds the chunk."""
+        if self.done or self._logprobs is not None or self._echo is not None \
+                or out.finish_reason is not None:
+            return None
+        self._accumulate(out.text, len(out.token_ids), None)
+        return out.text
 
     def update(self, out: CompletionOutput, request: RequestOutput) -> CompletionChoice | None:
         """The chunk's choice for this delta; None when there is nothing to send."""
@@ -113,6 +122,7 @@ class CompletionSession:
             CompletionChoiceState(p * self.n + i, echoes[p], body.logprobs is not None, names)
             for p in range(len(prompt_ids)) for i in range(self.n)
         ]
+        self._text_events: dict[int, TextEvent] = {}
 
     def _usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices),
@@ -135,13 +145,26 @@ class CompletionSession:
         async for prompt_index, output in run:
             self.cached_tokens[prompt_index] = output.num_cached_tokens
             for out in output.outputs:
-                choice = self.choices[prompt_index * self.n + out.index].update(out, output)
+                state = self.choices[prompt_index * self.n + out.index]
+                text = state.plain_text(out)
+                if text is not None:  # the common token: its event from a template
+                    if text or out.token_ids:
+                        yield self._text_event(state.index)(text)
+                    continue
+                choice = state.update(out, output)
                 if choice is not None:
                     yield sse(self._chunk([choice]))
         if self.include_usage:
             final = self._response([])
             final.usage = self._usage()
             yield sse(final)
+
+    def _text_event(self, index: int) -> TextEvent:
+        event = self._text_events.get(index)
+        if event is None:
+            event = TextEvent(self._chunk([CompletionChoice(index=index, text=TextEvent.MARKER)]))
+            self._text_events[index] = event
+        return event
 
     def _chunk(self, choices: list[CompletionChoice]) -> CompletionResponse:
         chunk = self._response(choices)
