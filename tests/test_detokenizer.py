@@ -173,3 +173,42 @@ def test_decode_work_per_token_is_bounded(tok):
     assert len(ids) > 400
     assert counting.longest <= 10  # a window of recent ids, not the whole output
     assert detok.text == MULTILINGUAL * 40
+
+
+class CountingTokenizer:
+    """The tokenizer, counting its Python-side decodes."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+        self._tokenizer = tok._tokenizer  # the Rust backend the stream steps
+        self.decodes = 0
+
+    def decode(self, ids, **kwargs):
+        self.decodes += 1
+        return self._tok.decode(ids, **kwargs)
+
+
+def test_the_rust_stream_serves_every_complete_token(tok):
+    """English text: every token completes its text, so no Python decode runs per token."""
+    counting = CountingTokenizer(tok)
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 20, add_special_tokens=False)
+    detok = IncrementalDetokenizer(counting, tok.encode("Say:"))
+    before = counting.decodes  # the prompt context's check
+    assert feed(detok, ids) == [None] * len(ids)
+    assert counting.decodes == before
+    assert detok.text == tok.decode(ids)
+
+
+def test_a_stream_out_of_step_hands_over_to_the_window(tok):
+    """A stream that holds back a complete delta is dropped; the text stays the decode's."""
+
+    class Silent:
+        def step(self, backend, token_id):
+            return None
+
+    ids = tok.encode(MULTILINGUAL + " and more words", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [])
+    detok._stream = Silent()
+    feed(detok, ids)
+    assert detok._stream is None
+    assert detok.text == tok.decode(ids)

@@ -6,6 +6,12 @@ was already complete, so decoders that treat the first token specially (Sentence
 its leading space) see the same context as in a full decode. Text whose last character is
 still incomplete (byte-level BPE splits UTF-8 characters across tokens: it decodes to a
 trailing "\ufffd") stays pending until a later token completes it.
+
+With a `tokenizers` backend the common token goes through its `DecodeStream` (the same
+technique in Rust: one call instead of two Python-wrapped decodes, about a seventh of the
+cost). It answers None exactly when the window's delta is empty or incomplete; only then are
+the two decodes run, to know the pending text. Should the two ever disagree, the request
+goes on with the decodes alone.
 """
 
 from __future__ import annotations
@@ -16,6 +22,20 @@ from typing import Any
 # Prompt ids decoded ahead of the output, as context for the first window (vLLM uses 5).
 _PROMPT_CONTEXT = 5
 _REPLACEMENT = "\ufffd"
+
+
+def _decode_stream(tokenizer: Any, context: list[int], skip_special_tokens: bool):
+    """(backend, stream) for a tokenizer with a `tokenizers` backend, else (None, None)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    try:
+        from tokenizers import Tokenizer
+        from tokenizers.decoders import DecodeStream
+
+        if not isinstance(backend, Tokenizer):
+            return None, None
+        return backend, DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
+    except (ImportError, TypeError):  # a tokenizers without DecodeStream(ids=...)
+        return None, None
 
 
 class _TextBuffer:
@@ -94,6 +114,7 @@ class IncrementalDetokenizer:
         self._searched = 0  # length of stable text already searched for stop strings
         self._stopped: str | None = None
         self._final = ""  # the text, truncated before the stop string, once stopped
+        self._backend, self._stream = _decode_stream(tokenizer, self._ids, skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, **self._decode_kwargs)
@@ -117,9 +138,14 @@ class IncrementalDetokenizer:
             raise RuntimeError(f"append after stop string {self._stopped!r} was found")
         self._ids.append(token_id)
         self._num_tokens += 1
-        prefix_text = self._decode(self._ids[: self._read_offset])
-        new_text = self._decode(self._ids)
-        delta = new_text[len(prefix_text) :]
+        delta = None
+        if self._stream is not None:
+            delta = self._stream.step(self._backend, token_id)
+        if delta is None:  # no stream, or an empty or incomplete delta: the window tells
+            prefix_text = self._decode(self._ids[: self._read_offset])
+            delta = self._decode(self._ids)[len(prefix_text) :]
+            if delta and not delta.endswith(_REPLACEMENT):
+                self._stream = None  # the stream held back a complete delta: not in step
         if delta.endswith(_REPLACEMENT):
             self._pending = delta
         elif delta:
