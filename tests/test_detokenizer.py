@@ -212,3 +212,12 @@ def test_a_stream_out_of_step_hands_over_to_the_window(tok):
     feed(detok, ids)
     assert detok._stream is None
     assert detok.text == tok.decode(ids)
+
+
+def test_the_front_end_cost_benchmark_runs(tmp_path):
+    from benchmarks.frontend_cost import main
+
+    result = main(["--streams", "3", "--steps", "20", "--out", str(tmp_path / "cost.json")])
+    assert len(result["us_per_token"]) == 4
+    assert all(value > 0 for value in result["us_per_token"].values())
+    assert (tmp_path / "cost.json").exists()
