@@ -162,7 +162,10 @@ def _check(url: str, plan: Plan) -> None:
 
 @pytest.mark.parametrize("requests", [
     pytest.param(1000, id="1000"),
-    pytest.param(3000, id="3000", marks=pytest.mark.slow),
+    # The gaps, not the requests, set the time (about 30 s either way): the larger run is
+    # the soak's (TOVA_SOAK=1, docs/reliability.md).
+    pytest.param(3000, id="3000", marks=[pytest.mark.slow, pytest.mark.skipif(
+        os.environ.get("TOVA_SOAK") != "1", reason="TOVA_SOAK=1 runs it")]),
 ])
 def test_no_request_lost_on_reused_connections(default_server, requests):
     """Idle gaps around 5 s (uvicorn's old timeout; httpx reuses a connection idle for less
