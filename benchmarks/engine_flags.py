@@ -14,6 +14,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--policy", default="tova")
+    parser.add_argument("--quantization", default=None, choices=["fp8"],
+                        help="the weights' (default: the checkpoint's)")
 
 
 def sync() -> None:

@@ -20,18 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.http.sse import TextEvent, sse  # noqa: E402
-from server.protocol.chat import ChatCompletionChunk, ChatDelta, ChatStreamChoice  # noqa: E402
-from tova_engine import SamplingParams  # noqa: E402
-from tova_engine.core.messages import StepOutputs  # noqa: E402
-from tova_engine.frontend.detokenizer import IncrementalDetokenizer  # noqa: E402
-from tova_engine.frontend.output_processor import (  # noqa: E402
+from server.http.sse import TextEvent, sse
+from server.protocol.chat import ChatCompletionChunk, ChatDelta, ChatStreamChoice
+from tova_engine import SamplingParams
+from tova_engine.core.messages import StepOutputs
+from tova_engine.frontend.detokenizer import IncrementalDetokenizer
+from tova_engine.frontend.output_processor import (
     OutputProcessor,
     RequestState,
     SequenceState,
 )
-from tova_engine.loader.source import load_source  # noqa: E402
-from tova_engine.outputs import RequestMetrics  # noqa: E402
+from tova_engine.loader.source import load_source
+from tova_engine.outputs import RequestMetrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pride_and_prejudice.txt"
 

@@ -66,7 +66,8 @@ class Rig:
         most_prompts = -(-max(args.tokens) // min(chunk, args.prompt_len)) + 1
         self.engine = LLMEngine(EngineConfig(
             model=args.model, load_format=args.load_format, device=args.device,
-            dtype=args.dtype, policy=args.policy, state_size=args.state_size,
+            dtype=args.dtype, policy=args.policy, quantization=args.quantization,
+            state_size=args.state_size,
             max_num_seqs=max(args.decodes) + most_prompts, prefill_chunk_size=chunk,
             max_num_batched_tokens=max(args.tokens) + max(args.decodes),
             prefix_cache_bytes=0, target_itl_ms=args.target_itl_ms,

@@ -97,6 +97,7 @@ class ModelArgs:
     load_format: str
     dtype: str
     seed: int
+    quantization: str | None = None  # "fp8": FP8 weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +173,10 @@ class Job:
     def signature(self, model: ModelArgs) -> str:
         """Changes whenever anything that decides the job's results does."""
         digest = hashlib.sha256()
-        head = [asdict(model), self.policy, self.chunk, self.timed]
+        fields = asdict(model)
+        if fields["quantization"] is None:  # as before the field existed: old runs still match
+            del fields["quantization"]
+        head = [fields, self.policy, self.chunk, self.timed]
         digest.update(json.dumps(head).encode())
         for t in self.tasks:
             digest.update(json.dumps([t.part, t.state_size, t.max_tokens, t.label]).encode())
@@ -278,6 +282,7 @@ def run_job(job: Job, model: ModelArgs, device: str) -> dict[str, Any]:
         load_format=model.load_format,
         seed=model.seed,
         max_num_batched_tokens=job.token_budget,
+        quantization=model.quantization,
     )
     load_s = time.perf_counter() - started
     _warm_up(llm, job)
@@ -632,6 +637,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="as LLM(model=...); default: SmolLM2-135M")
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="the weights' (default: the checkpoint's)")
     p.add_argument(
         "--dtype",
         default="float32",
@@ -761,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tuple(args.chunk_state_sizes),
         args.passkey_max_tokens,
     )
-    model = ModelArgs(args.model, args.load_format, args.dtype, args.seed)
+    model = ModelArgs(args.model, args.load_format, args.dtype, args.seed, args.quantization)
     signed = [
         (job.signature(model), job) for job in group_jobs(build_tasks(plan, windows, passkeys))
     ]
@@ -800,6 +807,7 @@ def _settings(
         "command": " ".join(["python -m benchmarks.quality", *argv]),
         "model": model_name,
         "dtype": args.dtype,
+        "quantization": args.quantization,
         "devices": args.device,
         "torch": torch.__version__,
         "text": str(args.token_ids or args.text),

@@ -84,7 +84,7 @@ def _metrics(engine: AsyncEngine, model_name: str) -> ServerMetrics:
                             observes_engine=engine.client_index == 0)
     metrics.set_engine_info(
         policy=info.policy, state_size=info.state_size, max_num_seqs=info.max_num_seqs,
-        dtype=info.dtype, device=info.device,
+        dtype=info.dtype, device=info.device, quantization=info.quantization,
     )
     engine.on_stats(metrics.observe_step)
     metrics.register_local(SavedStatesCollector(engine, model_name))

@@ -218,3 +218,50 @@ def test_tensor_parallel_over_two_gpus_equals_one(tmp_path, policy, mode):
     live = slice(0, llm.engine.config.max_num_seqs)  # not the graphs' padding slot
     assert entries[live].equal(other_entries[live])
     assert positions[:, live].equal(other_positions[:, live])
+
+
+def _fp8_gpu() -> bool:
+    from tova_engine.model.fp8 import fp8_matmul_problem
+
+    return torch.cuda.is_available() and fp8_matmul_problem(torch.device("cuda")) is None
+
+
+needs_fp8 = pytest.mark.skipif(not _fp8_gpu(), reason="needs a GPU with FP8 matmuls (sm89+)")
+
+
+@needs_fp8
+@pytest.mark.parametrize("tokens", [1, 5, 64, 300])
+def test_scaled_mm_equals_the_emulation(tokens):
+    """torch._scaled_mm on the e4m3 operands against the same product in float32 ops."""
+    from tova_engine.model.fp8 import Fp8Linear
+
+    torch.manual_seed(tokens)
+    with torch.device("cuda"):
+        layer = Fp8Linear(256, 384, torch.nn.Parameter(torch.randn(384, dtype=torch.bfloat16)))
+        layer.load_rows(0, torch.randn(384, 256))
+        x = torch.randn(tokens, 256, dtype=torch.bfloat16) * 4
+    got, want = layer(x).float(), layer.emulated(x).float()
+    # Both sum the same e4m3 products in float32; bfloat16 output rounding apart.
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@needs_fp8
+@pytest.mark.parametrize("mode", ["graphs", "eager"])
+def test_fp8_weights_on_the_gpu_follow_the_cpu_emulation(tiny_llama, mode):
+    """The engine with FP8 weights (CUDA graphs or eager) against the CPU's emulated FP8, in
+    bfloat16 on both: the first greedy token and its log-probability."""
+    params = greedy(8, logprobs=1)
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 41, 3]]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(str(tiny_llama), device=device, dtype="bfloat16", state_size=16,
+                  max_num_seqs=4, quantization="fp8",
+                  **(CUDA_MODES[mode] if device == "cuda" else {}))
+        outs[device] = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.core.info.quantization == "fp8"
+    for a, b in zip(outs["cpu"], outs["cuda"], strict=True):
+        first = a.outputs[0].token_ids[0]
+        assert b.outputs[0].token_ids[0] == first
+        assert abs(b.outputs[0].logprobs[0][first].logprob
+                   - a.outputs[0].logprobs[0][first].logprob) < 0.2
+        assert len(b.outputs[0].token_ids) == 8

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from tova_engine.kernels import triton_available
+from tova_engine.model.fp8 import QUANTIZATIONS
 from tova_engine.state.policies import POLICIES, Policy, make_policy
 from tova_engine.validation import (
     is_int,
@@ -67,6 +68,12 @@ class EngineConfig:
     dtype: str = setting("auto", "auto: bfloat16 on CUDA, float32 on CPU",
                          choices=("auto", *DTYPES))
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    # None: the checkpoint's (an FP8 checkpoint runs in FP8), else the dtype's.
+    quantization: str | None = setting(
+        None, "fp8: the projections' weights in 8-bit floats, a scale per output channel and "
+              "per token (GPUs with FP8 matmuls, compute capability 8.9+; CPU emulated); "
+              "default: the checkpoint's (FP8 checkpoints load as FP8), else none",
+        choices=QUANTIZATIONS)
     # The fixed memory every request gets.
     state_size: int = setting(512, "key/value entries per layer per sequence")
     # A built-in policy's name, or a declared `Policy` (state/policies.py). (`setting` makes
@@ -114,8 +121,9 @@ class EngineConfig:
            "divide the model's key/value heads", aliases=("-tp",))
     # The least recently used graph goes first.
     max_prefill_graphs: int = setting(
-        16, "CUDA: prefill chunk shapes that recur (rows, start, length) are captured in "
-            "graphs, this many at most; 0: prefill eagerly")
+        16, "CUDA: prefill chunk shapes that recur (rows, length, entries before the chunk) "
+            "are captured in graphs, this many at most (the full chunks' at start-up); 0: "
+            "prefill eagerly")
     # Saved states (keep_state, the Responses API's stored responses): host memory (page-locked
     # on CUDA), then a directory.
     state_store_memory_bytes: int = setting(
@@ -151,6 +159,8 @@ class EngineConfig:
         require_choice("load_format", self.load_format, LOAD_FORMATS)
         require_choice("dtype", self.dtype, ("auto", *DTYPES))
         require_choice("kernels", self.kernels, KERNELS)
+        if self.quantization is not None:
+            require_choice("quantization", self.quantization, QUANTIZATIONS)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(
                 f"async_scheduling must be a bool or None; got {self.async_scheduling!r}"

@@ -104,7 +104,8 @@ class ServerMetrics:
             "Bytes of the prefix cache's rows, allocated once at start-up beside the slots'.")
         self.engine_info = Gauge(
             "tova_engine_info", "Constant 1; the labels describe the engine's configuration.",
-            ["model_name", "policy", "state_size", "max_num_seqs", "dtype", "device"],
+            ["model_name", "policy", "state_size", "max_num_seqs", "dtype", "device",
+             "quantization"],
             registry=self.registry, multiprocess_mode="max")
 
     def _define_counters(self) -> None:

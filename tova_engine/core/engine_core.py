@@ -119,16 +119,18 @@ class EngineCore:
             ),
             prefix_cache_rows=self.prefix_cache.num_rows,
             prefix_cache_bytes=cache_bytes,
+            quantization=executor.quantization or "none",
         )
 
     def _log_startup(self) -> None:
         info = self.info
         logger.info(
-            "model %s on %s (%s); policy %s, state_size %d: state memory %.2f MiB per request, "
-            "%.2f MiB for %d slots",
+            "model %s on %s (%s%s); policy %s, state_size %d: state memory %.2f MiB per "
+            "request, %.2f MiB for %d slots",
             info.model_name,
             info.device,
             info.dtype,
+            ", FP8 weights" if info.quantization == "fp8" else "",
             info.policy,
             info.state_size,
             info.state_bytes_per_sequence / 2**20,

@@ -44,6 +44,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     # (not in state_total_bytes).
     prefix_cache_rows: int = 0
     prefix_cache_bytes: int = 0
+    # The weights' quantization ("fp8": the projections in float8), "none": the dtype's.
+    quantization: str = "none"
 
     def snapshot_spec(self, capacity: int) -> SnapshotSpec:
         """What a state saved by this engine for a request of `capacity` entries records, and

@@ -123,6 +123,10 @@ class Executor(ABC):
         return self.worker.model_name
 
     @property
+    def quantization(self) -> str | None:
+        return self.worker.quantization
+
+    @property
     def tokenizer(self) -> Any:
         return self.worker.tokenizer
 

@@ -23,6 +23,7 @@ from tova_engine.execution.sampler import Sampler
 from tova_engine.execution.threads import configure_cpu_threads
 from tova_engine.loader import load_source
 from tova_engine.model.config import ModelConfig
+from tova_engine.model.fp8 import fp8_matmul_problem
 from tova_engine.model.llama import LlamaModel
 from tova_engine.model.registry import model_class
 from tova_engine.model.sharding import check_divisible
@@ -46,6 +47,7 @@ class Worker:
     eos_token_ids: frozenset[int]
     runner: ModelRunner
     tp: TensorParallel
+    quantization: str | None = None  # the weights' ("fp8"), None: the dtype's
 
     def retained_by_rank(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every rank's (positions [layers, rows, S+1], num_entries [rows]) on the host, rank
@@ -81,7 +83,8 @@ def _build_worker(config: EngineConfig, tp: TensorParallel) -> Worker:
     fused = config.triton_kernels
     if fused:
         check_kernel_runs(policy)
-    model = _build_model(config, model_config, source.weights, fused, tp)
+    quantization = resolve_quantization(config, source.quantization)
+    model = _build_model(config, model_config, source.weights, fused, tp, quantization)
     # Before the state is allocated: refuse one that cannot fit, size max_num_seqs="auto".
     config = resolve_config(config, model.local, weight_bytes(model))
     use_graphs = fused and config.use_cuda_graphs
@@ -102,7 +105,7 @@ def _build_worker(config: EngineConfig, tp: TensorParallel) -> Worker:
     )
     return Worker(
         config, model_config, source.name, source.tokenizer, max_model_len, policy, model, state,
-        eos, runner, tp,
+        eos, runner, tp, quantization,
     )
 
 
@@ -144,9 +147,10 @@ def _build_model(
     weights,
     fused_kernels: bool,
     tp: TensorParallel,
+    quantization: str | None = None,
 ) -> LlamaModel:
     family = model_class(model_config)
-    model = family.empty(model_config, config.torch_device, config.torch_dtype, tp)
+    model = family.empty(model_config, config.torch_device, config.torch_dtype, tp, quantization)
     if weights is None:
         model.init_random_weights(config.seed)
     else:
@@ -155,6 +159,20 @@ def _build_model(
     if fused_kernels:
         model.use_triton_kernels()
     return model.eval()
+
+
+def resolve_quantization(config: EngineConfig, checkpoint: str | None) -> str | None:
+    """The weights' quantization: the flag's, else the checkpoint's; refused (ValueError
+    naming `quantization`) where the device cannot run it, before any weight is allocated."""
+    quantization = config.quantization or checkpoint
+    if quantization == "fp8":
+        problem = fp8_matmul_problem(config.torch_device)
+        if problem is not None:
+            source = "the checkpoint's FP8 weights" if config.quantization is None \
+                else "quantization='fp8'"
+            raise ValueError(f"quantization: {source} cannot run here: {problem}; run on "
+                             "such a GPU or load a bfloat16 checkpoint")
+    return quantization
 
 
 def _eos_token_ids(model_config: ModelConfig, tokenizer) -> frozenset[int]:

@@ -52,7 +52,7 @@ def safetensors_weights(
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if _skipped(name, tied):
+                if skipped(name, tied):
                     continue
                 yield name, f.get_tensor(name).to(dtype)
 
@@ -63,13 +63,13 @@ def safetensors_sizes(files: list[Path], tied: bool) -> tuple[int, int]:
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if not _skipped(name, tied):
+                if not skipped(name, tied):
                     count += 1
                     elements += math.prod(f.get_slice(name).get_shape())
     return count, elements
 
 
-def _skipped(name: str, tied: bool) -> bool:
+def skipped(name: str, tied: bool) -> bool:
     # Old Llama checkpoints saved RoPE's inv_freq buffer; it is recomputed, never loaded.
     # A tied head may still be saved; the model shares the embedding instead.
     return name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight")

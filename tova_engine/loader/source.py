@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tova_engine.loader.fp8_checkpoint import check_fp8_tensors, fp8_checkpoint, fp8_weights
 from tova_engine.loader.gguf_file import (
     gguf_hf_config,
     gguf_name_map,
@@ -46,6 +47,8 @@ class ModelSource(NamedTuple):
     weights: Weights | None
     tokenizer: PreTrainedTokenizerBase | None
     name: str
+    # The checkpoint's own quantization ("fp8": its weights are float8), None for none.
+    quantization: str | None = None
 
 
 class LazyWeights:
@@ -108,7 +111,9 @@ def load_source(
     if kind == "gguf":
         return _from_gguf(path, load_format, dtype)
     if kind == "json":
-        return ModelSource(config_from_hf(read_json(path)), None, None, _json_name(path))
+        hf = read_json(path)
+        quantization = None if fp8_checkpoint(hf) is None else "fp8"
+        return ModelSource(config_from_hf(hf), None, None, _json_name(path), quantization)
     return _from_folder(path, load_format, dtype, name=path.name)
 
 
@@ -198,7 +203,9 @@ def _from_gguf(path: Path, load_format: str, dtype: torch.dtype) -> ModelSource:
 
 
 def _from_folder(folder: Path, load_format: str, dtype: torch.dtype, name: str) -> ModelSource:
-    config = config_from_hf(read_json(folder / "config.json"))
+    hf = read_json(folder / "config.json")
+    config = config_from_hf(hf)
+    fp8 = fp8_checkpoint(hf)
     weights = None
     if load_format != "dummy":
         files = safetensors_files(folder)
@@ -207,8 +214,13 @@ def _from_folder(folder: Path, load_format: str, dtype: torch.dtype, name: str) 
         tied = config.tie_word_embeddings
         count, elements = safetensors_sizes(files, tied)
         plan = WeightsPlan(str(folder), count, elements * dtype.itemsize)
-        weights = LazyWeights(lambda: safetensors_weights(files, tied, dtype), plan)
-    return ModelSource(config, weights, folder_tokenizer(folder), name)
+        if fp8 is None:
+            weights = LazyWeights(lambda: safetensors_weights(files, tied, dtype), plan)
+        else:  # its scales checked now, before the model is built
+            check_fp8_tensors(files, fp8)
+            weights = LazyWeights(lambda: fp8_weights(files, tied, dtype, fp8), plan)
+    quantization = None if fp8 is None else "fp8"
+    return ModelSource(config, weights, folder_tokenizer(folder), name, quantization)
 
 
 def _from_hub(repo_id: str, load_format: str, dtype: torch.dtype) -> ModelSource:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tova_engine.model.config import ModelConfig, shared_hf_fields
+from tova_engine.model.fp8 import Fp8Linear, use_fp8_linears
 from tova_engine.model.rope import (
     apply_rope,
     inverse_frequencies,
@@ -280,13 +281,18 @@ class LlamaModel(nn.Module):
         device: torch.device,
         dtype: torch.dtype,
         tp: TensorParallel = SINGLE,
+        quantization: str | None = None,
     ) -> LlamaModel:
         """Uninitialised `dtype` weights on `device`, built on the meta device so that no
         float32 copy exists on the way (an 8B model would need 32 GB of it); fill them with
-        `load_hf_weights` or `init_random_weights`."""
+        `load_hf_weights` or `init_random_weights`. quantization "fp8": the projections'
+        weights in float8 (model/fp8.py)."""
         with torch.device("meta"):
             model = cls(config, tp)
-        model = model.to(dtype=dtype).to_empty(device=device)
+        model = model.to(dtype=dtype)
+        if quantization == "fp8":
+            use_fp8_linears(model)
+        model = model.to_empty(device=device)
         model._tie_weights()  # to_empty gives every parameter its own storage
         model.reset_buffers()
         return model
@@ -360,29 +366,51 @@ class LlamaModel(nn.Module):
         generator = torch.Generator(device=device).manual_seed(seed + 7919 * self.tp.rank)
         # Norms start as the identity of their own style (Gemma's (1 + weight) at zeros).
         norms = {id(m.weight): m.identity for m in self.modules() if isinstance(m, RMSNorm)}
+        fp8 = {id(m.weight): m for m in self.modules() if isinstance(m, Fp8Linear)}
+        scales = {id(m.weight_scale) for m in fp8.values()}
         with torch.no_grad():
             for param in self.parameters():
                 if id(param) in norms:
                     param.fill_(norms[id(param)])
-                else:
+                elif id(param) not in scales:  # FP8 rows get theirs as they are quantized
                     noise = torch.randn(param.shape, generator=generator, device=device)
-                    param.copy_(noise * 0.02)
+                    if id(param) in fp8:
+                        fp8[id(param)].load_rows(0, noise * 0.02)
+                    else:
+                        param.copy_(noise * 0.02)
 
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        unscaled: set[str] = set()  # float8 weights whose scales have not come yet
         for hf_name, tensor in weights:
             hf_name = self._text_model_name(hf_name)
-            target = self._map_hf_name(hf_name)
+            scale_of = hf_name.removesuffix("_scale") if hf_name.endswith(".weight_scale") \
+                else None
+            target = self._map_hf_name(scale_of or hf_name)
             if target is None:
                 continue
             name, row_offset = self._resolve_fused(*target)
-            param = params[name]
             tensor = shard_hf_tensor(hf_name, tensor, self.config, self.tp)
-            with torch.no_grad():
-                param[row_offset : row_offset + tensor.shape[0]].copy_(tensor)
-            loaded.add(hf_name)
+            owner = self.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(owner, Fp8Linear) and name.endswith(".weight"):
+                if scale_of is not None:
+                    owner.load_scales(row_offset, tensor)
+                    unscaled.discard(scale_of)
+                elif owner.load_rows(row_offset, tensor):
+                    unscaled.add(hf_name)
+            elif scale_of is not None:
+                raise ValueError(f"checkpoint tensor {hf_name}: FP8 scales, but the model "
+                                 "was not built with quantization='fp8'")
+            else:
+                with torch.no_grad():
+                    params[name][row_offset : row_offset + tensor.shape[0]].copy_(tensor)
+            if scale_of is None:
+                loaded.add(hf_name)
+        if unscaled:
+            raise ValueError(f"checkpoint: FP8 weight {sorted(unscaled)[0]} has no "
+                             "weight_scale tensor")
         missing = sorted(self._expected_hf_names(params) - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

@@ -4,8 +4,9 @@ Column-parallel (each rank holds a block of output rows): q/k/v (its query heads
 heads they share), gate/up (a block of the MLP's width). Row-parallel (a block of input
 columns, partial sums all-reduced): o and down. Vocabulary-parallel: the embedding (rows,
 looked up where held and all-reduced) and the LM head (its vocabulary block's logits,
-gathered once). Norms are replicated (Gemma 3's four per layer and its per-head q/k norms
-too: they act on whole hidden vectors or on one head). A Hugging Face tensor is sliced to
+gathered once). An FP8 weight's per-row scales go with its rows: sliced where the rows are,
+whole where the columns are. Norms are replicated (Gemma 3's four per layer and its per-head
+q/k norms too: they act on whole hidden vectors or on one head). A Hugging Face tensor is sliced to
 this rank's block as it is loaded, so no rank ever holds the whole model.
 """
 
@@ -72,7 +73,7 @@ def shard_hf_tensor(
             start, end = tp.shard(total, part)
             return tensor[start:end]
     for part, total in columns.items():
-        if f".{part}." in name:
+        if f".{part}." in name and tensor.dim() > 1:  # (FP8 scales: one per output row)
             start, end = tp.shard(total, part)
             return tensor[:, start:end]
     return tensor  # norms: every rank holds them whole
