@@ -1,4 +1,5 @@
-"""Model sources: the embedded default GGUF, HF folders, hub ids, GGUF files, dummy weights."""
+"""Model sources: the embedded default GGUF, HF folders (FP8 checkpoints among them), hub ids,
+GGUF files, dummy weights."""
 
 from __future__ import annotations
 
