@@ -98,6 +98,7 @@ class ModelArgs:
     dtype: str
     seed: int
     quantization: str | None = None  # "fp8": FP8 weights
+    kv_cache_dtype: str = "auto"  # "fp8": the state in float8
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +175,11 @@ class Job:
         """Changes whenever anything that decides the job's results does."""
         digest = hashlib.sha256()
         fields = asdict(model)
-        if fields["quantization"] is None:  # as before the field existed: old runs still match
+        # As before these fields existed: earlier runs' jobs still match.
+        if fields["quantization"] is None:
             del fields["quantization"]
+        if fields["kv_cache_dtype"] == "auto":
+            del fields["kv_cache_dtype"]
         head = [fields, self.policy, self.chunk, self.timed]
         digest.update(json.dumps(head).encode())
         for t in self.tasks:
@@ -283,6 +287,8 @@ def run_job(job: Job, model: ModelArgs, device: str) -> dict[str, Any]:
         seed=model.seed,
         max_num_batched_tokens=job.token_budget,
         quantization=model.quantization,
+        kv_cache_dtype=model.kv_cache_dtype,
+        kernels="torch" if model.kv_cache_dtype == "fp8" else "auto",
     )
     load_s = time.perf_counter() - started
     _warm_up(llm, job)
@@ -639,6 +645,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="the weights' (default: the checkpoint's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="the state's K/V storage (fp8 runs the PyTorch kernels)")
     p.add_argument(
         "--dtype",
         default="float32",
@@ -768,7 +776,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tuple(args.chunk_state_sizes),
         args.passkey_max_tokens,
     )
-    model = ModelArgs(args.model, args.load_format, args.dtype, args.seed, args.quantization)
+    model = ModelArgs(args.model, args.load_format, args.dtype, args.seed, args.quantization,
+                      args.kv_cache_dtype)
     signed = [
         (job.signature(model), job) for job in group_jobs(build_tasks(plan, windows, passkeys))
     ]
@@ -808,6 +817,7 @@ def _settings(
         "model": model_name,
         "dtype": args.dtype,
         "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "devices": args.device,
         "torch": torch.__version__,
         "text": str(args.token_ids or args.text),

@@ -85,6 +85,7 @@ def _metrics(engine: AsyncEngine, model_name: str) -> ServerMetrics:
     metrics.set_engine_info(
         policy=info.policy, state_size=info.state_size, max_num_seqs=info.max_num_seqs,
         dtype=info.dtype, device=info.device, quantization=info.quantization,
+        kv_cache_dtype=info.kv_cache_dtype,
     )
     engine.on_stats(metrics.observe_step)
     metrics.register_local(SavedStatesCollector(engine, model_name))

@@ -265,3 +265,15 @@ def test_fp8_weights_on_the_gpu_follow_the_cpu_emulation(tiny_llama, mode):
         assert abs(b.outputs[0].logprobs[0][first].logprob
                    - a.outputs[0].logprobs[0][first].logprob) < 0.2
         assert len(b.outputs[0].token_ids) == 8
+
+
+def test_float8_state_on_the_gpu_equals_the_cpu_path(tiny_llama):
+    """kv_cache_dtype="fp8" on CUDA (the PyTorch kernels) against the CPU's float8 state, in
+    float32: greedy tokens and retained positions with evictions."""
+    outs = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(str(tiny_llama), device=device, dtype="float32", state_size=8,
+                  max_num_seqs=4, prefill_chunk_size=4, kv_cache_dtype="fp8", kernels="torch")
+        outs[device] = llm.generate([PROMPT], greedy(12, return_state=True), use_tqdm=False)
+    a, b = outs["cpu"][0].outputs[0], outs["cuda"][0].outputs[0]
+    assert b.token_ids == a.token_ids and b.state_positions == a.state_positions

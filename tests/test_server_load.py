@@ -112,7 +112,7 @@ def test_metrics_families_and_labels(smol_server):
     assert metrics.value("tova_state_memory_bytes") >= 8 * 5898240
     info = metrics.families["tova_engine_info"].samples[0].labels
     assert info["policy"] == "tova" and info["state_size"] == "128"
-    assert info["quantization"] == "none"
+    assert info["quantization"] == "none" and info["kv_cache_dtype"] == "auto"
 
 
 def test_evictions_are_counted_with_their_ages(client, smol_server):

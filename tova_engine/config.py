@@ -14,6 +14,7 @@ import torch
 
 from tova_engine.kernels import triton_available
 from tova_engine.model.fp8 import QUANTIZATIONS
+from tova_engine.state.kv_state import KV_CACHE_DTYPES
 from tova_engine.state.policies import POLICIES, Policy, make_policy
 from tova_engine.validation import (
     is_int,
@@ -76,6 +77,11 @@ class EngineConfig:
         choices=QUANTIZATIONS)
     # The fixed memory every request gets.
     state_size: int = setting(512, "key/value entries per layer per sequence")
+    # How the state stores K and V (state/fp8_buffer.py).
+    kv_cache_dtype: str = setting(
+        "auto", "auto: K/V in --dtype; fp8: in float8 e4m3 with a scale per head vector (half "
+                "of bfloat16's bytes: twice the slots at equal memory)",
+        choices=KV_CACHE_DTYPES)
     # A built-in policy's name, or a declared `Policy` (state/policies.py). (`setting` makes
     # a dataclasses.Field, which ruff cannot tell from a shared mutable default.)
     policy: str | Policy = setting(  # noqa: RUF009
@@ -161,6 +167,7 @@ class EngineConfig:
         require_choice("kernels", self.kernels, KERNELS)
         if self.quantization is not None:
             require_choice("quantization", self.quantization, QUANTIZATIONS)
+        require_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(
                 f"async_scheduling must be a bool or None; got {self.async_scheduling!r}"
@@ -235,6 +242,11 @@ class EngineConfig:
             )
         if self.kernels == "triton" and not self.triton_kernels:
             raise ValueError("kernels='triton' needs a CUDA device and the triton package")
+        if self.kv_cache_dtype == "fp8" and self.triton_kernels:
+            raise ValueError(
+                "kv_cache_dtype='fp8' runs on the PyTorch path so far: the fused Triton kernels "
+                "read a state in the model's dtype; pass kernels='torch' (--kernels torch)"
+            )
 
     @property
     def torch_device(self) -> torch.device:

@@ -105,7 +105,7 @@ class ServerMetrics:
         self.engine_info = Gauge(
             "tova_engine_info", "Constant 1; the labels describe the engine's configuration.",
             ["model_name", "policy", "state_size", "max_num_seqs", "dtype", "device",
-             "quantization"],
+             "quantization", "kv_cache_dtype"],
             registry=self.registry, multiprocess_mode="max")
 
     def _define_counters(self) -> None:

@@ -175,6 +175,13 @@ class ChunkAttention(AttentionBackend):
             return buffer[self.rows, :count].unsqueeze(0)
         return buffer[self.rows, :count]
 
+    def _past_kv(self, buffer, count: int) -> torch.Tensor:
+        """K or V [slots, Hkv, S+1, D] (a tensor, or a float8 `Fp8KV` read dequantized) ->
+        the rows' first `count` entries [R, Hkv, count, D]."""
+        if isinstance(self.rows, int):
+            return buffer[self.rows, :, :count].unsqueeze(0)
+        return buffer[self.rows, :, :count]
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         rows, length = self.num_rows, self.length
         state = self.state
@@ -183,8 +190,8 @@ class ChunkAttention(AttentionBackend):
         q = q.view(rows, length, *q.shape[1:])  # [R, C, H, D]
         k = k.view(rows, length, *k.shape[1:])  # [R, C, Hkv, D]
         v = v.view(rows, length, *v.shape[1:])
-        past_k = self._past(state.k[layer].transpose(1, 2), n).transpose(1, 2)  # [R, Hkv, n, D]
-        past_v = self._past(state.v[layer].transpose(1, 2), n).transpose(1, 2)
+        past_k = self._past_kv(state.k[layer], n)  # [R, Hkv, n, D]
+        past_v = self._past_kv(state.v[layer], n)
         keys = torch.cat((past_k, k.transpose(1, 2)), dim=2)  # [R, Hkv, n+C, D]
         values = torch.cat((past_v, v.transpose(1, 2)), dim=2)
         queries = q.transpose(1, 2)  # [R, H, C, D]
@@ -282,7 +289,7 @@ class ChunkAttention(AttentionBackend):
     def _write(self, buffer: torch.Tensor, kept: torch.Tensor, count: int) -> None:
         """buffer [slots, ..., S+1, ...] (entries on dim 2 for K/V, 1 for positions/stats)
         <- kept [R, ..., count, ...] at entries [0, count)."""
-        if buffer.dim() == 4:
+        if len(buffer.shape) == 4:  # (K/V: a tensor or a float8 Fp8KV)
             buffer[self.slots, :, :count] = kept
         else:
             buffer[self.slots, :count] = kept

@@ -96,6 +96,7 @@ class EngineCore:
         executor = self.executor
         config, model_config, policy = executor.config, executor.model_config, executor.policy
         dtype = config.torch_dtype
+        fp8 = config.kv_cache_dtype == "fp8"
         cache_bytes = executor.state_row_bytes() * self.prefix_cache.num_rows
         return EngineInfo(
             model_name=executor.model_name,
@@ -109,17 +110,20 @@ class EngineCore:
             dtype=str(dtype).removeprefix("torch."),
             device=str(config.torch_device),
             state_bytes_per_sequence=KVState.bytes_per_sequence(
-                model_config, config.state_size, dtype
+                model_config, config.state_size, dtype, fp8
             ),
             state_total_bytes=executor.state_total_bytes() - cache_bytes,
             eos_token_ids=sorted(executor.eos_token_ids),
-            state_bytes_by_layer_kind=KVState.bytes_by_kind(model_config, config.state_size, dtype),
+            state_bytes_by_layer_kind=KVState.bytes_by_kind(
+                model_config, config.state_size, dtype, fp8
+            ),
             state_bytes_saved_per_sequence=KVState.bytes_saved_per_sequence(
-                model_config, config.state_size, dtype
+                model_config, config.state_size, dtype, fp8
             ),
             prefix_cache_rows=self.prefix_cache.num_rows,
             prefix_cache_bytes=cache_bytes,
             quantization=executor.quantization or "none",
+            kv_cache_dtype=config.kv_cache_dtype,
         )
 
     def _log_startup(self) -> None:
@@ -130,7 +134,8 @@ class EngineCore:
             info.model_name,
             info.device,
             info.dtype,
-            ", FP8 weights" if info.quantization == "fp8" else "",
+            (", FP8 weights" if info.quantization == "fp8" else "")
+            + (", FP8 state" if info.kv_cache_dtype == "fp8" else ""),
             info.policy,
             info.state_size,
             info.state_bytes_per_sequence / 2**20,

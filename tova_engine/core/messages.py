@@ -46,11 +46,14 @@ class EngineInfo(msgspec.Struct, frozen=True):
     prefix_cache_bytes: int = 0
     # The weights' quantization ("fp8": the projections in float8), "none": the dtype's.
     quantization: str = "none"
+    # How the state stores K/V: "auto" (the dtype) or "fp8" (float8 with scales).
+    kv_cache_dtype: str = "auto"
 
     def snapshot_spec(self, capacity: int) -> SnapshotSpec:
         """What a state saved by this engine for a request of `capacity` entries records, and
         what a state must match to continue here: the one place a spec is assembled."""
-        return SnapshotSpec(self.model_name, self.dtype, self.state_size, capacity, self.policy)
+        return SnapshotSpec(self.model_name, self.dtype, self.state_size, capacity, self.policy,
+                            self.kv_cache_dtype)
 
 
 class SequenceRef(msgspec.Struct, array_like=True, frozen=True):

@@ -71,6 +71,7 @@ def state_footprint(
         config.torch_dtype,
         torch.device("meta"),
         track_stats=track_stats,
+        kv_cache_dtype=config.kv_cache_dtype,
     )
     # The engine pads graph batches into a spare slot whenever it replays CUDA graphs.
     return StateFootprint(one.total_bytes(), 1 if config.use_cuda_graphs else 0, config)

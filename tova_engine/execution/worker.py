@@ -98,6 +98,7 @@ def _build_worker(config: EngineConfig, tp: TensorParallel) -> Worker:
         pad_slot=use_graphs,
         tp=tp,
         cache_rows=state_footprint(config, model.local).cache_rows(config.max_num_seqs),
+        kv_cache_dtype=config.kv_cache_dtype,
     )
     eos = _eos_token_ids(model_config, source.tokenizer)
     runner = ModelRunner(

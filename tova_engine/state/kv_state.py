@@ -11,6 +11,9 @@ overwritten in place.
 
 Every layer of a row has read the same tokens and none evicts before it is full, so one
 counter per row gives every layer's entries: min(tokens read, capacity, layer size).
+
+With `kv_cache_dtype="fp8"` each layer's K and V are `Fp8KV`s (fp8_buffer.py): float8 values
+with a scale per head vector, indexed like the tensors, dequantized as they are read.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch
 
 from tova_engine.model.config import ModelConfig
 from tova_engine.parallel import SINGLE, TensorParallel
+from tova_engine.state.fp8_buffer import Fp8KV, entry_bytes
 from tova_engine.state.snapshots import SnapshotSpec, StateSnapshot
 
 LAYER_KINDS = ("global", "local")
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype
 
 
 def layer_state_sizes(config: ModelConfig, state_size: int) -> list[int]:
@@ -52,13 +57,16 @@ class KVState:
         pad_slot: bool = False,
         tp: TensorParallel = SINGLE,
         cache_rows: int = 0,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """model_config: this rank's shapes (its share of the KV heads under tensor
         parallelism). pad_slot: one more row than max_num_seqs, never given to a sequence,
         where the padding rows of a CUDA graph's batch write (see execution/decode_graphs.py).
         cache_rows: rows after those that hold cached prefix states (core/prefix_cache.py),
-        copied to and from slots like a fork (`copy_slot`)."""
+        copied to and from slots like a fork (`copy_slot`). kv_cache_dtype: "fp8" stores K
+        and V in float8 with scales (fp8_buffer.py); "auto" in `dtype`."""
         c = model_config
+        self.fp8 = kv_cache_dtype == "fp8"
         self.tp = tp
         # Query heads of a layer across all ranks: what the policies' attention averages over.
         self.total_heads = c.num_heads * tp.size
@@ -80,8 +88,10 @@ class KVState:
         self.cache_rows = range(first_cache_row, first_cache_row + cache_rows)
         rows = first_cache_row + cache_rows
 
-        def buffer(size: int) -> torch.Tensor:
+        def buffer(size: int) -> torch.Tensor | Fp8KV:
             shape = (rows, c.num_kv_heads, size + 1, c.head_dim)
+            if self.fp8:
+                return Fp8KV(shape, dtype, device)
             return torch.zeros(shape, dtype=dtype, device=device)
 
         self.k = [buffer(size) for size in self.layer_sizes]
@@ -122,18 +132,20 @@ class KVState:
         return self.tp.all_reduce(partial_sum) / self.total_heads
 
     @staticmethod
-    def bytes_per_sequence(model_config: ModelConfig, state_size: int, dtype: torch.dtype) -> int:
-        """K and V of every layer for one sequence: constant whatever its length."""
-        return sum(KVState.bytes_by_kind(model_config, state_size, dtype).values())
+    def bytes_per_sequence(
+        model_config: ModelConfig, state_size: int, dtype: torch.dtype, fp8: bool = False
+    ) -> int:
+        """K and V of every layer for one sequence: constant whatever its length. fp8: the
+        float8 state's (values and scales)."""
+        return sum(KVState.bytes_by_kind(model_config, state_size, dtype, fp8).values())
 
     @staticmethod
     def bytes_by_kind(
-        model_config: ModelConfig, state_size: int, dtype: torch.dtype
+        model_config: ModelConfig, state_size: int, dtype: torch.dtype, fp8: bool = False
     ) -> dict[str, int]:
         """K and V bytes per sequence of the global and of the local (sliding-window) layers."""
         c = model_config
-        element = torch.empty((), dtype=dtype).element_size()
-        per_entry = 2 * c.num_kv_heads * c.head_dim * element
+        per_entry = 2 * c.num_kv_heads * entry_bytes(c.head_dim, dtype, fp8)
         totals = dict.fromkeys(LAYER_KINDS, 0)
         for layer, size in enumerate(layer_state_sizes(c, state_size)):
             totals[layer_kind(c, layer)] += per_entry * size
@@ -141,22 +153,23 @@ class KVState:
 
     @staticmethod
     def bytes_saved_per_sequence(
-        model_config: ModelConfig, state_size: int, dtype: torch.dtype
+        model_config: ModelConfig, state_size: int, dtype: torch.dtype, fp8: bool = False
     ) -> int:
         """What sliding-window layers save per sequence against every layer holding
         `state_size` entries."""
         c = model_config
-        uniform = 2 * c.num_layers * c.num_kv_heads * c.head_dim * state_size
-        element = torch.empty((), dtype=dtype).element_size()
-        return uniform * element - KVState.bytes_per_sequence(c, state_size, dtype)
+        uniform = 2 * c.num_layers * c.num_kv_heads * entry_bytes(c.head_dim, dtype, fp8)
+        return uniform * state_size - KVState.bytes_per_sequence(c, state_size, dtype, fp8)
 
     def total_bytes(self) -> int:
-        tensors = [*self.k, *self.v, self.positions, self.num_entries, self.num_seen,
-                   self.capacity, self.protect_recent]
+        tensors = [self.positions, self.num_entries, self.num_seen, self.capacity,
+                   self.protect_recent]
         for optional in (self.stats, self.no_protection):
             if optional is not None:
                 tensors.append(optional)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        kv = sum(b.nbytes() if self.fp8 else b.numel() * b.element_size()
+                 for b in (*self.k, *self.v))
+        return kv + sum(t.numel() * t.element_size() for t in tensors)
 
     def reset_slot(self, slot: int, capacity: int, protect_recent: int = 0) -> None:
         """Make a slot empty for a new sequence; stale K/V beyond num_entries is never read."""
@@ -176,8 +189,12 @@ class KVState:
         cache row and restore it into a slot: every layer, the positions, statistics and
         counters, as device copies."""
         for k, v in zip(self.k, self.v, strict=True):
-            k[dst] = k[src]
-            v[dst] = v[src]
+            if self.fp8:  # the stored bytes: what the slot holds, exactly
+                k.copy_rows(dst, src)
+                v.copy_rows(dst, src)
+            else:
+                k[dst] = k[src]
+                v[dst] = v[src]
         self.positions[:, dst] = self.positions[:, src]
         if self.stats is not None:
             self.stats[:, dst] = self.stats[:, src]
@@ -198,18 +215,26 @@ class KVState:
         """A host copy of the slot's state (each layer's valid entries only)."""
         count = int(self.num_entries[slot])
         counts = [self.layer_entries(layer, count) for layer in range(self.num_layers)]
-        kv = _to_host([
-            *(layer[slot, :, :n] for layer, n in zip(self.k, counts, strict=True)),
-            *(layer[slot, :, :n] for layer, n in zip(self.v, counts, strict=True)),
-        ])
+
+        def stored(buffers) -> list[torch.Tensor]:  # float8 ones as stored, no dequantizing
+            return [(b.data if self.fp8 else b)[slot, :, :n]
+                    for b, n in zip(buffers, counts, strict=True)]
+
+        kv = _to_host([*stored(self.k), *stored(self.v)])
         positions = _to_host([self.positions[i, slot, :n] for i, n in enumerate(counts)])
-        stats = None
+        stats = scales = None
         if self.stats is not None:
             stats = _to_host([self.stats[i, slot, :n] for i, n in enumerate(counts)])
+        if self.fp8:
+            scales = _to_host([b.scale[slot, :, :n] for b, n in
+                               zip([*self.k, *self.v], counts * 2, strict=True)])
         k, v = kv[: self.num_layers], kv[self.num_layers :]
-        return StateSnapshot(
+        snapshot = StateSnapshot(
             spec, int(self.num_seen[slot]), list(pending_token_ids), k, v, positions, stats
         )
+        if scales is not None:
+            snapshot.k_scale, snapshot.v_scale = scales[: self.num_layers], scales[self.num_layers:]
+        return snapshot
 
     def restore(self, slot: int, snapshot: StateSnapshot, protect_recent: int = 0) -> None:
         """Put a snapshot's state in a slot (device copies; nothing is recomputed)."""
@@ -222,8 +247,14 @@ class KVState:
             self.stats[:, slot] = 0
         for layer in range(self.num_layers):
             n = snapshot.k[layer].shape[1]
-            self.k[layer][slot, :, :n] = dev(snapshot.k[layer])
-            self.v[layer][slot, :, :n] = dev(snapshot.v[layer])
+            if self.fp8:  # as stored (the spec says it was made with a float8 state)
+                for buffer, data, scale in ((self.k[layer], snapshot.k, snapshot.k_scale),
+                                            (self.v[layer], snapshot.v, snapshot.v_scale)):
+                    buffer.data[slot, :, :n] = dev(data[layer])
+                    buffer.scale[slot, :, :n] = dev(scale[layer])
+            else:
+                self.k[layer][slot, :, :n] = dev(snapshot.k[layer])
+                self.v[layer][slot, :, :n] = dev(snapshot.v[layer])
             self.positions[layer, slot, :n] = dev(snapshot.positions[layer])
             if self.stats is not None and snapshot.stats is not None:
                 self.stats[layer, slot, :n] = dev(snapshot.stats[layer])

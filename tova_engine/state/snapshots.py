@@ -8,7 +8,8 @@ fed to the state yet (no step ran after it); a continuation feeds it first
 (`pending_token_ids`), so continuing equals one request over the whole token stream.
 
 A snapshot records what it was made with (`SnapshotSpec`); continuing it under another model,
-dtype, state size or policy is refused.
+dtype, state size, policy or K/V storage (`kv_cache_dtype`) is refused. A float8 state is
+saved as stored, its scales beside it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class SnapshotSpec:
     state_size: int  # the engine's
     capacity: int  # the request's own state size (at most the engine's)
     policy: str
+    kv_cache_dtype: str = "auto"  # "fp8": K/V stored in float8 with scales
 
     def mismatch(self, other: SnapshotSpec) -> str | None:
         """What differs, in words, or None."""
@@ -40,6 +42,7 @@ class SnapshotSpec:
             "state_size": "the engine's state_size",
             "capacity": "state_size",
             "policy": "policy",
+            "kv_cache_dtype": "kv_cache_dtype",
         }
         for name, label in labels.items():
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -62,6 +65,9 @@ class StateSnapshot:
     v: Layers
     positions: Layers  # per layer [entries] int64
     stats: Layers | None = None  # per layer [entries], policies with a running statistic
+    # A float8 state's scales, per layer [kv_heads, entries] (k and v then hold float8).
+    k_scale: Layers | None = None
+    v_scale: Layers | None = None
 
     @property
     def num_entries(self) -> int:
@@ -75,8 +81,9 @@ class StateSnapshot:
 
     def _parts(self) -> dict[str, Layers]:
         parts = {"k": self.k, "v": self.v, "positions": self.positions}
-        if self.stats is not None:
-            parts["stats"] = self.stats
+        for name in ("stats", "k_scale", "v_scale"):
+            if getattr(self, name) is not None:
+                parts[name] = getattr(self, name)
         return parts
 
     @property
@@ -99,13 +106,16 @@ class StateSnapshot:
             pin(self.v),
             pin(self.positions),
             pin(self.stats),
+            pin(self.k_scale),
+            pin(self.v_scale),
         )
 
     # ----- files --------------------------------------------------------------------------
 
     def save(self, path: Path, key: str | None = None) -> int:
         """Write `path` (safetensors, metadata and `key` in its header); returns its size.
-        Layer i's tensors are "k.i", "v.i", "positions.i" (and "stats.i")."""
+        Layer i's tensors are "k.i", "v.i", "positions.i" (and "stats.i"; a float8 state's
+        "k_scale.i", "v_scale.i")."""
         tensors = {
             f"{name}.{i}": t for name, part in self._parts().items() for i, t in enumerate(part)
         }
@@ -135,7 +145,8 @@ class StateSnapshot:
             _layers(tensors, "k"),
             _layers(tensors, "v"),
             _layers(tensors, "positions"),
-            _layers(tensors, "stats") if "stats.0" in tensors or "stats" in tensors else None,
+            *(_layers(tensors, name) if f"{name}.0" in tensors or name in tensors else None
+              for name in ("stats", "k_scale", "v_scale")),
         )
 
 
