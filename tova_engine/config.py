@@ -242,11 +242,7 @@ class EngineConfig:
             )
         if self.kernels == "triton" and not self.triton_kernels:
             raise ValueError("kernels='triton' needs a CUDA device and the triton package")
-        if self.kv_cache_dtype == "fp8" and self.triton_kernels:
-            raise ValueError(
-                "kv_cache_dtype='fp8' runs on the PyTorch path so far: the fused Triton kernels "
-                "read a state in the model's dtype; pass kernels='torch' (--kernels torch)"
-            )
+
 
     @property
     def torch_device(self) -> torch.device:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from tova_engine.attention.backend import DecodeRows
+from tova_engine.state.fp8_buffer import quantize_vectors
 from tova_engine.state.kv_state import KVState
 from tova_engine.state.policies import Policy
 
@@ -67,12 +68,18 @@ class FusedDecodeAttention(DecodeRows):
                 q.device,
                 sharded_heads=state.tp.enabled,
             )
+        k_buf, v_buf, fp8 = state.k[layer], state.v[layer], None
+        if state.fp8:  # the float8 values, their scales and the new token quantized
+            (k_new, k_new_scale), (v_new, v_new_scale) = quantize_vectors(k), quantize_vectors(v)
+            fp8 = self.kernels.Fp8Step(k_buf.scale, v_buf.scale, k_new, v_new, k_new_scale,
+                                       v_new_scale)
+            k_buf, v_buf = k_buf.data, v_buf.data
         return self.kernels.decode_attention(
             q.contiguous(),
             k,
             v,
-            state.k[layer],
-            state.v[layer],
+            k_buf,
+            v_buf,
             state.positions[layer],
             None if state.stats is None else state.stats[layer],
             self.slots,
@@ -87,6 +94,7 @@ class FusedDecodeAttention(DecodeRows):
             total_heads=state.total_heads,
             all_reduce=state.tp.all_reduce,
             scale=state.attention_scalar**-0.5,
+            fp8=fp8,
         )
 
     @property

@@ -77,7 +77,11 @@ class DecodeAttention(DecodeRows):
         v_buf[self.slots, :, entries] = v
         self.state.positions[layer, self.slots, entries] = self.newest
         rows, width = self.rows_of_state, view.width
-        out, attn = self._attend(view, q, k_buf[rows, :, :width], v_buf[rows, :, :width])
+        keys, values = k_buf[rows, :, :width], v_buf[rows, :, :width]
+        if self.state.fp8:  # (dequantized copies) the new token as computed, as the kernel
+            keys[self.rows, :, entries] = k
+            values[self.rows, :, entries] = v
+        out, attn = self._attend(view, q, keys, values)
         self._evict(layer, view, attn, k, v)
         return out
 

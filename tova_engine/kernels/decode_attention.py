@@ -15,7 +15,12 @@ CUDA graph too), and `_evict_kernel` scores from them.
 The new token is never written to the spare entry first: when the row is not full its
 target is index `num_entries`, which is that entry anyway.
 
-`state_attention.DecodeAttention` (PyTorch) is the reference these kernels are tested against.
+A float8 state (`kv_cache_dtype="fp8"`) is read as e4m3 values with a float32 scale per head
+vector, folded into each entry's logit (K) and probability (V); the new token is attended as
+computed and stored as the caller quantized it (`Fp8Step`: the PyTorch path's own function,
+so both store the same bits).
+
+`attention.pytorch.DecodeAttention` is the reference these kernels are tested against.
 """
 
 from __future__ import annotations
@@ -38,15 +43,17 @@ TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 @triton.jit
 def _attend_kernel(
-    q_ptr, k_new_ptr, v_new_ptr, k_buf_ptr, v_buf_ptr, slots_ptr, entries_ptr,
+    q_ptr, k_new_ptr, v_new_ptr, k_buf_ptr, v_buf_ptr, k_scale_ptr, v_scale_ptr,
+    slots_ptr, entries_ptr,
     logits_ptr, m_ptr, l_ptr, acc_ptr,
     stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_kr, stride_kh, stride_ke, stride_vr, stride_vh, stride_ve,
+    stride_ksr, stride_ksh, stride_vsr, stride_vsh,
     stride_lb, stride_lh,
     split_len, scale,
     NUM_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,6 +89,8 @@ def _attend_kernel(
         tl.store(logit_row + n, logit_new, mask=g_mask & (offs_g * 0 + split == 0))
     k_row = k_buf_ptr + slot * stride_kr + kv_head * stride_kh
     v_row = v_buf_ptr + slot * stride_vr + kv_head * stride_vh
+    k_scale_row = k_scale_ptr + slot * stride_ksr + kv_head * stride_ksh  # (FP8 only)
+    v_scale_row = v_scale_ptr + slot * stride_vsr + kv_head * stride_vsh
     lo = split.to(tl.int64) * split_len
     hi = tl.minimum(lo + split_len, n)
     # Every block holds at least one valid entry (start < hi), so m stays finite.
@@ -90,7 +99,12 @@ def _attend_kernel(
         e_mask = e < hi
         kv_mask = e_mask[:, None] & d_mask[None, :]
         k = tl.load(k_row + e[:, None] * stride_ke + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BG, BN] fp32
+        if FP8:  # float8 entries times their head vector's scale, folded into the logit's
+            k_scale = tl.load(k_scale_row + e, mask=e_mask, other=0.0)  # [BN]
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+            s = s * (k_scale * scale)[None, :]  # [BG, BN] fp32
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BG, BN] fp32
         s = tl.where(e_mask[None, :], s, float("-inf"))
         if STORE_LOGITS:
             tl.store(logit_row[:, None] + e[None, :], s, mask=g_mask[:, None] & e_mask[None, :])
@@ -99,7 +113,13 @@ def _attend_kernel(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_row + e[:, None] * stride_ve + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if FP8:  # each entry's value scale folded into its probability
+            v_scale = tl.load(v_scale_row + e, mask=e_mask, other=0.0)
+            weighted = (p * v_scale[None, :]).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(weighted, v.to(q.dtype),
+                                                input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     part = (b * NUM_HEADS + heads) * num_splits + split  # [BG] index into [B, H, splits]
     tl.store(m_ptr + part, m_i, mask=g_mask)
@@ -176,16 +196,19 @@ def _merge_kernel(
 @triton.jit
 def _evict_kernel(
     out_ptr, m_ptr, l_ptr, acc_ptr, logits_ptr, sums_ptr,
-    k_new_ptr, v_new_ptr, k_buf_ptr, v_buf_ptr, positions_ptr, stats_ptr,
+    k_new_ptr, v_new_ptr, k_buf_ptr, v_buf_ptr, k_scale_ptr, v_scale_ptr,
+    k_new_scale_ptr, v_new_scale_ptr,
+    positions_ptr, stats_ptr,
     slots_ptr, entries_ptr, capacity_ptr, newest_ptr, recent_ptr, ages_ptr,
     stride_ob, stride_oh, stride_lb, stride_lh, stride_sb,
     stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_kr, stride_kh, stride_ke, stride_vr, stride_vh, stride_ve,
+    stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_ksnb, stride_vsnb,
     stride_pr, stride_sr,
     num_splits,
     NUM_HEADS: tl.constexpr, TOTAL_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
     SCORE: tl.constexpr, USES_ATTENTION: tl.constexpr, SUMS_IN: tl.constexpr,
-    PROTECT_FIRST: tl.constexpr,
+    PROTECT_FIRST: tl.constexpr, FP8: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """SUMS_IN: the output is written and the per-entry head sums come all-reduced in `sums`
@@ -254,21 +277,43 @@ def _evict_kernel(
     held = tl.where(target == n, newest, held)
     tl.store(ages_ptr + b, tl.where(full, newest - held, -1))
     offs_kv = tl.arange(0, BLOCK_KV)
-    kvd_mask = (offs_kv < KV_HEADS)[:, None] & d_mask[None, :]
+    kv_mask = offs_kv < KV_HEADS
+    kvd_mask = kv_mask[:, None] & d_mask[None, :]
     k_new = tl.load(
-        k_new_ptr + b * stride_knb + offs_kv[:, None] * stride_knh + offs_d[None, :], mask=kvd_mask
+        k_new_ptr + b * stride_knb + offs_kv[:, None] * stride_knh + offs_d[None, :],
+        mask=kvd_mask, other=0.0,
     )
     v_new = tl.load(
-        v_new_ptr + b * stride_vnb + offs_kv[:, None] * stride_vnh + offs_d[None, :], mask=kvd_mask
+        v_new_ptr + b * stride_vnb + offs_kv[:, None] * stride_vnh + offs_d[None, :],
+        mask=kvd_mask, other=0.0,
     )
     k_dst = k_buf_ptr + slot * stride_kr + offs_kv[:, None] * stride_kh + target * stride_ke
     v_dst = v_buf_ptr + slot * stride_vr + offs_kv[:, None] * stride_vh + target * stride_ve
+    if FP8:  # k_new / v_new are the token quantized already; their scales beside them
+        k_scale = tl.load(k_new_scale_ptr + b * stride_ksnb + offs_kv, mask=kv_mask)
+        v_scale = tl.load(v_new_scale_ptr + b * stride_vsnb + offs_kv, mask=kv_mask)
+        tl.store(k_scale_ptr + slot * stride_ksr + offs_kv * stride_ksh + target, k_scale,
+                 mask=kv_mask)
+        tl.store(v_scale_ptr + slot * stride_vsr + offs_kv * stride_vsh + target, v_scale,
+                 mask=kv_mask)
     tl.store(k_dst + offs_d[None, :], k_new, mask=kvd_mask)
     tl.store(v_dst + offs_d[None, :], v_new, mask=kvd_mask)
     tl.store(positions_row + target, newest)
     if SCORE == _ACCUMULATED:
         tl.debug_barrier()  # the block stores above may have written `target` from other threads
         tl.store(stats_row + target, new_stat)
+
+
+class Fp8Step(NamedTuple):
+    """A float8 state's part of a decode layer: the state's per-vector scales, and the new
+    token quantized for storing (the attention reads it as computed)."""
+
+    k_scale: torch.Tensor  # [rows, Hkv, S+1] float32
+    v_scale: torch.Tensor
+    k_new: torch.Tensor  # [B, Hkv, D] float8 e4m3
+    v_new: torch.Tensor
+    k_new_scale: torch.Tensor  # [B, Hkv] float32
+    v_new_scale: torch.Tensor
 
 
 class DecodeScratch(NamedTuple):
@@ -347,6 +392,7 @@ def decode_attention(
     total_heads: int | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     scale: float | None = None,
+    fp8: Fp8Step | None = None,
 ) -> torch.Tensor:
     """One layer's decode step for B rows; updates the state in place.
 
@@ -359,11 +405,13 @@ def decode_attention(
     Tensor parallelism: H is this rank's share of `total_heads`; `all_reduce` sums
     `scratch.sums` across ranks in place (needed when the policy reads attention).
     scale: of the attention logits, head_dim ** -0.5 when None.
+    fp8: with a float8 state (k_buf and v_buf hold e4m3): its scales and the new token
+    quantized for storing; the new token is attended as computed.
     """
     batch, num_heads, head_dim = q.shape
     kv_heads = k_new.shape[1]
     group = num_heads // kv_heads
-    for t in (q, k_new, v_new, k_buf, v_buf):
+    for t in (q, k_new, v_new, k_buf, v_buf, *((fp8.k_new, fp8.v_new) if fp8 else ())):
         if t.stride(-1) != 1:
             raise ValueError("decode_attention needs the last dimension contiguous")
     out = torch.empty_like(q)
@@ -372,19 +420,27 @@ def decode_attention(
     stats_arg = positions if stats is None else stats  # read only for accumulated attention
     block_d = triton.next_power_of_2(head_dim)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # Without a float8 state the scale pointers are stubs the kernels never read.
+    stub = scratch.row_max
+    k_scales, v_scales = (fp8.k_scale, fp8.v_scale) if fp8 else (stub, stub)
+    k_new_scales, v_new_scales = (fp8.k_new_scale, fp8.v_new_scale) if fp8 else (stub, stub)
+    k_stored, v_stored = (fp8.k_new, fp8.v_new) if fp8 else (k_new, v_new)
+    scale_strides = (k_scales.stride(0), k_scales.stride(1), v_scales.stride(0),
+                     v_scales.stride(1))
     _attend_kernel[(batch, kv_heads, splits)](
-        q, k_new, v_new, k_buf, v_buf, slots, entries,
+        q, k_new, v_new, k_buf, v_buf, k_scales, v_scales, slots, entries,
         scratch.logits, scratch.row_max, scratch.row_sum, scratch.acc,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1),
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
         v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
+        *scale_strides,
         scratch.logits.stride(0), scratch.logits.stride(1),
         scratch.split_len, head_dim**-0.5 if scale is None else scale,
         NUM_HEADS=num_heads, G=group, D=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=TUNING["block_n"], STORE_LOGITS=uses_attention, DOT_PRECISION=precision,
-        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+        FP8=fp8 is not None, num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )  # fmt: skip
     block_h = triton.next_power_of_2(num_heads)
     block_e = max(16, min(256, 4096 // block_h))
@@ -405,18 +461,20 @@ def decode_attention(
         all_reduce(sums)
     _evict_kernel[(batch,)](
         out, scratch.row_max, scratch.row_sum, scratch.acc, scratch.logits, sums,
-        k_new, v_new, k_buf, v_buf, positions, stats_arg,
+        k_stored, v_stored, k_buf, v_buf, k_scales, v_scales, k_new_scales, v_new_scales,
+        positions, stats_arg,
         slots, entries, capacity, newest, recent, ages,
         out.stride(0), out.stride(1), scratch.logits.stride(0), scratch.logits.stride(1),
         sums.stride(0),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        k_stored.stride(0), k_stored.stride(1), v_stored.stride(0), v_stored.stride(1),
         k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
         v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
+        *scale_strides, k_new_scales.stride(0), v_new_scales.stride(0),
         positions.stride(0), stats_arg.stride(0),
         splits,
         NUM_HEADS=num_heads, TOTAL_HEADS=total_heads or num_heads, KV_HEADS=kv_heads,
         D=head_dim, SCORE=score, USES_ATTENTION=uses_attention, SUMS_IN=sums_in,
-        PROTECT_FIRST=protect_first,
+        PROTECT_FIRST=protect_first, FP8=fp8 is not None,
         BLOCK_H=block_h, BLOCK_KV=triton.next_power_of_2(kv_heads), BLOCK_D=block_d,
         BLOCK_E=block_e,
         num_warps=4,
