@@ -63,8 +63,8 @@ def parse_args() -> argparse.Namespace:
 def make_engine(args, batch: int, state_size: int, spare_slots: int = 0) -> LLMEngine:
     return LLMEngine(EngineConfig(
         model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
-        policy=args.policy, quantization=args.quantization, state_size=state_size,
-        max_num_seqs=batch + spare_slots,
+        policy=args.policy, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        state_size=state_size, max_num_seqs=batch + spare_slots,
         max_num_batched_tokens=max(batch * 2, 2048, batch + spare_slots * args.mixed_prompt_len),
         prefill_chunk_size=state_size,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],

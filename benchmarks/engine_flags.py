@@ -16,6 +16,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="tova")
     parser.add_argument("--quantization", default=None, choices=["fp8"],
                         help="the weights' (default: the checkpoint's)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="the state's K/V storage")
 
 
 def sync() -> None:

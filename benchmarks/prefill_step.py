@@ -67,6 +67,7 @@ class Rig:
         self.engine = LLMEngine(EngineConfig(
             model=args.model, load_format=args.load_format, device=args.device,
             dtype=args.dtype, policy=args.policy, quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
             state_size=args.state_size,
             max_num_seqs=max(args.decodes) + most_prompts, prefill_chunk_size=chunk,
             max_num_batched_tokens=max(args.tokens) + max(args.decodes),
