@@ -68,6 +68,8 @@ def make_engine(args, batch: int, state_size: int, spare_slots: int = 0) -> LLME
         max_num_batched_tokens=max(batch * 2, 2048, batch + spare_slots * args.mixed_prompt_len),
         prefill_chunk_size=state_size,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        # Every timed step decodes the whole batch: its one graph is all that is replayed.
+        cuda_graph_batch_sizes=(batch + spare_slots,),
     ))
 
 
