@@ -121,6 +121,38 @@ def test_activations_are_reserved():
     assert activation_bytes(config, TINY, 4) >= memory.FIXED_RESERVE["cpu"]
 
 
+# ----- the default prefix cache on one GPU -----------------------------------------------------
+
+
+def test_the_default_prefix_cache_takes_what_the_slots_leave():
+    """64 explicit slots of SmolLM2 at S=512 (float64) beside 1 GiB of weights on a 40 GiB
+    device: the cache takes every row memory_utilization leaves, and the whole still fits."""
+    config = EngineConfig(state_size=512, max_num_seqs=64, dtype="float64", device="cpu")
+    weights, total = GiB, 40 * GiB
+    mem = DeviceMemory(total - weights, total)
+    resolved = resolve_config(config, SMOLLM2, weights, mem, fill_prefix_cache=True)
+    footprint = state_footprint(resolved, SMOLLM2)
+    rows = footprint.cache_rows(64)
+    assert rows > 64 // 16 and resolved.prefix_cache_bytes == rows * footprint.slot_bytes
+    budget = int(0.9 * total) - weights
+    used = footprint.bytes_for(64) + activation_bytes(resolved, SMOLLM2, 64)
+    assert used <= budget < used + footprint.slot_bytes  # one row more would not fit
+    check_fits(resolved, SMOLLM2, mem)
+    # Left as it was: asked for explicitly, not filling (CPU, tensor parallelism), or no room.
+    explicit = config.replace(prefix_cache_bytes=0)
+    assert resolve_config(explicit, SMOLLM2, weights, mem, fill_prefix_cache=True) is explicit
+    assert resolve_config(config, SMOLLM2, weights, mem) is config
+    tight = DeviceMemory(needed(config, SMOLLM2, 64), needed(config, SMOLLM2, 64))
+    assert resolve_config(config, SMOLLM2, 0, tight, fill_prefix_cache=True) is config
+
+
+def test_the_filled_prefix_cache_is_capped():
+    config = EngineConfig(state_size=16, max_num_seqs=4, device="cpu")
+    mem = DeviceMemory(100 * GiB, 100 * GiB)
+    resolved = resolve_config(config, TINY, 0, mem, fill_prefix_cache=True)
+    assert state_footprint(resolved, TINY).cache_rows(4) == memory.MAX_CACHE_ROWS
+
+
 # ----- max_num_seqs="auto" ------------------------------------------------------------------
 
 

@@ -148,8 +148,9 @@ class EngineConfig:
     # Cached prompt-prefix states (core/prefix_cache.py): rows of the state beside the slots.
     prefix_cache_bytes: int | None = setting(
         None, "device memory for the states of prompt prefixes that later prompts start with "
-              "(restored instead of prefilled again, outputs unchanged); default: 1/16 of the "
-              "slots' state memory; 0: off")
+              "(restored instead of prefilled again, outputs unchanged); default: on one GPU "
+              "what --memory-utilization leaves beside the slots, else (CPU, tensor "
+              "parallelism) 1/16 of the slots' state memory; 0: off")
     # None: DEFAULT_TARGET_ITL_MS with CUDA, 0 on CPU (execution.executor.resolve_device).
     # The pacing: core/prefill_pacer.py.
     target_itl_ms: float | Literal["auto"] | None = setting(

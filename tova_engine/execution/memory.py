@@ -34,6 +34,8 @@ logger = logging.getLogger("tova_engine")
 
 # More slots than any step batches usefully; "auto" stops here even with memory to spare.
 AUTO_MAX_NUM_SEQS = 1024
+# The default prefix cache's most rows when it fills the memory left (leftover_cache_rows).
+MAX_CACHE_ROWS = 4096
 # What the activation estimate leaves out: CUDA graph pools, cuBLAS/Triton workspaces,
 # allocator fragmentation (CUDA); interpreter and tokenizer growth (CPU).
 FIXED_RESERVE = {"cuda": 1 << 30, "cpu": 256 << 20}
@@ -107,11 +109,45 @@ def resolve_config(
     model_config: ModelConfig,
     weight_bytes: int,
     memory: DeviceMemory | None = None,
+    fill_prefix_cache: bool = False,
 ) -> EngineConfig:
     """`config` with an integer max_num_seqs whose state fits; ValueError when none does.
 
-    memory: what the device has now (default: measured); tests pass their own figures."""
+    memory: what the device has now (default: measured); tests pass their own figures.
+    fill_prefix_cache: with prefix_cache_bytes unset, the prefix cache takes what
+    memory_utilization leaves once the slots are placed (`leftover_cache_rows`)."""
     memory = memory or device_memory(config.torch_device, weight_bytes)
+    resolved = _resolve_slots(config, model_config, weight_bytes, memory)
+    if fill_prefix_cache and config.prefix_cache_bytes is None:
+        footprint = state_footprint(resolved, model_config)
+        rows = leftover_cache_rows(resolved, model_config, weight_bytes, memory)
+        if rows > footprint.cache_rows(resolved.num_slots):
+            logger.info(
+                "prefix cache: %d rows (%s), what memory_utilization %.2f leaves beside the "
+                "slots (--prefix-cache-bytes sets it)", rows, _size(rows * footprint.slot_bytes),
+                config.memory_utilization)
+            resolved = resolved.replace(prefix_cache_bytes=rows * footprint.slot_bytes)
+    return resolved
+
+
+def leftover_cache_rows(
+    config: EngineConfig, model_config: ModelConfig, weight_bytes: int, memory: DeviceMemory
+) -> int:
+    """Prefix-cache rows for the default on one GPU (vLLM's prefix cache lives in the
+    memory its KV cache does not use): the default share (1/16 of the slots) and as many
+    more as memory_utilization leaves after weights, slots and activations, at most
+    MAX_CACHE_ROWS."""
+    slots = config.num_slots
+    footprint = state_footprint(config, model_config)
+    allowed = int(config.memory_utilization * memory.total) - weight_bytes
+    spare = min(allowed, memory.free) - _needed(config, model_config, slots)
+    extra = max(0, spare) // footprint.slot_bytes
+    return min(MAX_CACHE_ROWS, footprint.cache_rows(slots) + extra)
+
+
+def _resolve_slots(
+    config: EngineConfig, model_config: ModelConfig, weight_bytes: int, memory: DeviceMemory
+) -> EngineConfig:
     if config.max_num_seqs != "auto":
         check_fits(config, model_config, memory)
         return config

@@ -86,7 +86,10 @@ def _build_worker(config: EngineConfig, tp: TensorParallel) -> Worker:
     quantization = resolve_quantization(config, source.quantization)
     model = _build_model(config, model_config, source.weights, fused, tp, quantization)
     # Before the state is allocated: refuse one that cannot fit, size max_num_seqs="auto".
-    config = resolve_config(config, model.local, weight_bytes(model))
+    # One GPU: the default prefix cache fills what the slots leave (a group keeps the fixed
+    # share: every rank must hold the same rows, whatever each measures free).
+    fill = config.torch_device.type == "cuda" and not tp.enabled
+    config = resolve_config(config, model.local, weight_bytes(model), fill_prefix_cache=fill)
     use_graphs = fused and config.use_cuda_graphs
     state = KVState(
         model.local,
