@@ -77,6 +77,10 @@ class ServerSettings:
     # They may hold private data.
     log_requests: bool = setting(
         False, "also log each generation request's body: prompts and parameters")
+    # See server/http/request_fields.py.
+    strict_request_fields: bool = setting(
+        False, "refuse request fields that are neither OpenAI's nor this server's (400 naming "
+               "the field) instead of logging each once and ignoring it, as vLLM does")
     # See server/http/fault_injection.py.
     enable_fault_injection: bool = setting(
         False, "testing only: honour the X-Tova-Fault request header (docs/reliability.md); "

@@ -44,7 +44,6 @@ BAD_REQUESTS = [
     ("completions", {"top_k": -2}, "top_k"),
     ("completions", {"protect_recent": -1}, "protect_recent"),
     ("completions", {"protect_recent": 2.5}, "protect_recent"),
-    ("completions", {"frobnicate": True}, "frobnicate"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": 3}}}}}]},
      "tools.0.function.parameters"),

@@ -8,7 +8,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from server.protocol.common import ResponseModel, SamplingFields, StrictModel, Usage
+from server.protocol.common import RequestPart, ResponseModel, SamplingFields, Usage
+from server.protocol.openai_fields import ChatOpenAIFields
 from server.protocol.schema import CONTENT, count
 from server.protocol.tools import (
     NamedToolChoice,
@@ -37,7 +38,7 @@ def _content_text(value: Any) -> str | None:
     return "\n".join(texts)
 
 
-class ChatMessage(StrictModel):
+class ChatMessage(RequestPart):
     # "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | None, CONTENT] = None
@@ -91,17 +92,17 @@ def _arguments(text: str) -> Any:
         return text
 
 
-class JsonSchemaFormat(StrictModel):
+class JsonSchemaFormat(RequestPart):
     """`response_format.json_schema` (OpenAI's): the schema the message content follows."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(StrictModel):
+class ResponseFormat(RequestPart):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -112,7 +113,7 @@ class ResponseFormat(StrictModel):
         return self
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatOpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[int | None, count()] = None
     max_completion_tokens: Annotated[int | None, count()] = None

@@ -17,12 +17,14 @@ from server.protocol.schema import LOGIT_BIAS, STOP, TOKEN_IDS, count, number
 from server.protocol.unicode import lone_surrogate_path
 
 
-class StrictModel(BaseModel):
-    # Unknown fields are refused (400 naming the field), never silently ignored.
-    model_config = ConfigDict(extra="forbid")
+class RequestPart(BaseModel):
+    # Unknown fields are kept aside (`model_extra`): the route refuses them under
+    # --strict-request-fields and otherwise logs and ignores them, as vLLM does
+    # (server/http/request_fields.py).
+    model_config = ConfigDict(extra="allow")
 
 
-class RequestModel(StrictModel):
+class RequestModel(RequestPart):
     """A whole request body: its strings are checked for lone surrogates before anything
     else reads them (see `server.protocol.unicode`)."""
 
@@ -52,12 +54,13 @@ class ResponseModel(BaseModel):
         return self.model_dump_json(exclude_unset=True)
 
 
-class StreamOptions(StrictModel):
+class StreamOptions(RequestPart):
     include_usage: bool = False
 
 
-class StructuredOutputsField(StrictModel):
-    """`structured_outputs` (vLLM's): exactly one constraint on the output."""
+class StructuredOutputsField(RequestPart):
+    """`structured_outputs` (vLLM's): exactly one constraint on the output. A kind of
+    constraint not known here is refused, never ignored: the output would be unconstrained."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")

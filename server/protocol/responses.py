@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from server.protocol.chat import _content_text
-from server.protocol.common import RequestModel, ResponseModel, StrictModel
+from server.protocol.common import RequestModel, RequestPart, ResponseModel
+from server.protocol.openai_fields import ResponsesOpenAIFields
 from server.protocol.schema import count, number
 
 
@@ -24,7 +25,7 @@ def _input_text(value: Any) -> Any:
     return _content_text(value)
 
 
-class InputMessage(StrictModel):
+class InputMessage(RequestPart):
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
     content: str
@@ -97,7 +98,28 @@ class DeletedResponse(ResponseModel):
     deleted: bool
 
 
-class ResponsesRequest(RequestModel):
+class TextFormat(RequestPart):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class TextOptions(RequestPart):
+    """`text`: the output's format (plain text only, for now) and verbosity (ignored)."""
+
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _plain(cls, value: TextFormat | None) -> TextFormat | None:
+        if value is not None and value.type != "text":
+            raise ValueError(
+                f"text.format type {value.type!r} is not supported on /v1/responses yet; "
+                "use /v1/chat/completions with response_format for structured output"
+            )
+        return value
+
+
+class ResponsesRequest(RequestModel, ResponsesOpenAIFields):
     model: str | None = None
     # A string (one user message) or a list of messages; checked by `_input`, so that every
     # error about it names `input`.
@@ -116,6 +138,10 @@ class ResponsesRequest(RequestModel):
     parallel_tool_calls: bool | None = None
     tool_choice: Literal["none", "auto"] | None = None
     tools: Annotated[list[dict[str, Any]] | None, Field(max_length=0)] = None
+    text: TextOptions | None = None
+    # OpenAI-hosted objects this server cannot load: refused by name, never dropped unread.
+    prompt: dict[str, Any] | None = None
+    conversation: str | dict[str, Any] | None = None
     # This server's and vLLM's extras.
     state_size: Annotated[int | None, count(1)] = None
     seed: int | None = None
@@ -126,6 +152,17 @@ class ResponsesRequest(RequestModel):
     repetition_penalty: Annotated[float | None, number(0.01)] = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, count(nullable=False)] = 0
+
+    @field_validator("prompt", "conversation")
+    @classmethod
+    def _hosted(cls, value: Any, info) -> Any:
+        if value is not None:
+            raise ValueError(
+                f"{info.field_name} refers to an object stored at OpenAI, which this server "
+                "cannot load; send the text itself (input, instructions) or continue with "
+                "previous_response_id"
+            )
+        return value
 
     @field_validator("input")
     @classmethod

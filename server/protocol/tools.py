@@ -7,38 +7,38 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from server.protocol.common import ResponseModel, StrictModel
+from server.protocol.common import RequestPart, ResponseModel
 
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-class FunctionDefinition(StrictModel):
+class FunctionDefinition(RequestPart):
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON Schema; none: no arguments
     strict: bool | None = None
 
 
-class ToolDefinition(StrictModel):
+class ToolDefinition(RequestPart):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(StrictModel):
+class FunctionName(RequestPart):
     name: str
 
 
-class NamedToolChoice(StrictModel):
+class NamedToolChoice(RequestPart):
     type: Literal["function"]
     function: FunctionName
 
 
-class FunctionCall(StrictModel):
+class FunctionCall(RequestPart):
     name: str
     arguments: str  # JSON text, as the model wrote it
 
 
-class ToolCall(StrictModel):
+class ToolCall(RequestPart):
     """A call in an assistant message of the history."""
 
     id: str

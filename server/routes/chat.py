@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from server.http.fault_injection import fault_processors
 from server.http.openapi import generation_responses
+from server.http.request_fields import check_request_fields
 from server.http.request_log import log_request_body, name_request, track_generation
 from server.protocol.chat import (
     ChatCompletionChunk,
@@ -28,6 +29,7 @@ router = APIRouter()
              responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = get_context(request)
+    check_request_fields(body, request.url.path, ctx.settings.strict_request_fields)
     request_id = name_request(request, "chatcmpl-")
     if ctx.settings.log_requests:
         log_request_body(request_id, body)

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from server.http.openapi import generation_responses, json_responses
+from server.http.request_fields import check_request_fields
 from server.http.request_log import log_request_body, name_request, track_generation
 from server.protocol.responses import (
     DeletedResponse,
@@ -41,6 +42,7 @@ router = APIRouter()
              responses=generation_responses(ResponseObject, ResponseStreamEvent))
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     ctx = get_context(request)
+    check_request_fields(body, request.url.path, ctx.settings.strict_request_fields)
     response_id = name_request(request, "resp_")
     if ctx.settings.log_requests:
         log_request_body(response_id, body)

@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from server.http.errors import bad_request
 from server.http.openapi import body_responses, json_responses
+from server.http.request_fields import check_request_fields
 from server.protocol.fields import is_token_id
 from server.protocol.tokenize import (
     DetokenizeRequest,
@@ -32,6 +33,7 @@ def _tokenizer(ctx: ServerContext, param: str):
 @router.post("/tokenize", responses=body_responses(TokenizeResponse, 404))
 async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     ctx = get_context(request)
+    check_request_fields(body, request.url.path, ctx.settings.strict_request_fields)
     ctx.resolve_model(body.model)
     if body.messages is not None:
         tokens = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt,
@@ -49,6 +51,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
 @router.post("/detokenize", responses=body_responses(DetokenizeResponse, 404))
 async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     ctx = get_context(request)
+    check_request_fields(body, request.url.path, ctx.settings.strict_request_fields)
     ctx.resolve_model(body.model)
     tokenizer = _tokenizer(ctx, "tokens")
     vocab = ctx.vocab_size

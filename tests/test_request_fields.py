@@ -1,0 +1,147 @@
+"""Request fields this server does not act on (server/http/request_fields.py): the official
+`openai` client with every optional Chat Completions and Responses field set gets its answer,
+each ignored field logged once; fields nobody declared are ignored with one warning per
+name, or refused naming the field under --strict-request-fields; OpenAI-hosted objects and
+formats not built yet are refused by name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import openai
+import pytest
+
+from server import ServerSettings, create_app
+from server.http import request_fields
+from tests.server_utils import call
+from tests.tiny_chat_model import save_tiny_chat_model
+from tova_engine import AsyncEngine, EngineConfig
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+SETTINGS = ServerSettings(served_model_names=("tiny",))
+STRICT = ServerSettings(served_model_names=("tiny",), strict_request_fields=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder = save_tiny_chat_model(tmp_path_factory.mktemp("chat-model"))
+    engine = AsyncEngine(EngineConfig(model=str(folder), device="cpu", state_size=16,
+                                      max_num_seqs=2))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_memory(monkeypatch):
+    """Each test sees first-time log lines (the set is per process)."""
+    monkeypatch.setattr(request_fields, "_logged", set())
+
+
+def official_client(app) -> openai.AsyncOpenAI:
+    transport = httpx.ASGITransport(app=app)
+    return openai.AsyncOpenAI(base_url="http://app/v1", api_key="unused",
+                              http_client=httpx.AsyncClient(transport=transport))
+
+
+def ignored_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "accepted and ignored" in r.getMessage()]
+
+
+def test_every_openai_chat_field_through_the_official_client(engine, caplog):
+    client = official_client(create_app(engine, SETTINGS))
+    fields = dict(
+        store=True, metadata={"team": "a"}, service_tier="auto", reasoning_effort="low",
+        verbosity="low", prompt_cache_key="k1", safety_identifier="u-1", user="u-1",
+        modalities=["text"], prediction={"type": "content", "content": "Hello"},
+        web_search_options={}, parallel_tool_calls=True, seed=3, logprobs=True,
+        top_logprobs=2, frequency_penalty=0.1, presence_penalty=0.1, logit_bias={"5": 1},
+        n=1, stop=["\n\n"], temperature=0.7, top_p=0.9, max_completion_tokens=4,
+    )
+
+    async def twice():
+        first = await client.chat.completions.create(model="tiny", messages=MESSAGES, **fields)
+        again = await client.chat.completions.create(model="tiny", messages=MESSAGES, **fields)
+        return first, again
+
+    with caplog.at_level(logging.WARNING, logger="server"):
+        first, again = asyncio.run(twice())
+    assert first.choices[0].finish_reason in ("length", "stop")
+    assert first.choices[0].logprobs is not None and again.id != first.id
+    lines = ignored_lines(caplog)
+    for name in ("store", "metadata", "service_tier", "reasoning_effort", "verbosity",
+                 "prompt_cache_key", "safety_identifier", "user", "modalities", "prediction",
+                 "web_search_options"):
+        assert sum(f"'{name}'" in line for line in lines) == 1, name  # once, not per request
+
+
+def test_every_openai_responses_field_through_the_official_client(engine, caplog):
+    client = official_client(create_app(engine, SETTINGS))
+
+    async def create():
+        return await client.responses.create(
+            model="tiny", input="Hi", max_output_tokens=4, background=False, include=[],
+            max_tool_calls=2, prompt_cache_key="k", safety_identifier="u", service_tier="auto",
+            reasoning={"effort": "low"}, top_logprobs=0, user="u", truncation="disabled",
+            text={"format": {"type": "text"}, "verbosity": "low"}, store=False,
+            metadata={"a": "b"}, parallel_tool_calls=False, tool_choice="auto",
+        )
+
+    with caplog.at_level(logging.WARNING, logger="server"):
+        response = asyncio.run(create())
+    assert response.status == "incomplete" and response.output_text is not None
+    lines = ignored_lines(caplog)
+    assert any("'background'" in line for line in lines)
+    assert any("'reasoning'" in line for line in lines)
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "frobnicate": 1}, "frobnicate"),
+    ("/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "Hi", "mood": "x"}], "max_tokens": 2},
+     "messages.0.mood"),
+    ("/v1/chat/completions",
+     {"messages": MESSAGES, "max_tokens": 2, "response_format": {"type": "text", "x": 1}},
+     "response_format.x"),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 2, "flavour": "x"}, "flavour"),
+    ("/tokenize", {"prompt": "Hi", "wat": 1}, "wat"),
+])
+def test_fields_nobody_declared_are_ignored_or_refused_when_strict(engine, caplog, path, body,
+                                                                   param):
+    lenient = create_app(engine, SETTINGS)
+    with caplog.at_level(logging.WARNING, logger="server"):
+        for _ in range(2):
+            response = call(lenient, "POST", path, json=body)
+            assert response.status_code == 200, response.text
+    warned = [r.getMessage() for r in caplog.records
+              if "ignoring request field" in r.getMessage()]
+    pattern = param.replace(".0.", ".*.")
+    assert len(warned) == 1 and f"'{pattern}'" in warned[0]
+    strict = create_app(engine, STRICT)
+    response = call(strict, "POST", path, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["message"] == f"Unrecognized request argument supplied: {param}"
+
+
+def test_openai_fields_pass_even_when_strict(engine):
+    strict = create_app(engine, STRICT)
+    body = {"messages": MESSAGES, "max_tokens": 2, "store": False, "service_tier": "auto"}
+    assert call(strict, "POST", "/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format",
+     "not supported on /v1/responses yet"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt", "stored at OpenAI"),
+    ({"conversation": "conv_1"}, "conversation", "stored at OpenAI"),
+    ({"background": "soon"}, "background", ""),  # accepted and ignored, but typed
+])
+def test_what_would_change_the_answer_is_refused_by_name(engine, body, param, words):
+    app = create_app(engine, SETTINGS)
+    response = call(app, "POST", "/v1/responses", json={"input": "Hi", **body})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"]
