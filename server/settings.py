@@ -77,6 +77,13 @@ class ServerSettings:
     # They may hold private data.
     log_requests: bool = setting(
         False, "also log each generation request's body: prompts and parameters")
+    # JSON output constraints (response_format, structured_outputs, guided_json) without free
+    # whitespace: compact JSON. Requests may say otherwise (disable_any_whitespace).
+    disable_any_whitespace: bool = setting(
+        True, "let JSON output constraints allow free whitespace between tokens (vLLM's "
+              "disable_any_whitespace off); otherwise the JSON is compact, as a small model "
+              "given the choice pads it with blank lines",
+        flag="--structured-outputs-any-whitespace")
     # See server/http/request_fields.py.
     strict_request_fields: bool = setting(
         False, "refuse request fields that are neither OpenAI's nor this server's (400 naming "

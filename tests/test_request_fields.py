@@ -145,3 +145,32 @@ def test_what_would_change_the_answer_is_refused_by_name(engine, body, param, wo
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"]
+
+
+def test_compact_json_by_default_and_whitespace_where_asked():
+    """structured_outputs.disable_any_whitespace (vLLM's) over the server's default."""
+    from server.protocol.chat import ChatCompletionRequest
+    from server.serving.structured import structured_outputs
+
+    def spec(server_allows: bool, **given):
+        body = ChatCompletionRequest(messages=MESSAGES, **given)
+        return structured_outputs(body, server_allows)
+
+    plain = {"response_format": {"type": "json_object"}}
+    assert spec(False, **plain).any_whitespace is False
+    assert spec(True, **plain).any_whitespace is True
+    allowed = {"structured_outputs": {"json_object": True, "disable_any_whitespace": False}}
+    assert spec(False, **allowed).any_whitespace is True
+    compact = {"structured_outputs": {"json": {"type": "object"}, "disable_any_whitespace": True}}
+    assert spec(True, **compact).any_whitespace is False
+
+
+def test_the_server_flag_reaches_the_constraint(engine):
+    from server.cli import build_parser, configs
+
+    _, settings = configs(build_parser().parse_args(["--structured-outputs-any-whitespace"]))
+    assert settings.disable_any_whitespace is False
+    app = create_app(engine, ServerSettings(served_model_names=("tiny",),
+                                            disable_any_whitespace=False))
+    body = {"messages": MESSAGES, "max_tokens": 4, "response_format": {"type": "json_object"}}
+    assert call(app, "POST", "/v1/chat/completions", json=body).status_code == 200

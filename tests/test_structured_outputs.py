@@ -140,3 +140,30 @@ def test_matchers_are_built_as_the_request_arrives_beside_the_step(smol):
     bad = SamplingParams(structured_outputs=StructuredOutputs(regex="(("))
     failed = CoreLoop._prepare(loop, AddRequest.of(CoreRequest("c", [1], bad, 64, 4)))
     assert failed.error is not None and failed.error.param == "regex"
+
+
+def test_json_is_compact_unless_whitespace_is_allowed():
+    """llguidance's whitespace_flexible follows any_whitespace; the cache keeps them apart."""
+    compact = StructuredOutputs(json_object=True)
+    spaced = StructuredOutputs(json_object=True, any_whitespace=True)
+    assert '"whitespace_flexible":false' in compact.to_grammar().replace(" ", "")
+    assert compact.key() != spaced.key()
+    assert StructuredOutputs(regex="a+", any_whitespace=True).key() == \
+        StructuredOutputs(regex="a+").key()  # (only JSON has free whitespace)
+
+
+@needs_model
+def test_compact_json_refuses_whitespace_the_flexible_one_takes(smol):
+    core = smol.engine.core
+    tokenizer = core.executor.tokenizer
+    compiler = GrammarCompiler(tokenizer, core.executor.model_config.vocab_size,
+                               core.executor.eos_token_ids)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+    def takes(text: str, any_whitespace: bool) -> bool:
+        matcher = compiler.matcher(StructuredOutputs(json=schema, any_whitespace=any_whitespace))
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return all(matcher.consume_token(t) for t in ids)
+
+    assert takes('{"a":1}', False) and takes('{"a":1}', True)
+    assert not takes('{\n  "a": 1\n}', False) and takes('{\n  "a": 1\n}', True)

@@ -68,6 +68,8 @@ class StructuredOutputsField(RequestPart):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    # vLLM's: JSON without free whitespace (compact). Default: the server's setting.
+    disable_any_whitespace: bool | None = None
 
 
 class SamplingFields(RequestModel):

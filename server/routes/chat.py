@@ -38,7 +38,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     tools = plan_tools(body)
     faults = fault_processors(request, ctx.settings.enable_fault_injection)
     params = chat_params(body, ctx.vocab_size, faults,
-                         tool_constraint=None if tools is None else tools.constraint)
+                         tool_constraint=None if tools is None else tools.constraint,
+                         any_whitespace=not ctx.settings.disable_any_whitespace)
     ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt,
                           body.continue_final_message, body.chat_template_kwargs, tools)
     # Validated against the engine's limits (n among them) before anything is sized by them.

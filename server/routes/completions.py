@@ -36,7 +36,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     model = ctx.resolve_model(body.model)
     check_completion(body)
     faults = fault_processors(request, ctx.settings.enable_fault_injection)
-    params = completion_params(body, ctx.vocab_size, faults)
+    params = completion_params(body, ctx.vocab_size, faults,
+                               any_whitespace=not ctx.settings.disable_any_whitespace)
     ids = prompt_ids(ctx, body.prompt)
     echoes = [
         Echo(prompt_text(ctx, prompt), tokens) if body.echo else None

@@ -69,10 +69,12 @@ def _check_common(body: SamplingFields) -> None:
 
 
 def completion_params(body: CompletionRequest, vocab_size: int,
-                      processors: Sequence[LogitsProcessor] = ()) -> SamplingParams:
+                      processors: Sequence[LogitsProcessor] = (),
+                      any_whitespace: bool = False) -> SamplingParams:
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    steering = _steering(body, vocab_size, processors, any_whitespace=any_whitespace)
     return _build(body, COMPLETION_NAMES, max_tokens=body.max_tokens, logprobs=body.logprobs,
-                  prompt_logprobs=prompt_logprobs, **_steering(body, vocab_size, processors))
+                  prompt_logprobs=prompt_logprobs, **steering)
 
 
 def chat_names(body: ChatCompletionRequest) -> dict[str, str]:
@@ -84,15 +86,17 @@ def chat_names(body: ChatCompletionRequest) -> dict[str, str]:
 
 def chat_params(body: ChatCompletionRequest, vocab_size: int,
                 processors: Sequence[LogitsProcessor] = (),
-                tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
-    """tool_constraint: the grammar of a required or named tool call (server.serving.tools)."""
+                tool_constraint: StructuredOutputs | None = None,
+                any_whitespace: bool = False) -> SamplingParams:
+    """tool_constraint: the grammar of a required or named tool call (server.serving.tools);
+    any_whitespace: JSON output constraints allow free whitespace (server.serving.structured)."""
     # max_completion_tokens replaced max_tokens in OpenAI's API; either may come.
     max_tokens = body.max_tokens
     if body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _build(body, chat_names(body), max_tokens=max_tokens, logprobs=logprobs,
-                  **_steering(body, vocab_size, processors, tool_constraint))
+                  **_steering(body, vocab_size, processors, tool_constraint, any_whitespace))
 
 
 def responses_params(body: ResponsesRequest, keep_state: bool) -> SamplingParams:
@@ -102,12 +106,13 @@ def responses_params(body: ResponsesRequest, keep_state: bool) -> SamplingParams
 
 
 def _steering(body: SamplingFields, vocab_size: int, processors: Sequence[LogitsProcessor],
-              tool_constraint: StructuredOutputs | None = None) -> dict[str, object]:
+              tool_constraint: StructuredOutputs | None = None,
+              any_whitespace: bool = False) -> dict[str, object]:
     """What constrains or biases a completions or chat request's output: its structured
     output or required tool call, its logit_bias, then `processors` (fault injection's, in
     tests)."""
     fields: dict[str, object] = {}
-    constraint = structured_outputs(body)
+    constraint = structured_outputs(body, any_whitespace)
     if constraint is not None and tool_constraint is not None:
         raise bad_request("a required tool call and an output format cannot both constrain "
                           "the output", "tool_choice")

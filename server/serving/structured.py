@@ -16,7 +16,10 @@ _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "cho
            "guided_grammar": "grammar"}
 
 
-def structured_outputs(body: SamplingFields) -> StructuredOutputs | None:
+def structured_outputs(body: SamplingFields, any_whitespace: bool = False
+                       ) -> StructuredOutputs | None:
+    """any_whitespace: JSON constraints allow whitespace between tokens (the server's
+    default; `structured_outputs.disable_any_whitespace` overrides it per request)."""
     found: list[tuple[str, dict[str, Any]]] = []  # (request field, StructuredOutputs kwargs)
     response_format = getattr(body, "response_format", None)
     if response_format is not None and response_format.type != "text":
@@ -31,6 +34,8 @@ def structured_outputs(body: SamplingFields) -> StructuredOutputs | None:
         given = body.structured_outputs.model_dump(exclude_none=True, by_alias=True)
         if given.get("json_object") is False:
             given.pop("json_object")
+        if "disable_any_whitespace" in given:
+            any_whitespace = not given.pop("disable_any_whitespace")
         found.append(("structured_outputs", given))
     for field, kind in _GUIDED.items():
         value = getattr(body, field)
@@ -43,7 +48,7 @@ def structured_outputs(body: SamplingFields) -> StructuredOutputs | None:
         raise bad_request(f"give one output constraint, not several ({names})", found[1][0])
     field, kwargs = found[0]
     try:
-        spec = StructuredOutputs(**kwargs)
+        spec = StructuredOutputs(**kwargs, any_whitespace=any_whitespace)
         spec.to_grammar()  # refuse it here, naming the field, if it does not compile
     except InvalidRequestError as exc:
         param = field if field != "structured_outputs" else f"structured_outputs.{exc.param}"

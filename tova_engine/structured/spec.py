@@ -20,6 +20,9 @@ class StructuredOutputs:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None  # Lark syntax (llguidance's dialect)
+    # JSON kinds: whitespace between tokens allowed (else compact: `{"a":1}`). Off by default:
+    # a small model given the choice pads its JSON with blank lines until max_tokens.
+    any_whitespace: bool = False
 
     def __post_init__(self) -> None:
         given = [kind for kind in _KINDS if getattr(self, kind) not in (None, False)]
@@ -54,7 +57,8 @@ class StructuredOutputs:
             value = json.dumps(value, sort_keys=True)
         elif isinstance(value, tuple):
             value = json.dumps(list(value))
-        return f"{self.kind}:{value}"
+        spacing = " any-whitespace" if self.any_whitespace and self.kind.startswith("json") else ""
+        return f"{self.kind}{spacing}:{value}"
 
     def to_grammar(self) -> str:
         """llguidance's grammar text; raises InvalidRequestError naming the field when the
@@ -63,13 +67,14 @@ class StructuredOutputs:
 
         kind = self.kind
         try:
+            spacing = {"whitespace_flexible": self.any_whitespace}
             if kind == "json_object":
-                grammar = LLMatcher.grammar_from_json_schema({"type": "object"})
+                grammar = LLMatcher.grammar_from_json_schema({"type": "object"}, spacing)
             elif kind == "json":
                 schema = self.json if isinstance(self.json, dict) else json.loads(self.json)
                 if not isinstance(schema, dict):
                     raise ValueError("a JSON Schema is an object")
-                grammar = LLMatcher.grammar_from_json_schema(schema)
+                grammar = LLMatcher.grammar_from_json_schema(schema, spacing)
             elif kind == "regex":
                 grammar = LLMatcher.grammar_from_regex(self.regex)
             elif kind == "choice":
