@@ -200,9 +200,12 @@ def test_prompt_exactly_at_the_limit_with_max_tokens_0_scores_it(reliable_server
     body = {"prompt": [5] * POSITIONS, "max_tokens": 0, "echo": True, "logprobs": 0}
     response = post(reliable_server.url, COMPLETIONS, body)
     assert response.status_code == 200, response.text
-    assert response.json()["usage"] == {"prompt_tokens": POSITIONS, "completion_tokens": 0,
-                                        "total_tokens": POSITIONS,
-                                        "prompt_tokens_details": {"cached_tokens": 0}}
+    usage = response.json()["usage"]
+    state = usage.pop("state_details")
+    assert usage == {"prompt_tokens": POSITIONS, "completion_tokens": 0,
+                     "total_tokens": POSITIONS, "prompt_tokens_details": {"cached_tokens": 0}}
+    assert state["prompt_tokens_evicted"] == state["tokens_evicted"] == \
+        POSITIONS - state["state_size"] > 0
 
 
 # ----- 413: bodies over --max-request-body-bytes ------------------------------------------

@@ -7,6 +7,7 @@ formats not built yet are refused by name."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import httpx
@@ -174,3 +175,33 @@ def test_the_server_flag_reaches_the_constraint(engine):
                                             disable_any_whitespace=False))
     body = {"messages": MESSAGES, "max_tokens": 4, "response_format": {"type": "json_object"}}
     assert call(app, "POST", "/v1/chat/completions", json=body).status_code == 200
+
+
+def test_evictions_are_reported_in_usage_and_headers(engine):
+    """A 40-token prompt through a 16-entry state with 6 tokens out: it read 40 + 5 tokens
+    and holds 16, in usage.state_details (streamed usage too) and the headers."""
+    app = create_app(engine, SETTINGS)
+    prompt = list(range(3, 43))
+    body = {"prompt": prompt, "max_tokens": 6, "ignore_eos": True}
+    response = call(app, "POST", "/v1/completions", json=body)
+    assert response.json()["usage"]["state_details"] == {
+        "state_size": 16, "prompt_tokens_evicted": 24, "tokens_evicted": 29}
+    assert response.headers["x-tova-state-size"] == "16"
+    assert response.headers["x-tova-prompt-tokens-evicted"] == "24"
+    # Two choices of a request with its own state size, streamed with usage.
+    stream = call(app, "POST", "/v1/completions", json={
+        **body, "n": 2, "state_size": 8, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert stream.headers["x-tova-prompt-tokens-evicted"] == "32"
+    last = [line for line in stream.text.splitlines() if line.startswith("data: {")][-1]
+    usage = json.loads(last.removeprefix("data: "))["usage"]
+    assert usage["state_details"] == {"state_size": 8, "prompt_tokens_evicted": 32,
+                                      "tokens_evicted": 2 * 37}
+
+
+def test_the_official_client_keeps_the_state_details(engine):
+    client = official_client(create_app(engine, SETTINGS))
+    result = asyncio.run(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "word " * 30}], max_tokens=3))
+    details = result.usage.model_extra["state_details"]
+    assert details["state_size"] == 16 and details["prompt_tokens_evicted"] > 0

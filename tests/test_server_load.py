@@ -55,9 +55,13 @@ def test_concurrent_streams_complete_and_metrics_count_exactly(smol_server):
     results = asyncio.run(many_streams(url, max_tokens))
     for result, wanted, length in zip(results, max_tokens, lengths, strict=True):
         assert result["chunks"] == wanted and result["finish"] == "length"
+        # The state (S = 128) read the prompt and all but the last token, and held 128.
+        evicted = {"state_size": 128, "prompt_tokens_evicted": max(0, length - 128),
+                   "tokens_evicted": max(0, length + wanted - 1 - 128)}
         assert result["usage"] == {"prompt_tokens": length, "completion_tokens": wanted,
                                    "total_tokens": length + wanted,
-                                   "prompt_tokens_details": {"cached_tokens": 0}}
+                                   "prompt_tokens_details": {"cached_tokens": 0},
+                                   "state_details": evicted}
     assert wait_for_metric(url, "tova_state_slots_used", 0) == 0
     after = scrape(url)
 

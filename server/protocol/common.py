@@ -141,21 +141,36 @@ class PromptTokensDetails(ResponseModel):
     cached_tokens: int
 
 
+class StateDetails(ResponseModel):
+    """Ours: what the bounded state did to the request (server/serving/state_usage.py)."""
+
+    state_size: int  # entries per layer the request's state held at most
+    prompt_tokens_evicted: int  # prompt tokens the state no longer held once it had read them
+    tokens_evicted: int  # all tokens dropped by the end, summed over the choices
+
+
 class Usage(ResponseModel):
+    _omit_unless_set: ClassVar[frozenset[str]] = frozenset({"state_details"})
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     # Always present, 0 when nothing was cached (as OpenAI's).
     prompt_tokens_details: PromptTokensDetails
+    state_details: StateDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
-        return cls(
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+           state: StateDetails | None = None) -> Usage:
+        usage = cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )
+        if state is not None:
+            usage.state_details = state
+        return usage
 
 
 class ErrorInfo(ResponseModel):

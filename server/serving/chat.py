@@ -26,6 +26,7 @@ from server.protocol.tools import FunctionCallDelta, ToolCallDelta
 from server.serving.generation import GenerationRun
 from server.serving.openai_logprobs import TokenNames, chat_logprobs
 from server.serving.reasoning import ReasoningStream
+from server.serving.state_usage import StateBudget
 from server.serving.tools import ToolPlan, parse_tool_calls, safe_prefix
 from tova_engine import CompletionOutput
 
@@ -154,8 +155,10 @@ class ChatChoiceState:
 class ChatSession:
     def __init__(self, request_id: str, model: str, body: ChatCompletionRequest,
                  prompt_tokens: int, names: TokenNames, tools: ToolPlan | None = None,
-                 reasoning: bool = False) -> None:
+                 reasoning: bool = False, state: StateBudget | None = None) -> None:
+        """state: the request's state budget, for usage.state_details."""
         self.request_id = request_id
+        self.state = state
         self.model = model
         self.created = int(time.time())
         self.include_usage = body.include_usage
@@ -167,8 +170,10 @@ class ChatSession:
         self._content_events: dict[int, TextEvent] = {}
 
     def _usage(self) -> Usage:
+        details = None if self.state is None else self.state.details(
+            [self.prompt_tokens], [(self.prompt_tokens, c.num_tokens) for c in self.choices])
         return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices),
-                        self.cached_tokens)
+                        self.cached_tokens, details)
 
     async def collect(self, run: GenerationRun) -> ChatCompletionResponse:
         async for _, output in run:

@@ -19,6 +19,7 @@ from server.protocol.completion import (
 )
 from server.serving.generation import GenerationRun
 from server.serving.openai_logprobs import TokenNames, extend_completion_logprobs
+from server.serving.state_usage import StateBudget
 from tova_engine import CompletionOutput, RequestOutput
 
 
@@ -109,8 +110,11 @@ class CompletionSession:
 
     def __init__(self, request_id: str, model: str, body: CompletionRequest,
                  prompt_ids: list[list[int]], echoes: list[Echo | None],
-                 names: TokenNames) -> None:
+                 names: TokenNames, state: StateBudget | None = None) -> None:
+        """state: the requests' state budget, for usage.state_details."""
         self.request_id = request_id
+        self.state = state
+        self.prompt_lengths = [len(ids) for ids in prompt_ids]
         self.model = model
         self.created = int(time.time())
         self.n = body.n or 1
@@ -125,8 +129,11 @@ class CompletionSession:
         self._text_events: dict[int, TextEvent] = {}
 
     def _usage(self) -> Usage:
+        details = None if self.state is None else self.state.details(
+            self.prompt_lengths,
+            [(self.prompt_lengths[c.index // self.n], c.num_tokens) for c in self.choices])
         return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices),
-                        sum(self.cached_tokens))
+                        sum(self.cached_tokens), details)
 
     def _response(self, choices: list[CompletionChoice]) -> CompletionResponse:
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model,

@@ -12,6 +12,7 @@ from server.http.drain import Drain
 from server.http.errors import APIError
 from server.metrics import ServerMetrics
 from server.serving.responses_store import ResponseStore
+from server.serving.state_usage import StateBudget
 from server.settings import ServerSettings
 from tova_engine import AsyncEngine
 
@@ -42,6 +43,11 @@ class ServerContext:
     @property
     def vocab_size(self) -> int:
         return self.engine.info.vocab_size
+
+    def state_budget(self, requested: int | None) -> StateBudget:
+        """A request's state size (its own or the server's) and whether the policy evicts."""
+        info = self.engine.info
+        return StateBudget.of(requested, info.state_size, info.policy_evicts)
 
     def resolve_model(self, requested: str | None) -> str:
         """The name responses report; 404 for a model this server does not serve."""

@@ -21,14 +21,17 @@ class Session(Protocol):
     def stream(self, run: GenerationRun) -> AsyncIterator[str]: ...
 
 
-def json_response(body: ResponseModel, status: int = 200) -> Response:
-    return Response(body.to_json(), status_code=status, media_type="application/json")
+def json_response(body: ResponseModel, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Response:
+    return Response(body.to_json(), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 async def respond(request: Request, streaming: bool, session: Session,
-                  run: GenerationRun) -> Response:
+                  run: GenerationRun, headers: dict[str, str] | None = None) -> Response:
+    """headers: sent with the response (a stream's before its first event)."""
     if streaming:
-        return EventStreamResponse(session.stream(run), on_close=run.close)
+        return EventStreamResponse(session.stream(run), on_close=run.close, headers=headers)
     try:
         result = await unless_disconnected(request, session.collect(run))
     except APIError:
@@ -39,4 +42,4 @@ async def respond(request: Request, streaming: bool, session: Session,
         raise from_engine_error(exc) from None
     finally:
         await run.close()
-    return result if isinstance(result, Response) else json_response(result)
+    return result if isinstance(result, Response) else json_response(result, headers=headers)
