@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from server.protocol.chat import _content_text
 from server.protocol.common import RequestModel, RequestPart, ResponseModel
@@ -99,24 +106,28 @@ class DeletedResponse(ResponseModel):
 
 
 class TextFormat(RequestPart):
+    """`text.format`: plain text, any JSON object, or JSON following a schema (the Responses
+    API's flat shape: name, schema and strict beside the type)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> TextFormat:
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError("text.format with type 'json_schema' needs a schema")
+        return self
 
 
 class TextOptions(RequestPart):
-    """`text`: the output's format (plain text only, for now) and verbosity (ignored)."""
+    """`text`: the output's format, and its verbosity (accepted and ignored)."""
 
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
-
-    @field_validator("format")
-    @classmethod
-    def _plain(cls, value: TextFormat | None) -> TextFormat | None:
-        if value is not None and value.type != "text":
-            raise ValueError(
-                f"text.format type {value.type!r} is not supported on /v1/responses yet; "
-                "use /v1/chat/completions with response_format for structured output"
-            )
-        return value
 
 
 class ResponsesRequest(RequestModel, ResponsesOpenAIFields):

@@ -48,7 +48,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         log_request_body(response_id, body)
     model = ctx.resolve_model(body.model)
     turn = next_turn(ctx, body)
-    params = responses_params(body, keep_state=body.stored)
+    params = responses_params(body, keep_state=body.stored,
+                              any_whitespace=not ctx.settings.disable_any_whitespace)
     run = prepare_run(ctx, response_id, [turn.prompt_ids], params, error_names(RESPONSES_NAMES),
                       resume_key=turn.resume_key, single_id=True)
     track_generation(request, run.record)

@@ -97,7 +97,7 @@ class ResponseDraft:
             "previous_response_id": body.previous_response_id,
             "store": body.stored,
             "temperature": body.temperature, "top_p": body.top_p,
-            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+            "text": {"format": _format(body)}, "tool_choice": "none", "tools": [],
             "truncation": "disabled", "usage": usage, "user": body.user,
             "metadata": body.metadata or {}, "completed_at": self.completed_at,
         }
@@ -147,3 +147,11 @@ class ResponsesSession:
         yield self._event("response.output_item.done", output_index=0, item=draft.message())
         final = "response.incomplete" if draft.status == "incomplete" else "response.completed"
         yield self._event(final, response=draft.snapshot())
+
+
+def _format(body) -> dict:
+    """The response's `text.format`: the request's, as OpenAI echoes it."""
+    form = None if body.text is None else body.text.format
+    if form is None:
+        return {"type": "text"}
+    return form.model_dump(exclude_none=True, by_alias=True)

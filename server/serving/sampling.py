@@ -13,7 +13,7 @@ from server.protocol.common import SamplingFields
 from server.protocol.completion import CompletionRequest
 from server.protocol.responses import ResponsesRequest
 from server.serving.logit_bias import LogitBias
-from server.serving.structured import structured_outputs
+from server.serving.structured import structured_outputs, text_format_constraint
 from tova_engine import SamplingParams
 from tova_engine.sampling_params import LogitsProcessor
 from tova_engine.structured import StructuredOutputs
@@ -99,10 +99,16 @@ def chat_params(body: ChatCompletionRequest, vocab_size: int,
                   **_steering(body, vocab_size, processors, tool_constraint, any_whitespace))
 
 
-def responses_params(body: ResponsesRequest, keep_state: bool) -> SamplingParams:
-    """keep_state: save the state at the end, for a continuation (`store`)."""
+def responses_params(body: ResponsesRequest, keep_state: bool,
+                     any_whitespace: bool = False) -> SamplingParams:
+    """keep_state: save the state at the end, for a continuation (`store`); any_whitespace:
+    a JSON `text.format` allows free whitespace."""
+    fields: dict[str, object] = {}
+    constraint = text_format_constraint(body, any_whitespace)
+    if constraint is not None:
+        fields["structured_outputs"] = constraint
     return _build(body, RESPONSES_NAMES, max_tokens=body.max_output_tokens,
-                  keep_state=keep_state)
+                  keep_state=keep_state, **fields)
 
 
 def _steering(body: SamplingFields, vocab_size: int, processors: Sequence[LogitsProcessor],

@@ -56,3 +56,20 @@ def structured_outputs(body: SamplingFields, any_whitespace: bool = False
             param = field
         raise bad_request(f"{param}: {exc}", param) from None
     return spec
+
+
+def text_format_constraint(body, any_whitespace: bool = False) -> StructuredOutputs | None:
+    """The Responses API's `text.format` (json_schema, json_object) as a constraint; None for
+    plain text. A schema that does not compile is a 400 naming text.format.schema."""
+    text = getattr(body, "text", None)
+    form = None if text is None else text.format
+    if form is None or form.type == "text":
+        return None
+    kwargs = {"json": form.schema_} if form.type == "json_schema" else {"json_object": True}
+    param = "text.format.schema" if form.type == "json_schema" else "text.format"
+    try:
+        spec = StructuredOutputs(**kwargs, any_whitespace=any_whitespace)
+        spec.to_grammar()
+    except InvalidRequestError as exc:
+        raise bad_request(f"{param}: {exc}", param) from None
+    return spec
