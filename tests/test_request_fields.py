@@ -225,3 +225,25 @@ def test_responses_follow_a_json_schema_through_the_official_client(engine):
     jsonschema.validate(json.loads(response.output_text), schema)
     assert " " not in response.output_text  # compact
     assert response.text.format.type == "json_schema" and response.text.format.name == "pick"
+
+
+def test_responses_report_what_the_state_dropped_across_turns(engine):
+    """A continued turn's input counts what its state stands for: the counts follow it."""
+    client = official_client(create_app(engine, SETTINGS))
+
+    async def two_turns():
+        first = await client.responses.create(model="tiny", input="word " * 20,
+                                              max_output_tokens=3)
+        second = await client.responses.create(model="tiny", input="more",
+                                               previous_response_id=first.id,
+                                               max_output_tokens=3)
+        return first, second
+
+    for response in asyncio.run(two_turns()):
+        usage = response.usage
+        details = usage.model_extra["state_details"]
+        read = usage.input_tokens + usage.output_tokens - 1
+        assert details == {"state_size": 16,
+                           "prompt_tokens_evicted": max(0, usage.input_tokens - 16),
+                           "tokens_evicted": max(0, read - 16)}
+        assert details["prompt_tokens_evicted"] > 0

@@ -53,9 +53,11 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     run = prepare_run(ctx, response_id, [turn.prompt_ids], params, error_names(RESPONSES_NAMES),
                       resume_key=turn.resume_key, single_id=True)
     track_generation(request, run.record)
-    draft = ResponseDraft(response_id, model, body, turn.input_tokens, turn.cached_tokens)
+    state = ctx.state_budget(body.state_size)
+    draft = ResponseDraft(response_id, model, body, turn.input_tokens, turn.cached_tokens, state)
     session = ResponsesSession(draft, lambda done: keep_response(ctx, done))
-    return await respond(request, body.streaming, session, run)
+    return await respond(request, body.streaming, session, run,
+                         state.headers([turn.input_tokens]))
 
 
 @router.get("/v1/responses/{response_id}", responses=json_responses(ResponseObject, 401, 404))

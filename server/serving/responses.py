@@ -18,15 +18,19 @@ from starlette.responses import Response
 
 from server.protocol.responses import ResponsesRequest
 from server.serving.generation import GenerationRun
+from server.serving.state_usage import StateBudget
 
 
 class ResponseDraft:
     """One response as it is generated; `snapshot()` is the Responses API object."""
 
     def __init__(self, response_id: str, model: str, body: ResponsesRequest,
-                 input_tokens: int, continued_tokens: int) -> None:
-        """continued_tokens: the input tokens the continued state already stands for."""
+                 input_tokens: int, continued_tokens: int,
+                 state: StateBudget | None = None) -> None:
+        """continued_tokens: the input tokens the continued state already stands for; state:
+        the request's state budget, for usage.state_details."""
         self.id = response_id
+        self.state = state
         self.message_id = "msg_" + uuid.uuid4().hex
         self.model = model
         self.body = body
@@ -86,6 +90,10 @@ class ResponseDraft:
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.input_tokens + output_tokens,
             }
+            if self.state is not None:  # the input counts the continued state's tokens too
+                details = self.state.details([self.input_tokens],
+                                             [(self.input_tokens, output_tokens)])
+                usage["state_details"] = details.model_dump()
         incomplete = {"reason": "max_output_tokens"} if self.status == "incomplete" else None
         return {
             "id": self.id, "object": "response", "created_at": self.created_at,
