@@ -247,3 +247,14 @@ def test_responses_report_what_the_state_dropped_across_turns(engine):
                            "prompt_tokens_evicted": max(0, usage.input_tokens - 16),
                            "tokens_evicted": max(0, read - 16)}
         assert details["prompt_tokens_evicted"] > 0
+
+
+def test_a_stored_response_written_before_kv_cache_dtype_existed_still_loads():
+    """Files the store wrote before the spec gained kv_cache_dtype: its default holds."""
+    from server.serving.responses_store import StoredResponse
+
+    old = json.dumps({"response": {"id": "resp_1"}, "last_token_id": 5, "model": "m",
+                      "dtype": "float32", "state_size": 16, "capacity": 16, "policy": "tova"})
+    record = StoredResponse.from_json(old)
+    assert record.spec.kv_cache_dtype == "auto" and record.id == "resp_1"
+    assert StoredResponse.from_json(record.to_json()) == record

@@ -41,8 +41,9 @@ class StoredResponse:
     @classmethod
     def from_json(cls, text: str) -> StoredResponse:
         record = json.loads(text)
+        # (A field the spec gained later is absent from older files: its default holds.)
         spec = SnapshotSpec(**{field.name: record.pop(field.name)
-                               for field in fields(SnapshotSpec)})
+                               for field in fields(SnapshotSpec) if field.name in record})
         return cls(spec=spec, **record)
 
 
