@@ -258,3 +258,31 @@ def test_a_stored_response_written_before_kv_cache_dtype_existed_still_loads():
     record = StoredResponse.from_json(old)
     assert record.spec.kv_cache_dtype == "auto" and record.id == "resp_1"
     assert StoredResponse.from_json(record.to_json()) == record
+
+
+def test_a_stored_responses_input_items(engine):
+    """GET /v1/responses/{id}/input_items through the official client: newest first by
+    default, ids kept, pages by limit and after."""
+    client = official_client(create_app(engine, SETTINGS))
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hello", "id": "msg_given"},
+                {"role": "user", "content": "Again"}]
+
+    async def run():
+        response = await client.responses.create(model="tiny", input=messages,
+                                                 max_output_tokens=2)
+        newest = await client.responses.input_items.list(response.id)
+        oldest = await client.responses.input_items.list(response.id, order="asc", limit=2)
+        rest = await client.responses.input_items.list(response.id, order="asc",
+                                                       after=oldest.data[-1].id)
+        return newest, oldest, rest
+
+    newest, oldest, rest = asyncio.run(run())
+    assert [item.role for item in newest.data] == ["user", "assistant", "user", "system"]
+    assert newest.data[1].id == "msg_given" and newest.data[1].content[0].type == "output_text"
+    assert newest.data[2].content[0].text == "Hi"
+    assert [item.role for item in oldest.data] == ["system", "user"] and oldest.has_more
+    assert [item.id for item in rest.data] == [newest.data[1].id, newest.data[0].id]
+    app = create_app(engine, SETTINGS)
+    assert call(app, "GET", "/v1/responses/resp_missing/input_items").status_code == 404

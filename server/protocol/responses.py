@@ -99,6 +99,16 @@ class ResponseStreamEvent(ResponseModel):
     sequence_number: int
 
 
+class InputItemList(ResponseModel):
+    """GET /v1/responses/{id}/input_items: one page of a stored response's input."""
+
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class DeletedResponse(ResponseModel):
     id: str
     object: Literal["response"]

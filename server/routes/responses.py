@@ -14,11 +14,13 @@ import json
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from server.http.errors import bad_request
 from server.http.openapi import generation_responses, json_responses
 from server.http.request_fields import check_request_fields
 from server.http.request_log import log_request_body, name_request, track_generation
 from server.protocol.responses import (
     DeletedResponse,
+    InputItemList,
     ResponseObject,
     ResponsesRequest,
     ResponseStreamEvent,
@@ -32,6 +34,7 @@ from server.serving.stored_responses import (
     drop_response,
     find_response,
     keep_response,
+    list_input_items,
     next_turn,
 )
 
@@ -64,6 +67,20 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 async def retrieve_response(response_id: str, request: Request) -> Response:
     record = find_response(get_context(request), response_id)
     return Response(json.dumps(record.response), media_type="application/json")
+
+
+@router.get("/v1/responses/{response_id}/input_items",
+            responses=json_responses(InputItemList, 400, 401, 404))
+async def list_response_input_items(response_id: str, request: Request, limit: int = 20,
+                                    order: str = "desc", after: str | None = None) -> Response:
+    """A stored response's input, as OpenAI lists it (newest first unless order=asc)."""
+    if not 1 <= limit <= 100:
+        raise bad_request("limit must be between 1 and 100", "limit")
+    if order not in ("asc", "desc"):
+        raise bad_request("order must be 'asc' or 'desc'", "order")
+    record = find_response(get_context(request), response_id)
+    page = list_input_items(record, limit, order, after)
+    return Response(json.dumps(page), media_type="application/json")
 
 
 @router.delete("/v1/responses/{response_id}",

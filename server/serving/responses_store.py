@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class StoredResponse:
     response: dict[str, Any]  # the Responses API object, as GET returns it
     last_token_id: int | None  # the answer's last token (the saved state's pending one)
     spec: SnapshotSpec  # what the state can only be continued with
+    # The request's input as Responses items (GET .../input_items); none in older files.
+    input_items: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -36,7 +38,7 @@ class StoredResponse:
     def to_json(self) -> str:
         # The spec's fields beside the others, as the files have always held them.
         return json.dumps({"response": self.response, "last_token_id": self.last_token_id,
-                           **asdict(self.spec)})
+                           "input_items": self.input_items, **asdict(self.spec)})
 
     @classmethod
     def from_json(cls, text: str) -> StoredResponse:

@@ -6,7 +6,8 @@ record whose state the engine has dropped is gone too.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import uuid
+from typing import Any, NamedTuple
 
 from server.http.errors import bad_request, not_found_response
 from server.protocol.responses import ResponsesRequest
@@ -42,8 +43,36 @@ def keep_response(ctx: ServerContext, draft: ResponseDraft) -> None:
         return  # store: false, or the state could not be kept (failed, too large)
     ctx.responses.put(StoredResponse(
         response=draft.snapshot(), last_token_id=draft.token_ids[-1] if draft.token_ids else None,
-        spec=_spec(ctx, draft.body),
+        spec=_spec(ctx, draft.body), input_items=input_items(draft.body),
     ))
+
+
+def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as the Responses API lists it (`GET .../input_items`): message
+    items with ids, text parts as input_text (output_text for the assistant's)."""
+    messages = body.input if isinstance(body.input, list) else [None]
+    items = []
+    for message in messages:
+        role = "user" if message is None else message.role
+        text = body.input if message is None else message.content
+        kind = "output_text" if role == "assistant" else "input_text"
+        items.append({"id": (message and message.id) or "msg_" + uuid.uuid4().hex,
+                      "type": "message", "role": role, "status": "completed",
+                      "content": [{"type": kind, "text": text}]})
+    return items
+
+
+def list_input_items(record: StoredResponse, limit: int, order: str,
+                     after: str | None) -> dict[str, Any]:
+    """One page of a stored response's input items, OpenAI's list shape."""
+    items = record.input_items if order == "asc" else record.input_items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    page = items[:limit]
+    return {"object": "list", "data": page, "has_more": len(items) > limit,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
 
 
 def find_response(ctx: ServerContext, response_id: str) -> StoredResponse:
