@@ -244,7 +244,6 @@ class EngineConfig:
         if self.kernels == "triton" and not self.triton_kernels:
             raise ValueError("kernels='triton' needs a CUDA device and the triton package")
 
-
     @property
     def torch_device(self) -> torch.device:
         if self.device == "auto":

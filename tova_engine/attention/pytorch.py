@@ -173,18 +173,13 @@ class ChunkAttention(AttentionBackend):
     def positions(self) -> torch.Tensor:
         return self.chunk_positions.repeat(self.num_rows)  # [R*C], row after row
 
-    def _past(self, buffer: torch.Tensor, count: int) -> torch.Tensor:
-        """buffer [slots, S+1, ...] -> the rows' first `count` entries [R, count, ...]."""
-        if isinstance(self.rows, int):
-            return buffer[self.rows, :count].unsqueeze(0)
-        return buffer[self.rows, :count]
-
-    def _past_kv(self, buffer, count: int) -> torch.Tensor:
-        """K or V [slots, Hkv, S+1, D] (a tensor, or a float8 `Fp8KV` read dequantized) ->
-        the rows' first `count` entries [R, Hkv, count, D]."""
-        if isinstance(self.rows, int):
-            return buffer[self.rows, :, :count].unsqueeze(0)
-        return buffer[self.rows, :, :count]
+    def _past(self, buffer, count: int) -> torch.Tensor:
+        """The rows' first `count` entries, read where `_write` writes them: buffer [slots,
+        S+1] (positions, statistics) -> [R, count]; K/V [slots, Hkv, S+1, D] (a tensor, or a
+        float8 `Fp8KV` read dequantized) -> [R, Hkv, count, D]."""
+        entries = (slice(None), slice(count)) if len(buffer.shape) == 4 else (slice(count),)
+        past = buffer[(self.rows, *entries)]
+        return past.unsqueeze(0) if isinstance(self.rows, int) else past
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         rows, length = self.num_rows, self.length
@@ -194,8 +189,8 @@ class ChunkAttention(AttentionBackend):
         q = q.view(rows, length, *q.shape[1:])  # [R, C, H, D]
         k = k.view(rows, length, *k.shape[1:])  # [R, C, Hkv, D]
         v = v.view(rows, length, *v.shape[1:])
-        past_k = self._past_kv(state.k[layer], n)  # [R, Hkv, n, D]
-        past_v = self._past_kv(state.v[layer], n)
+        past_k = self._past(state.k[layer], n)  # [R, Hkv, n, D]
+        past_v = self._past(state.v[layer], n)
         keys = torch.cat((past_k, k.transpose(1, 2)), dim=2)  # [R, Hkv, n+C, D]
         values = torch.cat((past_v, v.transpose(1, 2)), dim=2)
         queries = q.transpose(1, 2)  # [R, H, C, D]

@@ -25,23 +25,28 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 QUANTIZATIONS = ("fp8",)
 # The projections that hold FP8 weights, by attribute name on their module.
 QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-_MIN_SCALE = 1e-12  # an all-zero row or token: any scale gives zeros; avoid 0 / 0
+_MIN_SCALE = 1e-12  # an all-zero vector: any scale gives zeros; avoid 0 / 0
+
+
+def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] -> (e4m3 [..., D], float32 scales [...]): each vector along the last dimension
+    scaled so that its largest magnitude becomes 448. The one quantizer of FP8 weights' rows,
+    activations' tokens and the float8 state's head vectors (state/fp8_buffer.py)."""
+    wide = x.float()
+    scale = (wide.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (wide / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] high precision -> (e4m3 [out, in], float32 scales [out]) with row r
-    ~= q[r] * scale[r]: each row's largest magnitude becomes 448."""
-    wide = weight.float()
-    scale = (wide.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
-    quantized = (wide / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return quantized, scale
+    ~= q[r] * scale[r]."""
+    return quantize_vectors(weight)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, in] activations -> (e4m3 [T, in], float32 scales [T, 1]), one scale per token."""
-    wide = x.float()
-    scale = (wide.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
-    return (wide / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    quantized, scale = quantize_vectors(x)
+    return quantized, scale[:, None]
 
 
 def dequantize_rows(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):

@@ -16,16 +16,9 @@ from __future__ import annotations
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)
-_MIN_SCALE = 1e-12  # an all-zero vector: any scale gives zeros; avoid 0 / 0
+from tova_engine.model.fp8 import FP8, quantize_vectors
 
-
-def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., D] -> (e4m3 [..., D], float32 scales [...]), each vector scaled to its maximum."""
-    wide = x.float()
-    scale = (wide.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
-    return (wide / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+__all__ = ["FP8", "Fp8KV", "entry_bytes", "quantize_vectors"]
 
 
 class Fp8KV:
