@@ -14,6 +14,7 @@ import torch
 from tests.test_prefix_cache import GREEDY as CACHE_GREEDY
 from tests.test_prefix_cache import make_llm as make_cache_llm
 from tests.test_prefix_cache import run as run_cache
+from tests.test_state_snapshots import continued_turn
 from tests.test_state_snapshots import run as run_turn
 from tova_engine import LLM, EngineConfig, InvalidRequestError, SamplingParams, StateSnapshot
 from tova_engine.execution.memory import state_footprint
@@ -102,12 +103,7 @@ def test_a_conversation_continues_exactly_from_a_float8_state(tiny_llama, tmp_pa
     state = None
     for turn in range(3):
         new = [rng.randrange(3, 96) for _ in range(5 + turn)]
-        out = run_turn(llm, new, max_tokens=5, resume=state)
-        whole = run_turn(llm, stream + new, max_tokens=5, keep=False)
-        assert out.outputs[0].token_ids == whole.outputs[0].token_ids, turn
-        assert out.outputs[0].state_positions == whole.outputs[0].state_positions, turn
-        stream += new + out.outputs[0].token_ids
-        state = out.state
+        state = continued_turn(llm, stream, new, state, max_tokens=5).state
         assert state.spec.kv_cache_dtype == "fp8" and state.k[0].dtype == FP8
         assert state.k_scale is not None and state.k_scale[0].shape == state.k[0].shape[:-1]
         path = tmp_path / f"turn{turn}.safetensors"

@@ -33,6 +33,18 @@ def run(llm: LLM, prompt, max_tokens: int, resume=None, keep=True):
     return llm.generate([prompt], params, use_tqdm=False, resume_from=resume)[0]
 
 
+def continued_turn(llm: LLM, stream: list[int], new: list[int], state, max_tokens: int):
+    """One turn continued from `state`, checked against one request over everything said so
+    far: the same tokens and retained positions. `stream` grows by the turn (in place);
+    returns its output."""
+    out = run(llm, new, max_tokens=max_tokens, resume=state)
+    whole = run(llm, stream + new, max_tokens=max_tokens, keep=False)
+    assert out.outputs[0].token_ids == whole.outputs[0].token_ids
+    assert out.outputs[0].state_positions == whole.outputs[0].state_positions
+    stream += new + out.outputs[0].token_ids
+    return out
+
+
 @pytest.mark.parametrize("policy", ["tova", "h2o", "sink", "window"])
 def test_three_turns_equal_one_request_over_the_whole_stream(tiny_llama, policy):
     """Token by token (chunk 1) every break is the same: turn after turn, the continued
@@ -42,12 +54,7 @@ def test_three_turns_equal_one_request_over_the_whole_stream(tiny_llama, policy)
     stream: list[int] = []
     state = None
     for turn in range(3):
-        new = tokens(5 + turn, seed=turn)
-        out = run(llm, new, max_tokens=6, resume=state)
-        whole = run(llm, stream + new, max_tokens=6, keep=False)
-        assert out.outputs[0].token_ids == whole.outputs[0].token_ids, turn
-        assert out.outputs[0].state_positions == whole.outputs[0].state_positions, turn
-        stream += new + out.outputs[0].token_ids
+        out = continued_turn(llm, stream, tokens(5 + turn, seed=turn), state, max_tokens=6)
         state = out.state
         assert state.num_tokens == len(stream)
         assert state.pending_token_ids == out.outputs[0].token_ids[-1:]
