@@ -46,16 +46,7 @@ def structured_outputs(body: SamplingFields, any_whitespace: bool = False
     if len(found) > 1:
         names = ", ".join(field for field, _ in found)
         raise bad_request(f"give one output constraint, not several ({names})", found[1][0])
-    field, kwargs = found[0]
-    try:
-        spec = StructuredOutputs(**kwargs, any_whitespace=any_whitespace)
-        spec.to_grammar()  # refuse it here, naming the field, if it does not compile
-    except InvalidRequestError as exc:
-        param = field if field != "structured_outputs" else f"structured_outputs.{exc.param}"
-        if exc.param == "structured_outputs":
-            param = field
-        raise bad_request(f"{param}: {exc}", param) from None
-    return spec
+    return _compiled(*found[0], any_whitespace)
 
 
 def text_format_constraint(body, any_whitespace: bool = False) -> StructuredOutputs | None:
@@ -65,11 +56,20 @@ def text_format_constraint(body, any_whitespace: bool = False) -> StructuredOutp
     form = None if text is None else text.format
     if form is None or form.type == "text":
         return None
-    kwargs = {"json": form.schema_} if form.type == "json_schema" else {"json_object": True}
-    param = "text.format.schema" if form.type == "json_schema" else "text.format"
+    if form.type == "json_schema":
+        return _compiled("text.format.schema", {"json": form.schema_}, any_whitespace)
+    return _compiled("text.format", {"json_object": True}, any_whitespace)
+
+
+def _compiled(field: str, kwargs: dict[str, Any], any_whitespace: bool) -> StructuredOutputs:
+    """The constraint a request field gives, refused here (400 naming the field) if it does
+    not compile, before the engine sees it."""
     try:
         spec = StructuredOutputs(**kwargs, any_whitespace=any_whitespace)
         spec.to_grammar()
     except InvalidRequestError as exc:
+        param = field if field != "structured_outputs" else f"structured_outputs.{exc.param}"
+        if exc.param == "structured_outputs":
+            param = field
         raise bad_request(f"{param}: {exc}", param) from None
     return spec
