@@ -28,6 +28,8 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # What --reasoning-parser accepts: the models whose <think> block server/serving/reasoning.py
 # splits out.
 REASONING_PARSERS = ("qwen3",)
+# What --tool-call-parser accepts: the call syntaxes server/serving/tool_calls/ reads.
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,11 @@ class ServerSettings:
     reasoning_parser: str | None = setting(
         None, "split a reasoning model's <think> block into reasoning_content (qwen3); "
               "default: none, the thinking stays in the content", choices=REASONING_PARSERS)
+    # See server/serving/tool_calls/registry.py.
+    tool_call_parser: str = setting(
+        "auto", "how the model writes tool calls: hermes (<tool_call> blocks: Qwen, Hermes, "
+                "SmolLM), llama3_json (Llama 3.x JSON), mistral ([TOOL_CALLS]); auto: the one "
+                "the chat template shows, else hermes", choices=TOOL_CALL_PARSERS)
     # The template's text; the flag takes a shipped template's name, a file or the text.
     chat_template: str | None = setting(
         None, "the chat template to use instead of the tokenizer's (or where it has none): a "

@@ -12,8 +12,6 @@ import httpx
 import jsonschema
 import pytest
 
-from server.protocol.tools import ToolDefinition
-from server.serving.tools import ToolPlan, parse_tool_calls, safe_prefix
 from tests.server_utils import SMOL_NAMES, auth_headers
 
 pytest_plugins = ("tests.server_fixtures",)
@@ -54,16 +52,28 @@ def test_required_gives_calls_that_parse_and_match_their_schemas(client):
         check_calls(choice.message.tool_calls)
 
 
-def test_parallel_calls_each_match_their_schema(client):
-    """The grammar lets calls follow one another; this small model tends to go on until
-    max_tokens, and every call it finished parses."""
-    out = create(client, tool_choice="required", max_tokens=90)
-    choice = out.choices[0]
-    check_calls(choice.message.tool_calls)
-    if choice.finish_reason == "length":
-        assert len(choice.message.tool_calls) >= 2
-    else:
+def test_parallel_calls_stop_when_they_repeat(client):
+    """The grammar lets calls follow one another, and this small model repeats its call
+    until max_tokens when let: the choice ends at the first repeat, which is dropped, well
+    before max_tokens; streamed, the same calls and no content."""
+    for seed in (2, 5):
+        out = create(client, tool_choice="required", max_tokens=200, seed=seed)
+        choice = out.choices[0]
         assert choice.finish_reason == "tool_calls"
+        check_calls(choice.message.tool_calls)
+        keys = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+        assert len(set(keys)) == len(keys)
+        assert out.usage.completion_tokens < 200
+        assert choice.message.content is None
+        stream = create(client, tool_choice="required", max_tokens=200, seed=seed, stream=True,
+                        stream_options={"include_usage": True})
+        chunks = list(stream)
+        streamed = [d for c in chunks for ch in c.choices for d in ch.delta.tool_calls or ()]
+        assert [(d.function.name, d.function.arguments) for d in streamed] == keys
+        assert not "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+        assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] \
+            == ["tool_calls"]
+        assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
 
 
 def test_a_named_function_is_the_one_called(client):
@@ -145,25 +155,3 @@ def test_bad_tool_input_names_the_field(smol_server, fields, param):
                           headers=auth_headers(), timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
-
-
-def test_the_parser_and_the_stream_hold_back():
-    names = {"get_time"}
-    text = 'Sure.\n<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'
-    content, [call] = parse_tool_calls(text, names)
-    assert content == "Sure." and json.loads(call.function.arguments) == {"zone": "UTC"}
-    # Not a declared function, or not JSON: left as content.
-    for odd in ('<tool_call>{"name": "other", "arguments": {}}</tool_call>',
-                "<tool_call>{broken</tool_call>"):
-        assert parse_tool_calls(odd, names) == (odd, [])
-    assert safe_prefix("Hello <tool") == len("Hello ")
-    assert safe_prefix("Hello <tool_call>{") == len("Hello ")
-    assert safe_prefix("Hello") == 5
-
-
-def test_the_required_grammar_holds_every_function():
-    tools = [ToolDefinition.model_validate(t) for t in TOOLS]
-    grammar = ToolPlan(tools, "required", parallel=True).constraint.grammar
-    assert "get_weather" in grammar and "get_time" in grammar and '("\\n" call)*' in grammar
-    named = ToolPlan(tools, "named", parallel=True, named="get_time").constraint.grammar
-    assert "get_weather" not in named and "call)*" not in named

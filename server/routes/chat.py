@@ -20,7 +20,7 @@ from server.serving.generation import prepare_run
 from server.serving.prompts import chat_prompt_ids, token_names
 from server.serving.respond import respond
 from server.serving.sampling import chat_names, chat_params, check_chat, error_names
-from server.serving.tools import plan_tools
+from server.serving.tool_calls.plan import plan_chat_tools
 
 router = APIRouter()
 
@@ -35,7 +35,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         log_request_body(request_id, body)
     model = ctx.resolve_model(body.model)
     check_chat(body)
-    tools = plan_tools(body)
+    tools = plan_chat_tools(body, ctx.tool_parser)
     faults = fault_processors(request, ctx.settings.enable_fault_injection)
     params = chat_params(body, ctx.vocab_size, faults,
                          tool_constraint=None if tools is None else tools.constraint,

@@ -1,8 +1,10 @@
 """/v1/chat/completions: engine delta outputs -> stream chunks or one response.
 
 A stream sends, per choice, a first chunk with the role, then content deltas, then a chunk
-with an empty delta and the finish reason (as OpenAI's API does). With tools, content stops
-where a call may begin; the calls go out in a delta of their own before the finish.
+with an empty delta and the finish reason (as OpenAI's API does). With tools, content is held
+where a call may begin, and each call goes out whole in a delta of its own once it is complete
+(server/serving/tool_calls/stream.py); a choice that has called enough ends there, and the
+request's generation stops once every choice has ended.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from server.serving.generation import GenerationRun
 from server.serving.openai_logprobs import TokenNames, chat_logprobs
 from server.serving.reasoning import ReasoningStream
 from server.serving.state_usage import StateBudget
-from server.serving.tools import ToolPlan, parse_tool_calls, safe_prefix
+from server.serving.tool_calls.plan import ToolPlan
+from server.serving.tool_calls.stream import ToolCallStream
 from tova_engine import CompletionOutput
 
 
@@ -38,10 +41,10 @@ class ChatChoiceState:
         """tools: calls may come back; a stream then holds back what may be one. reasoning:
         split the model's thinking into `reasoning_content` (server/serving/reasoning.py)."""
         self.index = index
-        self._tools = tools
+        self._tools = None if tools is None else ToolCallStream(tools)
         self._reasoning = ReasoningStream() if reasoning else None
         self._reasoning_parts: list[str] = []
-        self._sent = 0  # characters of the text streamed as content (with tools)
+        self._calls_sent = 0  # calls streamed so far: the next one's index
         self._top = top_logprobs  # None: no logprobs asked for
         self._names = names
         self._parts: list[str] = []
@@ -49,6 +52,7 @@ class ChatChoiceState:
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self.cut = False  # ended by its tool calls before the engine finished it
         self.state_positions: list[list[int]] | None = None
 
     @property
@@ -81,19 +85,27 @@ class ChatChoiceState:
             self._reasoning_parts.append(thought)
         self._parts.append(text)  # the content only
         self.num_tokens += len(out.token_ids)
+        reason = out.finish_reason
         choices = []
+        calls = []
+        if self._tools is not None:
+            progress = self._tools.push(self.text, final=reason is not None)
+            text, calls = progress.content, progress.calls
+            if progress.stop and reason is None:  # called enough: the choice ends here
+                reason, self.cut = "tool_calls", True
         if out.text or out.token_ids:
-            if self._tools is not None:
-                text = self._release(safe_prefix(self.text))
             delta = ChatDelta(content=text)
             if thought:  # the content too when the block closed within this delta
                 delta = ChatDelta(reasoning_content=thought, **({"content": text} if text else {}))
-            choices.append(ChatStreamChoice(index=self.index, delta=delta, logprobs=logprobs))
-        if out.finish_reason is not None:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            if self._tools is None or text or thought or logprobs is not None:
+                choices.append(ChatStreamChoice(index=self.index, delta=delta, logprobs=logprobs))
+        if calls:
+            choices.append(self._call_deltas(calls))
+        if reason is not None:
+            self.finish_reason, self.stop_reason = reason, out.stop_reason
             self.state_positions = out.state_positions
-            if self._tools is not None:
-                choices.extend(self._finish_tools())
+            if self._tools is not None and self._tools.calls and reason == "stop":
+                self.finish_reason = "tool_calls"
             choices.append(self._finish_choice())
         return choices
 
@@ -101,29 +113,16 @@ class ChatChoiceState:
     def text(self) -> str:
         return "".join(self._parts)
 
-    def _release(self, upto: int) -> str:
-        """The streamed text's next piece of content, up to `upto` characters in."""
-        piece = self.text[self._sent:upto] if upto > self._sent else ""
-        self._sent = max(self._sent, upto)
-        return piece
-
-    def _calls(self) -> tuple[str | None, list]:
-        return parse_tool_calls(self.text, self._tools.names())
-
-    def _finish_tools(self) -> list[ChatStreamChoice]:
-        """At the end of a stream with tools: the calls (each whole in one delta, which the
-        client assembles by index), or the held-back rest of the content."""
-        _, calls = self._calls()
-        if not calls:
-            rest = self._release(len(self.text))
-            return [ChatStreamChoice(index=self.index, delta=ChatDelta(content=rest))] if rest \
-                else []
-        if self.finish_reason == "stop":
-            self.finish_reason = "tool_calls"
-        deltas = [ToolCallDelta(index=i, id=call.id, type="function", function=FunctionCallDelta(
-            name=call.function.name, arguments=call.function.arguments))
-            for i, call in enumerate(calls)]
-        return [ChatStreamChoice(index=self.index, delta=ChatDelta(tool_calls=deltas))]
+    def _call_deltas(self, calls: list) -> ChatStreamChoice:
+        """Completed calls, each whole in one delta entry (the client joins them by index)."""
+        deltas = []
+        for call in calls:
+            deltas.append(ToolCallDelta(
+                index=self._calls_sent, id=call.id, type="function",
+                function=FunctionCallDelta(name=call.function.name,
+                                           arguments=call.function.arguments)))
+            self._calls_sent += 1
+        return ChatStreamChoice(index=self.index, delta=ChatDelta(tool_calls=deltas))
 
     def _finish_choice(self) -> ChatStreamChoice:
         choice = ChatStreamChoice(index=self.index, delta=ChatDelta(),
@@ -136,11 +135,9 @@ class ChatChoiceState:
         logprobs = ChatChoiceLogprobs(content=self._logprobs) if self._top is not None else None
         message = ChatMessageOut(content=self.text)
         if self._tools is not None:
-            content, calls = self._calls()
-            if calls:
-                message = ChatMessageOut(content=content, tool_calls=calls)
-                if self.finish_reason == "stop":
-                    self.finish_reason = "tool_calls"
+            content, calls = self._tools.result()
+            message = ChatMessageOut(content=content, tool_calls=calls) if calls else \
+                ChatMessageOut(content=content)
         if self._reasoning is not None and self._reasoning.thinking:
             message.reasoning_content = "".join(self._reasoning_parts)
         choice = ChatChoice(
@@ -175,11 +172,21 @@ class ChatSession:
         return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices),
                         self.cached_tokens, details)
 
+    def _cut_short(self, run: GenerationRun) -> bool:
+        """Whether every choice has ended, some by their tool calls: the engine need not go
+        on (closing the run aborts what it still generates)."""
+        if any(c.cut for c in self.choices) and all(c.done for c in self.choices):
+            run.end_early("stop")
+            return True
+        return False
+
     async def collect(self, run: GenerationRun) -> ChatCompletionResponse:
         async for _, output in run:
             self.cached_tokens = output.num_cached_tokens
             for out in output.outputs:
                 self.choices[out.index].update(out)
+            if self._cut_short(run):
+                break
         return ChatCompletionResponse(
             id=self.request_id, created=self.created, model=self.model,
             choices=[c.result() for c in self.choices], usage=self._usage(),
@@ -201,6 +208,8 @@ class ChatSession:
                     continue
                 for choice in state.update(out):
                     yield sse(self._chunk([choice]))
+            if self._cut_short(run):
+                break
         if self.include_usage:
             final = self._chunk([])
             final.usage = self._usage()

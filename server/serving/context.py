@@ -13,6 +13,8 @@ from server.http.errors import APIError
 from server.metrics import ServerMetrics
 from server.serving.responses_store import ResponseStore
 from server.serving.state_usage import StateBudget
+from server.serving.tool_calls.parser import ToolCallParser
+from server.serving.tool_calls.registry import tool_parser
 from server.settings import ServerSettings
 from tova_engine import AsyncEngine
 
@@ -43,6 +45,11 @@ class ServerContext:
     @property
     def vocab_size(self) -> int:
         return self.engine.info.vocab_size
+
+    @property
+    def tool_parser(self) -> ToolCallParser:
+        """How this model writes tool calls (`--tool-call-parser`, or its template's)."""
+        return tool_parser(self.settings.tool_call_parser, self.tokenizer)
 
     def state_budget(self, requested: int | None) -> StateBudget:
         """A request's state size (its own or the server's) and whether the policy evicts."""

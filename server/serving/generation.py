@@ -48,11 +48,18 @@ class GenerationRun:
         self._params = params
         self._ticket = ctx.admission.admit(len(prompts))
         self._stream = self._outputs()
+        self._ended_as: str | None = None
         self.record = GenerationRecord(
             request_id, sum(len(p.core.prompt_token_ids) for p in prompts))
 
     def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         return self._stream
+
+    def end_early(self, reason: str) -> None:
+        """The server has all it needs (e.g. a choice's tool calls) and stops the rest of the
+        generation: closing now counts the unfinished choices as finished for `reason`,
+        not as aborted by the client."""
+        self._ended_as = reason
 
     async def close(self) -> None:
         await self._stream.aclose()
@@ -115,5 +122,6 @@ class GenerationRun:
         finally:
             self._ticket.release()
             if counted:
-                tracker.close(unfinished)
+                tracker.close(self._ended_as if unfinished == "abort" and self._ended_as
+                              else unfinished)
 

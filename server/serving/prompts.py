@@ -12,7 +12,8 @@ from server.http.errors import bad_request
 from server.protocol.chat import ChatMessage
 from server.serving.context import ServerContext
 from server.serving.openai_logprobs import TokenNames
-from server.serving.tools import ToolPlan, render_messages, template_knows_tools
+from server.serving.tool_calls.plan import ToolPlan
+from server.serving.tool_calls.render import render_messages, template_knows_tools
 
 
 def prompt_ids(ctx: ServerContext, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -51,12 +52,13 @@ def chat_prompt_ids(
     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
     tools: ToolPlan | None = None,
 ) -> list[int]:
-    """tools: the request's tools, shown to the model (server.serving.tools)."""
+    """tools: the request's tools, shown to the model (server/serving/tool_calls/render.py)."""
     tokenizer = ctx.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad_request(
             "this model has no chat template; use /v1/completions instead", "messages")
-    rendered, tool_list = render_messages(messages, tools, template_knows_tools(tokenizer))
+    rendered, tool_list = render_messages([m.for_template() for m in messages], tools,
+                                          ctx.tool_parser, template_knows_tools(tokenizer))
     extra = dict(template_kwargs or {})
     if tool_list:
         extra["tools"] = tool_list

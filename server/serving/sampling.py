@@ -88,7 +88,7 @@ def chat_params(body: ChatCompletionRequest, vocab_size: int,
                 processors: Sequence[LogitsProcessor] = (),
                 tool_constraint: StructuredOutputs | None = None,
                 any_whitespace: bool = False) -> SamplingParams:
-    """tool_constraint: the grammar of a required or named tool call (server.serving.tools);
+    """tool_constraint: the grammar of a required or named tool call (server/serving/tool_calls/);
     any_whitespace: JSON output constraints allow free whitespace (server.serving.structured)."""
     # max_completion_tokens replaced max_tokens in OpenAI's API; either may come.
     max_tokens = body.max_tokens
