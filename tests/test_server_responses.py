@@ -130,7 +130,10 @@ def test_bad_input_is_a_clear_4xx_and_leaks_no_slot(client, server):
         (dict(input="x", previous_response_id=first.id, extra_body={"state_size": 8}),
          "previous_response_id"),
         (dict(input="x" * 5000, previous_response_id=first.id), "input"),
-        (dict(input="x", tools=[{"type": "function", "name": "f"}]), "tools"),
+        (dict(input="x", tools=[{"type": "web_search"}]), "tools"),
+        (dict(input="x", tool_choice="required"), "tool_choice"),
+        (dict(input=[{"type": "function_call_output", "call_id": "call_x", "output": "1"}]),
+         "input.0.call_id"),
     ]
     for kwargs, param in bad:
         with pytest.raises(openai.BadRequestError) as info:

@@ -57,7 +57,6 @@ class ResponsesOpenAIFields(RequestPart):
 
     background: bool | None = None  # this server answers in the foreground
     include: list[str] | None = None  # extra output items (none of them produced here)
-    max_tool_calls: Annotated[int | None, Field(ge=0)] = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
@@ -67,6 +66,6 @@ class ResponsesOpenAIFields(RequestPart):
     stream_options: dict[str, Any] | None = None
 
     IGNORED: ClassVar[tuple[str, ...]] = (
-        "background", "include", "max_tool_calls", "prompt_cache_key", "prompt_cache_retention",
+        "background", "include", "prompt_cache_key", "prompt_cache_retention",
         "safety_identifier", "service_tier", "reasoning", "top_logprobs", "stream_options",
         "user")

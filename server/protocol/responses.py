@@ -1,8 +1,9 @@
-"""POST /v1/responses: OpenAI's Responses API, text in and text out, with `previous_response_id`
-continuing from the previous response's saved state."""
+"""POST /v1/responses: OpenAI's Responses API, text and function calls, with
+`previous_response_id` continuing from the previous response's saved state."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,6 +19,7 @@ from server.protocol.chat import _content_text
 from server.protocol.common import RequestModel, RequestPart, ResponseModel
 from server.protocol.openai_fields import ResponsesOpenAIFields
 from server.protocol.schema import count, number
+from server.protocol.tools import FUNCTION_NAME, FunctionDefinition, ToolDefinition
 
 
 def _input_text(value: Any) -> Any:
@@ -53,6 +55,53 @@ class InputMessage(RequestPart):
                 "content": self.content}
 
 
+class FunctionCallItem(RequestPart):
+    """A call the model made in an earlier turn, as the client sends it back."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+    id: str | None = None
+    status: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        return {"id": self.call_id, "type": "function",
+                "function": {"name": self.name, "arguments": _arguments(self.arguments)}}
+
+
+class FunctionCallOutputItem(RequestPart):
+    """A function's result, answering the call `call_id`."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output(cls, value: Any) -> str:
+        text = _input_text(value)
+        if text is None:
+            raise ValueError("output must be a string or a list of text parts")
+        return text
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
+_ITEM_TYPES: dict[str | None, type[RequestPart]] = {
+    None: InputMessage, "message": InputMessage, "function_call": FunctionCallItem,
+    "function_call_output": FunctionCallOutputItem}
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as templates expect them (an object where the text is JSON)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 _MESSAGE_SCHEMA = {
     "type": "object",
     "required": ["role", "content"],
@@ -71,10 +120,36 @@ _MESSAGE_SCHEMA = {
         "status": {"type": "string"},
     },
 }
+_TEXT_PARTS = {"anyOf": [
+    {"type": "string"},
+    {"type": "array", "items": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"enum": ["input_text", "output_text", "text"]},
+                       "text": {"type": "string"}}}},
+]}
+_FUNCTION_CALL_SCHEMA = {
+    "type": "object",
+    "required": ["type", "call_id", "name", "arguments"],
+    "additionalProperties": False,
+    "properties": {"type": {"enum": ["function_call"]}, "call_id": {"type": "string",
+                                                                     "minLength": 1},
+                   "name": {"type": "string"}, "arguments": {"type": "string"},
+                   "id": {"type": "string"}, "status": {"type": "string"}},
+}
+_FUNCTION_CALL_OUTPUT_SCHEMA = {
+    "type": "object",
+    "required": ["type", "call_id", "output"],
+    "additionalProperties": False,
+    "properties": {"type": {"enum": ["function_call_output"]},
+                   "call_id": {"type": "string", "minLength": 1}, "output": _TEXT_PARTS,
+                   "id": {"type": "string"}, "status": {"type": "string"}},
+}
 _INPUT_SCHEMA = {
     "anyOf": [{"type": "string", "minLength": 1},
-              {"type": "array", "minItems": 1, "items": _MESSAGE_SCHEMA}],
-    "description": "A user message as a string, or a list of messages",
+              {"type": "array", "minItems": 1, "items": {"anyOf": [
+                  _MESSAGE_SCHEMA, _FUNCTION_CALL_SCHEMA, _FUNCTION_CALL_OUTPUT_SCHEMA]}}],
+    "description": "A user message as a string, or a list of items: messages, the model's "
+                   "function calls and their outputs",
 }
 
 
@@ -140,6 +215,28 @@ class TextOptions(RequestPart):
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
+class FunctionTool(RequestPart):
+    """A function the model may call (the Responses API's flat shape: name, parameters and
+    strict beside the type)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def definition(self) -> ToolDefinition:
+        """As chat's tools carry it."""
+        return ToolDefinition(type="function", function=FunctionDefinition(
+            name=self.name, description=self.description, parameters=self.parameters,
+            strict=self.strict))
+
+
+class FunctionToolChoice(RequestPart):
+    type: Literal["function"]
+    name: str
+
+
 class ResponsesRequest(RequestModel, ResponsesOpenAIFields):
     model: str | None = None
     # A string (one user message) or a list of messages; checked by `_input`, so that every
@@ -157,8 +254,9 @@ class ResponsesRequest(RequestModel, ResponsesOpenAIFields):
     # Accepted when they ask for nothing this server would do differently.
     truncation: Literal["disabled"] | None = None
     parallel_tool_calls: bool | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    tools: Annotated[list[dict[str, Any]] | None, Field(max_length=0)] = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
+    tools: list[FunctionTool] | None = None
+    max_tool_calls: Annotated[int | None, Field(ge=1), count(1)] = None  # calls per response
     text: TextOptions | None = None
     # OpenAI-hosted objects this server cannot load: refused by name, never dropped unread.
     prompt: dict[str, Any] | None = None
@@ -185,25 +283,42 @@ class ResponsesRequest(RequestModel, ResponsesOpenAIFields):
             )
         return value
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools(cls, value: Any) -> Any:
+        for index, tool in enumerate(value or ()):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise ValueError(
+                    f"tools[{index}]: type {kind!r} is not supported: this server runs function "
+                    "tools (type 'function'); hosted tools (web_search, file_search, ...) are "
+                    "OpenAI's")
+        return value
+
     @field_validator("input")
     @classmethod
-    def _input(cls, value: Any) -> str | list[InputMessage]:
+    def _input(cls, value: Any) -> str | list[InputItem]:
         if isinstance(value, str):
             if not value:
                 raise ValueError("input must not be empty")
             return value
         if not isinstance(value, list) or not value:
-            raise ValueError("input must be a non-empty string or a non-empty list of messages")
-        messages = []
+            raise ValueError("input must be a non-empty string or a non-empty list of items")
+        items = []
         for index, item in enumerate(value):
+            kind = item.get("type") if isinstance(item, dict) else None
+            model = _ITEM_TYPES.get(kind)
+            if model is None:
+                raise ValueError(f"input[{index}].type: {kind!r} is not an input item this "
+                                 "server reads (message, function_call, function_call_output)")
             try:
-                messages.append(InputMessage.model_validate(item))
+                items.append(model.model_validate(item))
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(part) for part in first["loc"])
                 raise ValueError(
                     f"input[{index}]{'.' + where if where else ''}: {first['msg']}") from None
-        return messages
+        return items
 
     @field_validator("metadata")
     @classmethod
@@ -222,14 +337,28 @@ class ResponsesRequest(RequestModel, ResponsesOpenAIFields):
         """`store` as OpenAI reads it: null is the default, true."""
         return self.store is not False
 
-    def messages(self) -> list[dict[str, str]]:
+    @property
+    def items(self) -> list[InputItem]:
+        """The input as items (a string is one user message)."""
+        if isinstance(self.input, str):
+            return [InputMessage(role="user", content=self.input)]
+        return self.input
+
+    def messages(self) -> list[dict[str, Any]]:
         """The new turn's messages for the chat template: instructions first (as a system
-        message), then the input."""
-        messages = []
+        message), then the input; function calls join the assistant message before them (or
+        make one), outputs become tool messages."""
+        messages: list[dict[str, Any]] = []
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions})
-        if isinstance(self.input, str):
-            messages.append({"role": "user", "content": self.input})
-        else:
-            messages += [m.for_template() for m in self.input]
+        for item in self.items:
+            if isinstance(item, FunctionCallItem):
+                if not messages or messages[-1]["role"] != "assistant":
+                    messages.append({"role": "assistant", "content": ""})
+                messages[-1].setdefault("tool_calls", []).append(item.for_template())
+            elif isinstance(item, FunctionCallOutputItem):
+                messages.append({"role": "tool", "tool_call_id": item.call_id,
+                                 "content": item.output})
+            else:
+                messages.append(item.for_template())
         return messages

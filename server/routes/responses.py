@@ -37,6 +37,7 @@ from server.serving.stored_responses import (
     list_input_items,
     next_turn,
 )
+from server.serving.tool_calls.plan import plan_response_tools
 
 router = APIRouter()
 
@@ -50,14 +51,17 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     if ctx.settings.log_requests:
         log_request_body(response_id, body)
     model = ctx.resolve_model(body.model)
-    turn = next_turn(ctx, body)
+    tools = plan_response_tools(body, ctx.tool_parser)
+    turn = next_turn(ctx, body, tools)
     params = responses_params(body, keep_state=body.stored,
-                              any_whitespace=not ctx.settings.disable_any_whitespace)
+                              any_whitespace=not ctx.settings.disable_any_whitespace,
+                              tool_constraint=None if tools is None else tools.constraint)
     run = prepare_run(ctx, response_id, [turn.prompt_ids], params, error_names(RESPONSES_NAMES),
                       resume_key=turn.resume_key, single_id=True)
     track_generation(request, run.record)
     state = ctx.state_budget(body.state_size)
-    draft = ResponseDraft(response_id, model, body, turn.input_tokens, turn.cached_tokens, state)
+    draft = ResponseDraft(response_id, model, body, turn.input_tokens, turn.cached_tokens, state,
+                          tools)
     session = ResponsesSession(draft, lambda done: keep_response(ctx, done))
     return await respond(request, body.streaming, session, run,
                          state.headers([turn.input_tokens]))

@@ -53,6 +53,7 @@ class ChatChoiceState:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.cut = False  # ended by its tool calls before the engine finished it
+        self.engine_told = False  # and the engine was asked to finish it
         self.state_positions: list[list[int]] | None = None
 
     @property
@@ -72,7 +73,8 @@ class ChatChoiceState:
 
     def update(self, out: CompletionOutput) -> list[ChatStreamChoice]:
         """The chunks' choices for this delta: content (if any), then the finish (if now)."""
-        if self.done:
+        if self.done:  # the tokens its tool calls' stop left in flight still count
+            self.num_tokens += len(out.token_ids)
             return []
         logprobs = None
         if self._top is not None and out.token_ids:
@@ -172,21 +174,11 @@ class ChatSession:
         return Usage.of(self.prompt_tokens, sum(c.num_tokens for c in self.choices),
                         self.cached_tokens, details)
 
-    def _cut_short(self, run: GenerationRun) -> bool:
-        """Whether every choice has ended, some by their tool calls: the engine need not go
-        on (closing the run aborts what it still generates)."""
-        if any(c.cut for c in self.choices) and all(c.done for c in self.choices):
-            run.end_early("stop")
-            return True
-        return False
-
     async def collect(self, run: GenerationRun) -> ChatCompletionResponse:
         async for _, output in run:
             self.cached_tokens = output.num_cached_tokens
             for out in output.outputs:
-                self.choices[out.index].update(out)
-            if self._cut_short(run):
-                break
+                self._update(run, out)
         return ChatCompletionResponse(
             id=self.request_id, created=self.created, model=self.model,
             choices=[c.result() for c in self.choices], usage=self._usage(),
@@ -206,14 +198,21 @@ class ChatSession:
                     if out.text or out.token_ids:
                         yield self._content_event(state.index)(state.take_text(out))
                     continue
-                for choice in state.update(out):
+                for choice in self._update(run, out):
                     yield sse(self._chunk([choice]))
-            if self._cut_short(run):
-                break
         if self.include_usage:
             final = self._chunk([])
             final.usage = self._usage()
             yield sse(final)
+
+    def _update(self, run: GenerationRun, out: CompletionOutput) -> list[ChatStreamChoice]:
+        """A choice's delta; a choice its tool calls ended is finished in the engine too."""
+        state = self.choices[out.index]
+        choices = state.update(out)
+        if state.cut and not state.engine_told:
+            state.engine_told = True
+            run.finish_choice(0, out.index)
+        return choices
 
     def _content_event(self, index: int) -> TextEvent:
         event = self._content_events.get(index)

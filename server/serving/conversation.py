@@ -20,20 +20,26 @@ from server.http.errors import bad_request
 _PLACEHOLDER = "\ue000tova-answer\ue001"
 
 
-def first_turn_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def first_turn_ids(tokenizer: Any, messages: list[dict[str, Any]],
+                   tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """tools: the template's `tools` argument (for a template that renders them)."""
     _require_template(tokenizer)
-    return list(_render(tokenizer, messages, add_generation_prompt=True, tokenize=True))
+    return list(_render(tokenizer, messages, tools, add_generation_prompt=True, tokenize=True))
 
 
 def continuation_ids(
-    tokenizer: Any, messages: list[dict[str, str]], last_token_id: int | None
+    tokenizer: Any, messages: list[dict[str, Any]], last_token_id: int | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """The tokens to feed after a saved state whose answer ended with `last_token_id`."""
+    """The tokens to feed after a saved state whose answer ended with `last_token_id`.
+    tools: as the first turn gave them to the template; whatever they add before the
+    conversation is in both renderings, so not in the difference."""
     _require_template(tokenizer)
     answered = [{"role": "user", "content": "?"},
                 {"role": "assistant", "content": _PLACEHOLDER}]
-    head = _render(tokenizer, answered, add_generation_prompt=False, tokenize=False)
-    full = _render(tokenizer, answered + messages, add_generation_prompt=True, tokenize=False)
+    head = _render(tokenizer, answered, tools, add_generation_prompt=False, tokenize=False)
+    full = _render(tokenizer, answered + messages, tools, add_generation_prompt=True,
+                   tokenize=False)
     if not full.startswith(head) or _PLACEHOLDER not in head:
         raise bad_request(
             "this model's chat template cannot continue a conversation from a stored response "
@@ -54,7 +60,10 @@ def _require_template(tokenizer: Any) -> None:
                           "input")
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], **options: Any):
+def _render(tokenizer: Any, messages: list[dict[str, Any]],
+            tools: list[dict[str, Any]] | None, **options: Any):
+    if tools:
+        options["tools"] = tools
     try:
         return tokenizer.apply_chat_template(messages, return_dict=False, **options)
     except Exception as exc:  # template errors (jinja, role order) are the client's input

@@ -48,18 +48,16 @@ class GenerationRun:
         self._params = params
         self._ticket = ctx.admission.admit(len(prompts))
         self._stream = self._outputs()
-        self._ended_as: str | None = None
         self.record = GenerationRecord(
             request_id, sum(len(p.core.prompt_token_ids) for p in prompts))
 
     def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         return self._stream
 
-    def end_early(self, reason: str) -> None:
-        """The server has all it needs (e.g. a choice's tool calls) and stops the rest of the
-        generation: closing now counts the unfinished choices as finished for `reason`,
-        not as aborted by the client."""
-        self._ended_as = reason
+    def finish_choice(self, prompt: int, choice: int) -> None:
+        """End one choice now, as if the model had stopped: the server has all it needs of
+        it (its tool calls). Its final output follows; a kept state is saved."""
+        self._ctx.engine.finish(self._prompts[prompt].core.request_id, choice)
 
     async def close(self) -> None:
         await self._stream.aclose()
@@ -122,6 +120,5 @@ class GenerationRun:
         finally:
             self._ticket.release()
             if counted:
-                tracker.close(self._ended_as if unfinished == "abort" and self._ended_as
-                              else unfinished)
+                tracker.close(unfinished)
 

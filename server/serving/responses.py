@@ -1,9 +1,13 @@
 """/v1/responses: engine delta outputs -> the Responses API's object, or its event stream.
 
-A stream goes: response.created, response.in_progress, output_item.added, content_part.added,
-output_text.delta per chunk of text, output_text.done, content_part.done, output_item.done,
+The output is a list of items in the order the model wrote them: a message (its text) and,
+with tools, function calls (server/serving/tool_calls/). A stream goes: response.created,
+response.in_progress; per message item output_item.added, content_part.added,
+output_text.delta per chunk of text, output_text.done, content_part.done, output_item.done;
+per function call output_item.added, function_call_arguments.delta, .done, output_item.done;
 then response.completed (response.incomplete when max_output_tokens cut it), each event with
-its sequence_number, as OpenAI's API sends them and its clients accumulate them.
+its sequence_number, as OpenAI's API sends them and its clients accumulate them. Without
+tools the message item opens at once; with tools, when its first text arrives.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from typing import Any
 from starlette.responses import Response
 
 from server.protocol.responses import ResponsesRequest
+from server.protocol.tools import ToolCallOut
 from server.serving.generation import GenerationRun
 from server.serving.state_usage import StateBudget
+from server.serving.tool_calls.plan import ToolPlan
+from server.serving.tool_calls.stream import ToolCallStream
 
 
 class ResponseDraft:
@@ -26,12 +33,11 @@ class ResponseDraft:
 
     def __init__(self, response_id: str, model: str, body: ResponsesRequest,
                  input_tokens: int, continued_tokens: int,
-                 state: StateBudget | None = None) -> None:
+                 state: StateBudget | None = None, tools: ToolPlan | None = None) -> None:
         """continued_tokens: the input tokens the continued state already stands for; state:
-        the request's state budget, for usage.state_details."""
+        the request's state budget, for usage.state_details; tools: calls may come back."""
         self.id = response_id
         self.state = state
-        self.message_id = "msg_" + uuid.uuid4().hex
         self.model = model
         self.body = body
         self.created_at = int(time.time())
@@ -41,13 +47,16 @@ class ResponseDraft:
         # Input tokens the prefix cache restored (a first turn only: a continued one starts
         # from its state, never from a cached prefix).
         self.restored_tokens = 0
-        self.parts: list[str] = []
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.calls = None if tools is None else ToolCallStream(tools)
+        self.items: list[dict[str, Any]] = []  # the output, in order
+        self._text_parts: list[str] = []  # the model's text (without tools: the content)
 
     @property
-    def text(self) -> str:
-        return "".join(self.parts)
+    def cut(self) -> bool:
+        """Its tool calls ended it before the engine did (which is then asked to)."""
+        return self.calls is not None and self.calls.stopped and self.finish_reason is not None
 
     @property
     def cached_tokens(self) -> int:
@@ -59,22 +68,48 @@ class ResponseDraft:
             return "in_progress"
         return "incomplete" if self.finish_reason == "length" else "completed"
 
-    def add(self, text: str, token_ids: list[int], finish_reason: str | None) -> None:
-        self.parts.append(text)
+    def add(self, text: str, token_ids: list[int], finish_reason: str | None,
+            ) -> list[tuple[str, Any]]:
+        """What a delta adds to the output, in order: ("text", piece) for the message being
+        written, ("call", ToolCallOut) for a completed call."""
         self.token_ids += token_ids
+        if self.finish_reason is not None:  # ended by its calls: the rest is not its output
+            return []
+        changes: list[tuple[str, Any]] = []
+        if self.calls is None:
+            if text:
+                changes.append(("text", text))
+        else:
+            self._text_parts.append(text)
+            progress = self.calls.push("".join(self._text_parts), final=finish_reason is not None)
+            if progress.content:
+                changes.append(("text", progress.content))
+            changes += [("call", call) for call in progress.calls]
+            if progress.stop and finish_reason is None:
+                finish_reason = "tool_calls"
         if finish_reason is not None:
             self.finish_reason = finish_reason
             self.completed_at = int(time.time())
+        return changes
 
-    def message(self, with_content: bool = True) -> dict[str, Any]:
-        status = self.status if self.finish_reason is not None else "in_progress"
-        content = [self.text_part()] if with_content else []
-        return {"id": self.message_id, "type": "message", "status": status,
-                "role": "assistant", "content": content}
+    def open_message(self) -> dict[str, Any]:
+        item = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "status": "in_progress",
+                "role": "assistant", "content": [text_part("")]}
+        self.items.append(item)
+        return item
 
-    def text_part(self, text: str | None = None) -> dict[str, Any]:
-        return {"type": "output_text", "text": self.text if text is None else text,
-                "annotations": [], "logprobs": []}
+    def add_call(self, call: ToolCallOut) -> dict[str, Any]:
+        item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": "completed",
+                "call_id": call.id, "name": call.function.name,
+                "arguments": call.function.arguments}
+        self.items.append(item)
+        return item
+
+    def end_items(self) -> None:
+        """At the end: every message item takes the response's status."""
+        for item in self.items:
+            if item["type"] == "message":
+                item["status"] = self.status
 
     def snapshot(self, with_output: bool = True) -> dict[str, Any]:
         body = self.body
@@ -100,15 +135,21 @@ class ResponseDraft:
             "status": self.status, "background": False, "error": None,
             "incomplete_details": incomplete, "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens, "model": self.model,
-            "output": [self.message()] if with_output and done else [],
-            "parallel_tool_calls": False,
+            "output": list(self.items) if with_output and done else [],
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": body.previous_response_id,
             "store": body.stored,
             "temperature": body.temperature, "top_p": body.top_p,
-            "text": {"format": _format(body)}, "tool_choice": "none", "tools": [],
+            "text": {"format": _format(body)}, "tool_choice": _tool_choice(body),
+            "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],
+            "max_tool_calls": body.max_tool_calls,
             "truncation": "disabled", "usage": usage, "user": body.user,
             "metadata": body.metadata or {}, "completed_at": self.completed_at,
         }
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 class ResponsesSession:
@@ -118,20 +159,43 @@ class ResponsesSession:
         self.draft = draft
         self._on_done = on_done
         self._sequence = 0
+        self._message: dict[str, Any] | None = None  # the message item being written
 
-    async def _consume(self, run: GenerationRun) -> AsyncIterator[str]:
+    async def _changes(self, run: GenerationRun) -> AsyncIterator[tuple[str, Any]]:
+        """The output's changes as they come. A response its calls ended is finished in
+        the engine too, and read to the engine's end, so its kept state is saved first."""
+        told = False
         async for _, output in run:
             self.draft.restored_tokens = output.num_cached_tokens
             out = output.outputs[0]
-            self.draft.add(out.text, out.token_ids, out.finish_reason)
-            yield out.text
+            for change in self.draft.add(out.text, out.token_ids, out.finish_reason):
+                yield change
+            if self.draft.cut and not told:
+                told = True
+                run.finish_choice(0, 0)
+
+    def _finish(self) -> None:
+        """Once the output is whole: statuses set, and the response stored (if it asked)."""
         if self.draft.finish_reason is not None:
+            self.draft.end_items()
             self._on_done(self.draft)
 
     async def collect(self, run: GenerationRun) -> Response:
-        async for _ in self._consume(run):
-            pass
+        async for kind, value in self._changes(run):
+            if kind == "call":
+                self._message = None
+                self.draft.add_call(value)
+            else:
+                self._text_item()["content"][0]["text"] += value
+        if not self.draft.items:
+            self.draft.open_message()
+        self._finish()
         return Response(json.dumps(self.draft.snapshot()), media_type="application/json")
+
+    def _text_item(self) -> dict[str, Any]:
+        if self._message is None:
+            self._message = self.draft.open_message()
+        return self._message
 
     def _event(self, kind: str, **fields: Any) -> str:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -142,19 +206,63 @@ class ResponsesSession:
         draft = self.draft
         yield self._event("response.created", response=draft.snapshot())
         yield self._event("response.in_progress", response=draft.snapshot())
-        place = {"item_id": draft.message_id, "output_index": 0, "content_index": 0}
-        yield self._event("response.output_item.added", output_index=0,
-                          item=draft.message(with_content=False))
-        yield self._event("response.content_part.added", **place, part=draft.text_part(""))
-        async for text in self._consume(run):
-            if text:
-                yield self._event("response.output_text.delta", **place, delta=text,
-                                  logprobs=[])
-        yield self._event("response.output_text.done", **place, text=draft.text, logprobs=[])
-        yield self._event("response.content_part.done", **place, part=draft.text_part())
-        yield self._event("response.output_item.done", output_index=0, item=draft.message())
+        if draft.calls is None:  # text only: the message opens at once
+            for event in self._open_message():
+                yield event
+        async for kind, value in self._changes(run):
+            if kind == "call":
+                for event in [*self._close_message(), *self._call_events(value)]:
+                    yield event
+                continue
+            if self._message is None:
+                for event in self._open_message():
+                    yield event
+            self._message["content"][0]["text"] += value
+            yield self._event("response.output_text.delta", **self._place(), delta=value,
+                              logprobs=[])
+        if not draft.items:  # nothing written: one empty message, as without tools
+            for event in self._open_message():
+                yield event
+        for event in self._close_message():
+            yield event
+        self._finish()
         final = "response.incomplete" if draft.status == "incomplete" else "response.completed"
         yield self._event(final, response=draft.snapshot())
+
+    def _place(self) -> dict[str, Any]:
+        return {"item_id": self._message["id"], "output_index": len(self.draft.items) - 1,
+                "content_index": 0}
+
+    def _open_message(self) -> list[str]:
+        self._message = self.draft.open_message()
+        item = {**self._message, "content": []}
+        return [self._event("response.output_item.added", output_index=len(self.draft.items) - 1,
+                            item=item),
+                self._event("response.content_part.added", **self._place(), part=text_part(""))]
+
+    def _close_message(self) -> list[str]:
+        if self._message is None:
+            return []
+        place, message = self._place(), self._message
+        text = message["content"][0]["text"]
+        message["status"] = self.draft.status if self.draft.finish_reason else "completed"
+        self._message = None
+        return [self._event("response.output_text.done", **place, text=text, logprobs=[]),
+                self._event("response.content_part.done", **place, part=text_part(text)),
+                self._event("response.output_item.done", output_index=place["output_index"],
+                            item=message)]
+
+    def _call_events(self, call: ToolCallOut) -> list[str]:
+        item = self.draft.add_call(call)
+        index = len(self.draft.items) - 1
+        place = {"item_id": item["id"], "output_index": index}
+        return [self._event("response.output_item.added", output_index=index,
+                            item={**item, "arguments": "", "status": "in_progress"}),
+                self._event("response.function_call_arguments.delta", **place,
+                            delta=item["arguments"]),
+                self._event("response.function_call_arguments.done", **place,
+                            name=item["name"], arguments=item["arguments"]),
+                self._event("response.output_item.done", output_index=index, item=item)]
 
 
 def _format(body) -> dict:
@@ -163,3 +271,11 @@ def _format(body) -> dict:
     if form is None:
         return {"type": "text"}
     return form.model_dump(exclude_none=True, by_alias=True)
+
+
+def _tool_choice(body: ResponsesRequest) -> Any:
+    """The response's `tool_choice`: the request's, or OpenAI's default (auto with tools)."""
+    choice = body.tool_choice
+    if choice is None:
+        return "auto" if body.tools else "none"
+    return choice if isinstance(choice, str) else choice.model_dump()

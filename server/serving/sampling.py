@@ -100,11 +100,16 @@ def chat_params(body: ChatCompletionRequest, vocab_size: int,
 
 
 def responses_params(body: ResponsesRequest, keep_state: bool,
-                     any_whitespace: bool = False) -> SamplingParams:
+                     any_whitespace: bool = False,
+                     tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
     """keep_state: save the state at the end, for a continuation (`store`); any_whitespace:
-    a JSON `text.format` allows free whitespace."""
+    a JSON `text.format` allows free whitespace; tool_constraint: as chat's."""
     fields: dict[str, object] = {}
     constraint = text_format_constraint(body, any_whitespace)
+    if constraint is not None and tool_constraint is not None:
+        raise bad_request("a required tool call and a text.format cannot both constrain the "
+                          "output", "tool_choice")
+    constraint = constraint or tool_constraint
     if constraint is not None:
         fields["structured_outputs"] = constraint
     return _build(body, RESPONSES_NAMES, max_tokens=body.max_output_tokens,

@@ -10,11 +10,13 @@ import uuid
 from typing import Any, NamedTuple
 
 from server.http.errors import bad_request, not_found_response
-from server.protocol.responses import ResponsesRequest
+from server.protocol.responses import FunctionCallItem, FunctionCallOutputItem, ResponsesRequest
 from server.serving.context import ServerContext
 from server.serving.conversation import continuation_ids, first_turn_ids
 from server.serving.responses import ResponseDraft
 from server.serving.responses_store import StoredResponse
+from server.serving.tool_calls.plan import ToolPlan, check_call_outputs
+from server.serving.tool_calls.render import turn_messages
 from tova_engine import SnapshotSpec
 
 
@@ -28,12 +30,21 @@ class Turn(NamedTuple):
         return self.cached_tokens + len(self.prompt_ids)
 
 
-def next_turn(ctx: ServerContext, body: ResponsesRequest) -> Turn:
-    messages = body.messages()
+def next_turn(ctx: ServerContext, body: ResponsesRequest, tools: ToolPlan | None = None) -> Turn:
+    """tools: the request's, shown to the model where the conversation starts (or where it
+    first has tools; server/serving/tool_calls/render.py)."""
+    tokenizer, parser = ctx.tokenizer, ctx.tool_parser
     if not body.previous_response_id:
-        return Turn(first_turn_ids(ctx.tokenizer, messages), 0, None)
+        check_call_outputs(body, set())
+        messages, listed = turn_messages(tokenizer, parser, body.messages(), tools, False)
+        return Turn(first_turn_ids(tokenizer, messages, listed), 0, None)
     previous = _previous(ctx, body)
-    ids = continuation_ids(ctx.tokenizer, messages, previous.last_token_id)
+    made = {item["call_id"] for item in previous.response["output"]
+            if item.get("type") == "function_call"}
+    check_call_outputs(body, made)
+    messages, listed = turn_messages(tokenizer, parser, body.messages(), tools,
+                                     shown_before=bool(previous.response.get("tools")))
+    ids = continuation_ids(ctx.tokenizer, messages, previous.last_token_id, listed)
     return Turn(ids, ctx.engine.saved_states[previous.id].num_tokens, previous.id)
 
 
@@ -48,17 +59,23 @@ def keep_response(ctx: ServerContext, draft: ResponseDraft) -> None:
 
 
 def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's input as the Responses API lists it (`GET .../input_items`): message
-    items with ids, text parts as input_text (output_text for the assistant's)."""
-    messages = body.input if isinstance(body.input, list) else [None]
+    """The request's input as the Responses API lists it (`GET .../input_items`): items with
+    ids; a message's text parts as input_text (output_text for the assistant's)."""
     items = []
-    for message in messages:
-        role = "user" if message is None else message.role
-        text = body.input if message is None else message.content
-        kind = "output_text" if role == "assistant" else "input_text"
-        items.append({"id": (message and message.id) or "msg_" + uuid.uuid4().hex,
-                      "type": "message", "role": role, "status": "completed",
-                      "content": [{"type": kind, "text": text}]})
+    for item in body.items:
+        if isinstance(item, FunctionCallItem):
+            items.append({"id": item.id or "fc_" + uuid.uuid4().hex, "type": "function_call",
+                          "status": "completed", "call_id": item.call_id, "name": item.name,
+                          "arguments": item.arguments})
+        elif isinstance(item, FunctionCallOutputItem):
+            items.append({"id": item.id or "fco_" + uuid.uuid4().hex,
+                          "type": "function_call_output", "status": "completed",
+                          "call_id": item.call_id, "output": item.output})
+        else:
+            kind = "output_text" if item.role == "assistant" else "input_text"
+            items.append({"id": item.id or "msg_" + uuid.uuid4().hex, "type": "message",
+                          "role": item.role, "status": "completed",
+                          "content": [{"type": kind, "text": item.content}]})
     return items
 
 

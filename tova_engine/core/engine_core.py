@@ -267,20 +267,23 @@ class EngineCore:
             self._store_changed = False
 
     def abort(
-        self, request_ids: list[str], sequences: list[SequenceRef] = ()
+        self, request_ids: list[str], sequences: list[SequenceRef] = (),
+        stopped: list[SequenceRef] = (),
     ) -> list[SequenceFinish]:
         """Stop whole requests or single choices now; their slots are free for the next step.
-        Returns the choices this finished."""
+        `stopped`: choices that end as "stop" rather than "abort" (their kept state is
+        saved). Returns the choices this finished."""
         finished: list[SequenceFinish] = []
-        targets = [(rid, None) for rid in request_ids]
-        targets += [(ref.request_id, ref.index) for ref in sequences]
-        for request_id, index in targets:
+        targets = [(rid, None, "abort") for rid in request_ids]
+        targets += [(ref.request_id, ref.index, "abort") for ref in sequences]
+        targets += [(ref.request_id, ref.index, "stop") for ref in stopped]
+        for request_id, index, reason in targets:
             request = self._requests.get(request_id)
             if request is None:
                 continue
             for seq in request.live_sequences():
                 if index is None or seq.index == index:
-                    seq.finish_reason = "abort"
+                    seq.finish_reason = reason
             self._release_finished(request, finished)
         return finished
 

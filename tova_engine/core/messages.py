@@ -186,11 +186,14 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
     """Stop whole requests (the client left), single choices (a stop string appeared) or
-    every request of a front-end process that died (`clients`, from its supervisor)."""
+    every request of a front-end process that died (`clients`, from its supervisor).
+    `finished`: choices the front end has all it needs of (a response's tool calls): they
+    end as "stop", as if the model had, so a kept state is saved."""
 
     requests: list[str] = []
     sequences: list[SequenceRef] = []
     clients: list[int] = []
+    finished: list[SequenceRef] = []
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):

@@ -205,7 +205,7 @@ class CoreLoop:
         requests = message.requests
         if message.clients:  # a dead front end's: nobody reads their outputs any more
             requests = [*requests, *self._router.requests_of(message.clients)]
-        finished = self.core.abort(requests, message.sequences)
+        finished = self.core.abort(requests, message.sequences, message.finished)
         step = StepOutputs.empty(0.0)
         step.finished = finished
         step.stats = self.core.stats()  # slots freed while idle must show in the gauges

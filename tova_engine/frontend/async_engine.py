@@ -35,6 +35,7 @@ from tova_engine.core.messages import (
     CoreReady,
     DropStates,
     EngineInfo,
+    SequenceRef,
     StepOutputs,
     StepStats,
 )
@@ -223,6 +224,11 @@ class AsyncEngine:
         """Thread-safe; the slot is free before the core's next step."""
         self._changes.put(("close", request_id))
         self._client.send(Abort(requests=[request_id]))
+
+    def finish(self, request_id: str, index: int) -> None:
+        """Thread-safe: end one choice now as if the model had stopped ("stop": a kept state
+        is saved); its final output follows as for any finish."""
+        self._client.send(Abort(finished=[SequenceRef(request_id, index)]))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._client.shutdown(timeout)

@@ -9,6 +9,12 @@ from typing import Any
 
 from server.http.errors import bad_request
 from server.protocol.chat import ChatCompletionRequest, ChatMessage
+from server.protocol.responses import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionToolChoice,
+    ResponsesRequest,
+)
 from server.protocol.tools import NamedToolChoice, ToolDefinition
 from server.serving.tool_calls.parser import ToolCallParser
 from tova_engine import InvalidRequestError
@@ -56,8 +62,8 @@ def plan_tools(tools: list[ToolDefinition] | None, choice: str | None, named: st
     the function's name in `named`. function_path: where a tool's function sits in the
     request, for error names ("tools.{}.function" in chat, "tools.{}" in the Responses API)."""
     tools = tools or []
-    if not tools:
-        if choice not in (None, "none"):
+    if not tools:  # "auto" is the Responses API's default, with or without tools
+        if choice not in (None, "none", "auto"):
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None
     seen: set[str] = set()
@@ -109,3 +115,26 @@ def _check_history(messages: list[ChatMessage]) -> None:
         if message.role == "tool" and message.tool_call_id not in calls:
             raise bad_request(f"messages.{i}.tool_call_id: {message.tool_call_id!r} answers no "
                               "earlier assistant tool call", f"messages.{i}.tool_call_id")
+
+
+def plan_response_tools(body: ResponsesRequest, parser: ToolCallParser) -> ToolPlan | None:
+    """A Responses request's tools, tool_choice, parallel_tool_calls and max_tool_calls."""
+    choice = body.tool_choice
+    named = choice.name if isinstance(choice, FunctionToolChoice) else None
+    return plan_tools([tool.definition() for tool in body.tools or ()],
+                      "named" if named is not None else choice, named,
+                      body.parallel_tool_calls, parser, "tools.{}", body.max_tool_calls)
+
+
+def check_call_outputs(body: ResponsesRequest, earlier_calls: set[str]) -> None:
+    """Every function_call_output answers a call: one earlier in the input, or one the
+    previous response made (`earlier_calls`)."""
+    calls = set(earlier_calls)
+    for i, item in enumerate(body.items):
+        if isinstance(item, FunctionCallItem):
+            calls.add(item.call_id)
+        elif isinstance(item, FunctionCallOutputItem) and item.call_id not in calls:
+            raise bad_request(
+                f"input[{i}].call_id: {item.call_id!r} answers no function call of this input"
+                + (" or of the previous response" if earlier_calls else ""),
+                f"input.{i}.call_id")

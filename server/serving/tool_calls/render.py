@@ -55,3 +55,15 @@ def _plain(message: dict[str, Any], parser: ToolCallParser) -> dict[str, Any]:
                                    "arguments": c["function"]["arguments"]} for c in calls])
     content = "\n".join(part for part in (message["content"], written) if part)
     return {"role": "assistant", "content": content}
+
+
+def turn_messages(tokenizer: Any, parser: ToolCallParser, messages: list[dict[str, Any]],
+                  plan: ToolPlan | None, shown_before: bool,
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A Responses turn's messages and `tools` argument. shown_before: the conversation it
+    continues had the tools already (its state has read their listing): a template that
+    renders tools gets them again, which changes nothing (a continuation is the difference
+    of two renderings with the same tools), and no listing is added again."""
+    native = template_knows_tools(tokenizer)
+    return render_messages(messages, plan if native or not shown_before else None, parser,
+                           native)
