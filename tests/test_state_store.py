@@ -1,6 +1,7 @@
-"""The state store's tiers and budgets: the host tier spills to disk, the disk tier drops the
-least recently used, a new store finds the files an old one left, a damaged file is a miss;
-and the engine saves into it and continues from it by key."""
+"""The state store's tiers and budgets: every state is written through to the directory, the
+host tier caches them, the disk tier drops the least recently used, a new store finds the files
+an old one left, stores sharing a directory see each other's writes and deletions, a damaged
+file is a miss; and the engine saves into it and continues from it by key."""
 
 from __future__ import annotations
 
@@ -33,28 +34,56 @@ def same(a: StateSnapshot, b: StateSnapshot) -> bool:
     )
 
 
-def test_host_tier_spills_to_disk_and_disk_tier_drops_the_least_recently_used(tmp_path):
+def test_every_state_is_written_through_and_the_disk_tier_drops_the_least_recently_used(
+        tmp_path):
     probe = tmp_path / "probe.safetensors"
     file_size = snapshot(0).save(probe, "probe")  # data and header
     probe.unlink()
-    store = StateStore(host_bytes=2 * SIZE, disk_dir=tmp_path, disk_bytes=2 * file_size + 100)
-    kept = {f"r{i}": snapshot(i) for i in range(5)}
+    store = StateStore(host_bytes=2 * SIZE, disk_dir=tmp_path, disk_bytes=3 * file_size + 100)
+    kept = {f"r{i}": snapshot(i) for i in range(4)}
     store.put("r0", kept["r0"])
     store.put("r1", kept["r1"])
-    assert store.stats().host_snapshots == 2 and store.stats().disk_snapshots == 0
-    store.put("r2", kept["r2"])  # r0 spills to disk
-    assert store.stats().spills == 1 and store.stats().disk_snapshots == 1
-    assert same(store.get("r0"), kept["r0"])  # read back from its file
-    store.put("r3", kept["r3"])  # r1 spills; the disk holds r0, r1
-    store.put("r4", kept["r4"])  # r2 spills: room for two, r0 (read before r1 came) goes
     stats = store.stats()
-    assert stats.evictions == 1 and stats.disk_snapshots == 2 and stats.host_snapshots == 2
-    assert store.get("r0") is None  # gone for good
-    assert store.take_dropped() == ["r0"]
-    for key in ("r1", "r2", "r3", "r4"):
+    assert (stats.host_snapshots, stats.disk_snapshots) == (2, 2)  # written at once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r0.safetensors", "r1.safetensors"]
+    store.put("r2", kept["r2"])  # the host tier lets r0 go; its file stays
+    stats = store.stats()
+    assert (stats.host_snapshots, stats.disk_snapshots, stats.spills) == (2, 3, 1)
+    assert same(store.get("r0"), kept["r0"])  # read back from its file
+    store.put("r3", kept["r3"])  # room for three files: r1 (used before r0 was read) goes
+    stats = store.stats()
+    assert stats.evictions == 1 and stats.disk_snapshots == 3 and stats.host_snapshots == 2
+    assert store.get("r1") is None  # gone for good, from the host tier too
+    assert store.take_dropped() == ["r1"]
+    for key in ("r0", "r2", "r3"):
         assert same(store.get(key), kept[key])
-    assert store.stats().misses == 1 and store.stats().hits == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r1.safetensors", "r2.safetensors"]
+    assert store.stats().misses == 1 and store.stats().hits == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "r0.safetensors", "r2.safetensors", "r3.safetensors"]
+
+
+def test_stores_sharing_a_directory_see_each_others_writes_and_deletions(tmp_path):
+    """Two engines (replicas) on one directory: a key one wrote is found by the other, a
+    deletion by one is seen by the other even where its host tier held a copy, a key
+    written again is read again, and a state too large for the disk stays in host memory."""
+    a = StateStore(host_bytes=10 * SIZE, disk_dir=tmp_path, disk_bytes=10 * SIZE)
+    b = StateStore(host_bytes=10 * SIZE, disk_dir=tmp_path, disk_bytes=10 * SIZE)
+    a.put("resp_1", snapshot(1))
+    assert "resp_1" not in b and same(b.get("resp_1"), snapshot(1))  # looked up on a miss
+    assert b.stats().hits == 1 and "resp_1" in b
+    assert b.delete("resp_1")  # a's file, a's host copy
+    assert not (tmp_path / "resp_1.safetensors").exists()
+    assert a.get("resp_1") is None and "resp_1" not in a
+    assert a.take_dropped() == ["resp_1"]
+    a.put("resp_2", snapshot(2))
+    assert same(a.get("resp_2"), snapshot(2))
+    b.put("resp_2", snapshot(3))  # written again elsewhere: a's cached copy is stale
+    assert same(a.get("resp_2"), snapshot(3))
+    assert b.pop("resp_2") is not None and a.get("resp_2") is None
+    assert not b.delete("resp_never")
+    small = StateStore(host_bytes=10 * SIZE, disk_dir=tmp_path / "small", disk_bytes=SIZE // 2)
+    assert small.put("resp_big", snapshot(4))  # no file: host memory only, and that is no loss
+    assert same(small.get("resp_big"), snapshot(4)) and not list((tmp_path / "small").iterdir())
 
 
 def test_a_restarted_store_finds_its_files_in_their_order(tmp_path):

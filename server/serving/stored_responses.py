@@ -9,10 +9,11 @@ from __future__ import annotations
 import uuid
 from typing import Any, NamedTuple
 
-from server.http.errors import bad_request, not_found_response
+from server.http.errors import bad_request
 from server.protocol.responses import FunctionCallItem, FunctionCallOutputItem, ResponsesRequest
 from server.serving.context import ServerContext
 from server.serving.conversation import continuation_ids, first_turn_ids
+from server.serving.response_lookup import find_stored
 from server.serving.responses import ResponseDraft
 from server.serving.responses_store import StoredResponse
 from server.serving.tool_calls.plan import ToolPlan, check_call_outputs
@@ -93,11 +94,7 @@ def list_input_items(record: StoredResponse, limit: int, order: str,
 
 
 def find_response(ctx: ServerContext, response_id: str) -> StoredResponse:
-    ctx.responses.prune(ctx.engine.saved_states)
-    record = ctx.responses.get(response_id)
-    if record is None:
-        raise not_found_response(None, response_id)
-    return record
+    return find_stored(ctx, response_id, None)
 
 
 def drop_response(ctx: ServerContext, response_id: str) -> None:
@@ -110,10 +107,7 @@ def _previous(ctx: ServerContext, body: ResponsesRequest) -> StoredResponse:
     """The stored response to continue: 404 if unknown or expired, 400 if its state was
     made under another configuration than this request would run with."""
     ctx.require_engine()
-    ctx.responses.prune(ctx.engine.saved_states)
-    record = ctx.responses.get(body.previous_response_id)
-    if record is None or record.id not in ctx.engine.saved_states:
-        raise not_found_response("previous_response_id", body.previous_response_id)
+    record = find_stored(ctx, body.previous_response_id, "previous_response_id")
     why = record.spec.mismatch(_spec(ctx, body))
     if why is not None:
         raise bad_request(f"previous_response_id {record.id!r} cannot be continued: {why}",
