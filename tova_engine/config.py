@@ -131,15 +131,17 @@ class EngineConfig:
             "are captured in graphs, this many at most (the full chunks' at start-up); 0: "
             "prefill eagerly")
     # Saved states (keep_state, the Responses API's stored responses): host memory (page-locked
-    # on CUDA), then a directory.
+    # on CUDA) caching a directory that every state is written to (state/store.py).
     state_store_memory_bytes: int = setting(
-        4 * 2**30, "host memory for saved states (stored responses); the least recently used "
-                   "spill to --state-store-dir")
+        4 * 2**30, "host memory for saved states (stored responses), the least recently used "
+                   "going first (with --state-store-dir, a cache of its files)")
     state_store_dir: str | None = setting(
-        None, "directory saved states spill to and survive restarts in (default: none, host "
-              "memory only)")
+        None, "directory every saved state is written to: it survives restarts, and replicas "
+              "that mount the same one continue each other's conversations (default: none, "
+              "host memory only)")
     state_store_disk_bytes: int = setting(
-        64 * 2**30, "disk space for saved states; the least recently used are deleted")
+        64 * 2**30, "disk space for saved states (on a directory replicas share, each counts "
+                    "the files it wrote or used); the least recently used are deleted")
     # None: on with CUDA, off on CPU (where nothing runs concurrently to overlap with),
     # resolved when the engine is built (execution.executor.resolve_device).
     async_scheduling: bool | None = setting(
