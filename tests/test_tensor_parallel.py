@@ -10,7 +10,7 @@ import random
 import pytest
 
 from tests.conftest import save_tiny_gemma3, save_tiny_model
-from tova_engine import LLM, InvalidRequestError, SamplingParams
+from tova_engine import LLM, SamplingParams
 
 pytest_plugins = ("tests.server_fixtures",)
 
@@ -95,22 +95,6 @@ def test_a_gpu_index_is_refused_under_tensor_parallelism(monkeypatch):
         EngineConfig(device="cuda:1", tensor_parallel_size=2)
     EngineConfig(device="cuda:0", tensor_parallel_size=2)  # rank 0's own device
     EngineConfig(device="cuda:1")  # one engine anywhere
-
-
-def test_saved_states_are_refused_under_tensor_parallelism(four_kv_heads):
-    llm = LLM(str(four_kv_heads), dtype="float64", device="cpu", state_size=6,
-              tensor_parallel_size=2)
-    try:
-        with pytest.raises(InvalidRequestError) as info:
-            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, keep_state=True),
-                         use_tqdm=False)
-        assert info.value.param == "keep_state"
-        # The engine and its ranks go on.
-        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0,
-                                                       ignore_eos=True), use_tqdm=False)
-        assert len(out[0].outputs[0].token_ids) == 3
-    finally:
-        llm.close()
 
 
 @pytest.fixture(scope="module")

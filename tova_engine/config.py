@@ -17,6 +17,7 @@ from tova_engine.model.fp8 import QUANTIZATIONS
 from tova_engine.state.kv_state import KV_CACHE_DTYPES
 from tova_engine.state.policies import POLICIES, Policy, make_policy
 from tova_engine.validation import (
+    is_finite_number,
     is_int,
     is_positive_int,
     require_choice,
@@ -125,6 +126,14 @@ class EngineConfig:
     tensor_parallel_size: int = setting(
         1, "split the model over this many devices (processes; one GPU each on CUDA); must "
            "divide the model's key/value heads", aliases=("-tp",))
+    # Ranks that exit or raise while starting end the start at once, whatever this says
+    # (execution/ranks/start.py); this bounds a rank that hangs instead: its start (spawn to
+    # its first report), forming the group, and any collective waiting for it (rank 0's plans
+    # travel over pipes, never a collective, so an idle engine waits without limit).
+    distributed_timeout_seconds: float = setting(
+        60, "tensor parallelism: how long a starting rank, forming the group or a collective "
+            "may take before failing (a rank that fails or exits ends the start at once)",
+        metavar="S")
     # The least recently used graph goes first.
     max_prefill_graphs: int = setting(
         16, "CUDA: prefill chunk shapes that recur (rows, length, entries before the chunk) "
@@ -203,6 +212,10 @@ class EngineConfig:
                     f"tensor_parallel_size ({self.tensor_parallel_size}) exceeds the visible "
                     f"GPUs ({visible})"
                 )
+        if not (is_finite_number(self.distributed_timeout_seconds)
+                and self.distributed_timeout_seconds > 0):
+            raise ValueError("distributed_timeout_seconds must be a number of seconds > 0; got "
+                             f"{self.distributed_timeout_seconds!r}")
         require_count("max_prefill_graphs", self.max_prefill_graphs)
         if self.cuda_graph_batch_sizes is not None:
             sizes = self.cuda_graph_batch_sizes

@@ -199,12 +199,6 @@ class EngineCore:
             None if params.seed is None else make_generator(params.seed, i, device)
             for i in range(params.n)
         ]
-        saved_state = params.keep_state or resume or core_request.resume_key
-        if saved_state and self.executor.config.tensor_parallel_size > 1:
-            raise InvalidRequestError(
-                "keep_state" if params.keep_state else "previous_response_id",
-                "saved states are not supported with tensor_parallel_size > 1 yet",
-            )
         request = Request.of(core_request, generators)
         if params.structured_outputs is not None:
             grammars = grammars or self.grammars.matchers(params)

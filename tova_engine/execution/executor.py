@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from tova_engine.config import DEFAULT_TARGET_ITL_MS, EngineConfig
+from tova_engine.execution.lifetime import close_with
 from tova_engine.execution.ranks.launch import Ranks
-from tova_engine.execution.ranks.plan import GATHER_RETAINED, plan_of
+from tova_engine.execution.ranks.plan import GATHER_RETAINED, SaveSlot, plan_of
 from tova_engine.execution.runner import InFlight, StepResult
+from tova_engine.execution.state_shards import join_heads
 from tova_engine.execution.worker import (
     Worker,
     build_worker,
@@ -23,6 +25,7 @@ from tova_engine.execution.worker import (
 )
 from tova_engine.model.config import ModelConfig
 from tova_engine.parallel import SINGLE, TensorParallel
+from tova_engine.parallel.group import check_free
 from tova_engine.state.policies import Policy
 
 if TYPE_CHECKING:
@@ -70,12 +73,13 @@ class Executor(ABC):
     - A failed step fails alone: `collect` raises its error, whether it failed when launched
       or later, and the next step runs. `launch` raises only when the executor itself is
       broken (a rank is gone): the core cannot go on.
-    - `retained_positions` and `snapshot` read a slot of this process's state while no step
-      that writes it is in flight; `retained_by_rank` reads every rank's with no step in
-      flight.
+    - `retained_positions` reads a slot of this process's state, `snapshot` the slot's whole
+      state (every rank's heads), while no step that writes it is in flight;
+      `retained_by_rank` reads every rank's with no step in flight.
     - What the build resolved (`config`, `model_config`, `model_name`, `tokenizer`,
       `max_model_len`, `policy`, `eos_token_ids`) never changes.
-    - `close()` lets go of what the executor started; closing again does nothing.
+    - `close()` lets go of what the executor started; closing again does nothing. An
+      executor collected or left open at interpreter exit is closed then.
     """
 
     def __init__(self, worker: Worker) -> None:
@@ -167,7 +171,8 @@ class Executor(ABC):
 
     def snapshot(self, slot: int, spec: SnapshotSpec, pending_token_ids: list[int]
                  ) -> StateSnapshot:
-        """A host copy of the slot's state."""
+        """A host copy of the slot's state, every key/value head of the model: it continues
+        under any tensor-parallel size."""
         return self.worker.state.snapshot(slot, spec, pending_token_ids)
 
 
@@ -189,9 +194,11 @@ class OneDeviceExecutor(Executor):
 
 class TensorParallelExecutor(Executor):
     """Rank 0 of `tensor_parallel_size` processes, one per device: it builds its own shard,
-    then starts the other ranks with the configuration it resolved."""
+    then starts the other ranks with the configuration it resolved. A rank that fails to
+    start fails the build at once (RankStartError, `ranks/start.py`)."""
 
     def __init__(self, config: EngineConfig) -> None:
+        check_free()  # before any weight is read
         tp = TensorParallel(0, config.tensor_parallel_size)
         worker = build_worker(resolve_device(config, tp), tp)
         self.ranks = Ranks(worker.config, tp.size)
@@ -201,18 +208,32 @@ class TensorParallelExecutor(Executor):
             self.ranks.stop()
             raise
         super().__init__(worker)
+        # The group is the process's only one: let it go when this executor goes, so that
+        # another engine can form its own.
+        self._close = close_with(self, _close_group, worker, self.ranks)
 
     def launch(self, scheduled: SchedulerOutput) -> StepInFlight:
         self.ranks.send(plan_of(scheduled))  # the other ranks run the same step on their shards
         return self._launch_here(scheduled)
 
     def close(self) -> None:
-        release_graphs(self.worker)
-        self.ranks.stop()
+        self._close()
 
     def retained_by_rank(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self.ranks.send(GATHER_RETAINED)
         return self.worker.retained_by_rank()
+
+    def snapshot(self, slot: int, spec: SnapshotSpec, pending_token_ids: list[int]
+                 ) -> StateSnapshot:
+        """Rank 0 gathers: each rank sends its heads of the slot, joined in rank order."""
+        self.ranks.send(SaveSlot(slot, spec))
+        own = super().snapshot(slot, spec, pending_token_ids)
+        return join_heads([own, *self.ranks.receive_all()])
+
+
+def _close_group(worker: Worker, ranks: Ranks) -> None:
+    release_graphs(worker)
+    ranks.stop()
 
 
 def make_executor(config: EngineConfig) -> Executor:

@@ -33,6 +33,7 @@ from tova_engine.execution.logprobs import TokenLogprobs, TokenLogprobTensors, t
 from tova_engine.execution.penalty_counts import PenaltyCounts
 from tova_engine.execution.prefill_graphs import PrefillGraphs
 from tova_engine.execution.sampler import Sampler, SamplerOutput, SampleRow, uses_penalties
+from tova_engine.execution.state_shards import own_heads
 from tova_engine.model.llama import LlamaModel
 from tova_engine.parallel import SINGLE, TensorParallel
 from tova_engine.state.kv_state import KVState
@@ -141,8 +142,9 @@ class ModelRunner:
                 request.capacity
             )
             for seq in request.sequences:
-                if request.resume is not None:  # n = 1
-                    self.state.restore(seq.slot, request.resume, recent)
+                if request.resume is not None:  # n = 1; this rank's heads of it
+                    resume = own_heads(request.resume, self.tp, self.state.k[0].shape[1])
+                    self.state.restore(seq.slot, resume, recent)
                 else:
                     self.state.reset_slot(seq.slot, request.capacity, recent)
             params = request.params

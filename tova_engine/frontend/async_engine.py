@@ -24,7 +24,9 @@ import asyncio
 import contextlib
 import logging
 import queue
+import threading
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -45,6 +47,7 @@ from tova_engine.errors import (
     RequestFailedError,
     UnknownStateError,
 )
+from tova_engine.execution.lifetime import close_with
 from tova_engine.frontend.attached_core import AttachedCoreClient
 from tova_engine.frontend.core_client import (
     CoreClient,
@@ -90,7 +93,9 @@ class _Stream:
 
 
 class AsyncEngine:
-    """Raises ValueError (naming the setting) for a configuration or model the core refuses."""
+    """Raises ValueError (naming the setting) for a configuration or model the core refuses.
+    `shutdown()` stops the core (or use the engine in a `with` or `async with` block); an
+    engine collected or left open at interpreter exit is shut down then."""
 
     def __init__(
         self,
@@ -115,19 +120,21 @@ class AsyncEngine:
         self._running: set[str] = set()
         self.client_index = 0 if attach is None else attach.client
         self._client: CoreClient | AttachedCoreClient
+        # Weakly: the client thread keeps its callbacks, and must not keep an engine that
+        # its owner dropped (nor, through it, the core process) alive.
+        on_step, on_lost, on_ready = map(_weakly, (self._on_step, self._on_lost, self._on_ready))
         if attach is None:
-            self._client = CoreClient(
-                config, self._on_step, self._on_lost, self._on_ready, restart_policy
-            )
+            self._client = CoreClient(config, on_step, on_lost, on_ready, restart_policy)
         else:
-            self._client = AttachedCoreClient(
-                attach, self._on_step, self._on_lost, self._on_ready
-            )
+            self._client = AttachedCoreClient(attach, on_step, on_lost, on_ready)
         self.config = config
         try:
             self._client.start()  # _on_ready has set up what follows from the model
         except CoreStartError as exc:
             raise ValueError(str(exc)) from None
+        # Shut down when collected or left open at exit too: a tensor-parallel core process
+        # is no daemon, and multiprocessing would wait for it at exit for ever.
+        self._closer = close_with(self, _shut_down, self._client)
 
     # ----- what the server may ask --------------------------------------------------------
 
@@ -231,8 +238,21 @@ class AsyncEngine:
         self._client.send(Abort(finished=[SequenceRef(request_id, index)]))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self._closer.detach()
         self._client.shutdown(timeout)
         self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def __enter__(self) -> AsyncEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.to_thread(self.shutdown)  # it joins threads and a process: off the loop
 
     # ----- event loop side ----------------------------------------------------------------
 
@@ -363,6 +383,27 @@ class AsyncEngine:
             # RuntimeError: that event loop is closed; nobody is listening.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
+
+
+def _weakly(method: Callable[..., None]) -> Callable[..., None]:
+    """`method`, called while its object lives (a no-op after)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: object) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call
+
+
+def _shut_down(client: CoreClient | AttachedCoreClient) -> None:
+    """A collected or abandoned engine's client. Collection may run on the client thread
+    itself ("core-client"), and shutting down joins that thread: then another one does it."""
+    if threading.current_thread().name == "core-client":
+        threading.Thread(target=client.shutdown, name="core-client-shutdown", daemon=True).start()
+    else:
+        client.shutdown()
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -25,6 +25,9 @@ class LLM:
     >>> llm = LLM(state_size=256)                       # embedded SmolLM2-135M-Instruct
     >>> out = llm.generate("The capital of France is", SamplingParams(max_tokens=8))
     >>> out[0].outputs[0].text
+
+    With `tensor_parallel_size` > 1 it starts a process per other rank: `close()` them (or
+    use it in a `with` block); an engine collected or left open at exit is closed then.
     """
 
     def __init__(
@@ -110,8 +113,15 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks (also done at exit)."""
-        self.engine.core.close()
+        """Stop the other tensor-parallel ranks and let their group go, so that another
+        tensor-parallel engine can start in this process; closing again does nothing."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -30,6 +30,10 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats_callback = stats_callback
 
+    def close(self) -> None:
+        """Let go of what the engine started (the other tensor-parallel ranks)."""
+        self.core.close()
+
     @property
     def info(self) -> EngineInfo:
         return self.core.info

@@ -5,6 +5,7 @@ collective a no-op."""
 from __future__ import annotations
 
 import datetime
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -53,27 +54,34 @@ class TensorParallel:
             dist.broadcast(x, src=0)
         return x
 
-    def broadcast_object(self, obj: object = None) -> object:
-        """Rank 0's `obj` (pickled) on every rank."""
-        if not self.enabled:
-            return obj
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
 
 SINGLE = TensorParallel()
-# A collective that waits longer than this means a rank is gone: fail instead of hanging.
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)
 
 
-def join_group(device: torch.device, rank: int, size: int, init_method: str) -> TensorParallel:
-    """Join this process to the group as `rank`; on CUDA rank r runs on cuda:r."""
+def check_free() -> None:
+    """Raises ValueError if this process is still in another engine's group: torch.distributed
+    holds one per process."""
+    if dist.is_initialized():
+        gc.collect()  # an engine dropped in a reference cycle leaves its group when collected
+    if dist.is_initialized():
+        raise ValueError(
+            "tensor_parallel_size: this process is still in another tensor-parallel engine's "
+            "group; close() that engine (or leave its `with` block) before building another"
+        )
+
+
+def join_group(
+    device: torch.device, rank: int, size: int, init_method: str, timeout_s: float
+) -> TensorParallel:
+    """Join this process to the group as `rank`; on CUDA rank r runs on cuda:r. timeout_s
+    bounds forming the group and every collective after it: a collective that waits longer
+    means a rank is gone, and failing beats hanging."""
+    check_free()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=COLLECTIVE_TIMEOUT)
+                            timeout=datetime.timedelta(seconds=timeout_s))
     return TensorParallel(rank, size)
 
 
