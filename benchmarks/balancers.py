@@ -56,6 +56,9 @@ http {{
             # (or a refused connection) is retried on the next server, POSTs included.
             proxy_next_upstream error timeout http_503 non_idempotent;
             proxy_next_upstream_tries 3;
+            # No counterpart of HAProxy's stick table on response ids (reading the JSON body
+            # needs njs): a continuation goes to any replica, which reads its state from the
+            # shared --state-store-dir.
         }}
     }}
 }}

@@ -231,7 +231,7 @@ def test_shared_state_dir_loses_no_continuation_across_a_drain_and_restart(
               f"on r1 while r0 drained or was down, {len(resumed)} on r0 after its restart")
         # Sampled conversations, whichever replicas ran their turns, say what one replica
         # says alone.
-        sample = [low[0], crossed[0], resumed[0], high[-1]]
+        sample = sorted({low[0], crossed[0], resumed[0], high[-1]})
 
         async def alone() -> Conversations:
             single = Conversations(client_of(r1.url), CONVERSATIONS)

@@ -35,8 +35,12 @@ def find_stored(ctx: ServerContext, response_id: str, param: str | None) -> Stor
     if record is None:
         raise not_found(ctx, response_id, param)
     state = reach_state(ctx, record.id)
-    if state is None:  # the state is gone, so is the response
-        ctx.responses.delete(record.id)
+    if state is None:
+        if ctx.engine.config.state_store_dir is not None:
+            # Its state file, written before the record, is gone: so is the response. (Without
+            # a directory this front end's view of the core's store may lag it by a step, so
+            # the record is left to `prune`.)
+            ctx.responses.delete(record.id)
         raise not_found(ctx, response_id, param)
     # Made by another replica (or this one before a restart): the engine's `prepare` admits
     # keys its view holds; the core finds the file by the same key.
