@@ -168,3 +168,28 @@ def test_gemma3_snapshots_hold_each_layers_own_entries(tmp_path):
         out = run(llm, second, max_tokens=5, resume=resumed, keep=False)
         assert out.outputs[0].token_ids == whole.outputs[0].token_ids
         assert out.outputs[0].state_positions == whole.outputs[0].state_positions
+
+
+def test_a_stop_string_keeps_the_state(tmp_path):
+    """A choice a stop string ends still keeps its state (the core ends it as "stop", not as
+    aborted), with the stop string as its reason; the state has read every token generated
+    up to the stop, and the conversation continues from it as from any saved state."""
+    from tests.tiny_chat_model import save_tiny_chat_model
+
+    model = save_tiny_chat_model(tmp_path)
+    llm = LLM(str(model), state_size=16, dtype="float64", device="cpu", max_num_seqs=2)
+    free = llm.generate(["Hello there"], SamplingParams(max_tokens=12, **GREEDY),
+                        use_tqdm=False)[0].outputs[0]
+    stop = free.text[len(free.text) // 2:][:2]
+    out = llm.generate(["Hello there"], SamplingParams(max_tokens=12, stop=[stop],
+                                                       keep_state=True, **GREEDY),
+                       use_tqdm=False)[0]
+    choice = out.outputs[0]
+    assert (choice.finish_reason, choice.stop_reason) == ("stop", stop)
+    assert out.state is not None
+    generated = len(choice.token_ids)
+    assert out.state.num_seen == len(out.prompt_token_ids) + generated - 1  # last is pending
+    assert out.state.pending_token_ids == [choice.token_ids[-1]]
+    again = llm.generate([[5, 6]], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False,
+                         resume_from=out.state)[0]
+    assert len(again.outputs[0].token_ids) == 3

@@ -320,7 +320,7 @@ class AsyncEngine:
             self._running.discard(failure.request_id)
         deliveries = [(self._streams.get(o.request_id), o) for o in processed.outputs]
         if processed.stops:
-            self._client.send(Abort(sequences=processed.stops))
+            self._client.send(Abort(finished=processed.stops))  # as stopped: a kept state is saved
         if step.stats is not None:  # before the outputs: a caller that sees them sees these
             self.last_stats = step.stats
             for callback in self._stats_callbacks:

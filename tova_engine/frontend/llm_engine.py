@@ -110,13 +110,16 @@ class LLMEngine:
             return []
         processed = self.outputs.process(step)
         outputs = processed.outputs
-        if processed.stops:  # stop strings: free those slots before the next step
+        saved_states = list(step.saved)
+        if processed.stops:  # stop strings: end those choices before the next step
             freed = StepOutputs.empty(step.started_at)
-            freed.finished = self.core.abort([], processed.stops)
+            freed.finished = self.core.abort([], stopped=processed.stops)
+            self.core.take_store_updates(freed)  # ended as "stop": a kept state is saved
+            saved_states += freed.saved
             outputs += self.outputs.process(freed).outputs
         if self.stats_callback is not None and step.stats is not None:
             self.stats_callback(step.stats)
-        for saved in step.saved:  # keep_state: the caller holds the state, not the store
+        for saved in saved_states:  # keep_state: the caller holds the state, not the store
             for output in outputs:
                 if output.request_id == saved.key:
                     output.state = self.core.store.pop(saved.key)

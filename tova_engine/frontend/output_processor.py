@@ -3,8 +3,9 @@
 
 The core finishes choices on token-level conditions (EOS, stop token ids, max_tokens, the
 length limit). A stop string is found here; the choice ends at once and the core is asked to
-free its slot (`ProcessedStep.stops`). With `return_state`, the choice ends when the core
-confirms, because the state positions are read when the slot is freed.
+end it too, as "stop" (`ProcessedStep.stops`): its slot is freed and a kept state saved.
+With `return_state`, the choice ends when the core confirms, because the state positions are
+read when the slot is freed.
 
 Work per step is proportional to the step's new tokens: delta outputs slice only new text.
 """
@@ -39,8 +40,10 @@ class SequenceState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     state_positions: list[list[int]] | None = None
-    # The stop string found in this choice's text, once one is.
+    # The stop string found in this choice's text, once one is, and whether the core was
+    # asked to end the choice for it (it then reports "stop", as for EOS).
     stop_string: str | None = None
+    stop_sent: bool = False
     # How much of the output the caller has already been given (for delta outputs).
     tokens_sent: int = 0
     text_sent: int = 0
@@ -184,6 +187,7 @@ class OutputProcessor:
             self._append(state, seq, step, row)
             if seq.stop_string is not None and (request_id, seq.index) not in finishes:
                 stops.append(SequenceRef(request_id, seq.index))
+                seq.stop_sent = True
                 if not state.params.return_state:  # else: wait for the state positions
                     seq.finish_reason, seq.stop_reason = "stop", seq.stop_string
         return stops
@@ -215,8 +219,9 @@ class OutputProcessor:
         if seq.finished:  # a stop string ended it here first
             return
         seq.state_positions = finish.state_positions
-        if seq.stop_string is not None and finish.reason != "stop":
-            # The stop string ends it, unless EOS or a stop token id did (they come first).
+        if seq.stop_string is not None and (finish.reason != "stop" or seq.stop_sent):
+            # The stop string ends it, unless EOS or a stop token id did in the same step
+            # (they come first).
             seq.finish_reason, seq.stop_reason = "stop", seq.stop_string
         else:
             seq.finish_reason, seq.stop_reason = finish.reason, finish.stop_reason
