@@ -9,11 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/home/tova/.cache/huggingface
 
-# Created with the cache folder already owned by the user, so a named volume mounted there
-# starts out writable (Docker copies the folder's ownership into an empty volume).
+# Created with the cache folder and the saved-states folder (--state-store-dir of the
+# replicas, which all mount one volume there) already owned by the user, so a named volume
+# mounted on either starts out writable (Docker copies the folder's ownership into an empty
+# volume).
 RUN useradd --create-home --no-log-init --uid 10001 --user-group tova \
-    && mkdir -p /home/tova/.cache/huggingface \
-    && chown -R tova:tova /home/tova/.cache
+    && mkdir -p /home/tova/.cache/huggingface /var/lib/tova/states \
+    && chown -R tova:tova /home/tova/.cache \
+    && chown -R tova:tova /var/lib/tova/states
 
 WORKDIR /opt/tova-server
 

@@ -44,7 +44,7 @@ def find_stored(ctx: ServerContext, response_id: str, param: str | None) -> Stor
         raise not_found(ctx, response_id, param)
     # Made by another replica (or this one before a restart): the engine's `prepare` admits
     # keys its view holds; the core finds the file by the same key.
-    ctx.engine.saved_states.setdefault(record.id, state)
+    ctx.engine.adopt_state(state)
     return record
 
 

@@ -190,6 +190,12 @@ class AsyncEngine:
                 )
         return self._builder.build(request_id or uuid.uuid4().hex, prompt, params, None, resume)
 
+    def adopt_state(self, state: SavedState) -> None:
+        """Know a state the core can reach but did not report: one another front end, an
+        earlier run or another replica wrote to the shared --state-store-dir (the core finds
+        the file by its key when a continuation names it)."""
+        self.saved_states.setdefault(state.key, state)
+
     def drop_states(self, keys: list[str]) -> None:
         """Delete stored states (thread-safe; gone from `saved_states` at once)."""
         for key in keys:
