@@ -28,6 +28,6 @@ def test_the_fleet_loses_nothing_and_heals(tmp_path):
     # The dead core's streams ended with an error event; the dead front end's were cut.
     assert result["details"].get("engine_dead", 0) > 0, result["details"]
     assert outcomes.get("cut", 0) > 0, result["details"]
-    assert len(result["healed"]) == 3
+    assert len(result["healed"]) == 4
     after = result["after"]
     assert after["last wave complete"] == after["last wave size"], chaos.report(result)
