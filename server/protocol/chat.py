@@ -77,14 +77,15 @@ class ChatMessage(RequestPart):
         if self.tool_calls:
             message["tool_calls"] = [
                 {"id": call.id, "type": "function", "function": {
-                    "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                    "name": call.function.name,
+                    "arguments": template_arguments(call.function.arguments)}}
                 for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
 
 
-def _arguments(text: str) -> Any:
+def template_arguments(text: str) -> Any:
     """A call's arguments as templates expect them (an object where the text is JSON)."""
     try:
         return json.loads(text)

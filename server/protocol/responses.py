@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.protocol.chat import _content_text
+from server.protocol.chat import _content_text, template_arguments
 from server.protocol.common import RequestModel, RequestPart, ResponseModel
 from server.protocol.openai_fields import ResponsesOpenAIFields
 from server.protocol.schema import count, number
@@ -34,6 +33,13 @@ def _input_text(value: Any) -> Any:
     return _content_text(value)
 
 
+def _text_of(value: Any, field: str) -> str:
+    text = _input_text(value)
+    if text is None:
+        raise ValueError(f"{field} must be a string or a list of text parts")
+    return text
+
+
 class InputMessage(RequestPart):
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
@@ -42,13 +48,8 @@ class InputMessage(RequestPart):
     id: str | None = None
     status: str | None = None
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _content(cls, value: Any) -> str:
-        text = _input_text(value)
-        if text is None:
-            raise ValueError("content must be a string or a list of text parts")
-        return text
+    _content = field_validator("content", mode="before")(lambda value: _text_of(value,
+                                                                               "content"))
 
     def for_template(self) -> dict[str, str]:
         return {"role": "system" if self.role == "developer" else self.role,
@@ -67,7 +68,7 @@ class FunctionCallItem(RequestPart):
 
     def for_template(self) -> dict[str, Any]:
         return {"id": self.call_id, "type": "function",
-                "function": {"name": self.name, "arguments": _arguments(self.arguments)}}
+                "function": {"name": self.name, "arguments": template_arguments(self.arguments)}}
 
 
 class FunctionCallOutputItem(RequestPart):
@@ -79,27 +80,13 @@ class FunctionCallOutputItem(RequestPart):
     id: str | None = None
     status: str | None = None
 
-    @field_validator("output", mode="before")
-    @classmethod
-    def _output(cls, value: Any) -> str:
-        text = _input_text(value)
-        if text is None:
-            raise ValueError("output must be a string or a list of text parts")
-        return text
+    _output = field_validator("output", mode="before")(lambda value: _text_of(value, "output"))
 
 
 InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
 _ITEM_TYPES: dict[str | None, type[RequestPart]] = {
     None: InputMessage, "message": InputMessage, "function_call": FunctionCallItem,
     "function_call_output": FunctionCallOutputItem}
-
-
-def _arguments(text: str) -> Any:
-    """A call's arguments as templates expect them (an object where the text is JSON)."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 _MESSAGE_SCHEMA = {
