@@ -62,8 +62,8 @@ def plan_tools(tools: list[ToolDefinition] | None, choice: str | None, named: st
     the function's name in `named`. function_path: where a tool's function sits in the
     request, for error names ("tools.{}.function" in chat, "tools.{}" in the Responses API)."""
     tools = tools or []
-    if not tools:  # "auto" is the Responses API's default, with or without tools
-        if choice not in (None, "none", "auto"):
+    if not tools:
+        if choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None
     seen: set[str] = set()
@@ -120,6 +120,8 @@ def _check_history(messages: list[ChatMessage]) -> None:
 def plan_response_tools(body: ResponsesRequest, parser: ToolCallParser) -> ToolPlan | None:
     """A Responses request's tools, tool_choice, parallel_tool_calls and max_tool_calls."""
     choice = body.tool_choice
+    if choice == "auto" and not body.tools:
+        choice = None  # the Responses API's default, with or without tools (chat refuses it)
     named = choice.name if isinstance(choice, FunctionToolChoice) else None
     return plan_tools([tool.definition() for tool in body.tools or ()],
                       "named" if named is not None else choice, named,
