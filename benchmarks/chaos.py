@@ -7,8 +7,9 @@ asks for --max-tokens tokens with ignore_eos; a tenth of them hang up early, as 
 and meanwhile:
 
     at 20 %  the engine core of replica 0 dies (X-Tova-Fault: kill-engine)
-    at 40 %  a front-end process of replica 1 is SIGKILLed
-    at 60 %  replica 0 gets SIGTERM (it drains and exits), and is started again
+    at 40 %  a front-end process of replica 1 is SIGKILLed (replica 0 may be healing still)
+    at 60 %  replica 0 gets SIGTERM (it drains and exits; once its core is back), and is
+             started again
 
 Every request must end one of these ways: complete (every token, then [DONE]); an error
 (an HTTP error status, or an error event in the stream); cut (the connection ended: the
@@ -245,17 +246,19 @@ async def restart(replica: Replica, heal_s: float) -> tuple[float, float]:
 
 async def faults(replicas: list[Replica], start: float, duration: float,
                  heal_s: float) -> dict[str, float]:
-    async def at(fraction: float) -> None:
+    """Each fault at its time, whether the ones before have healed or not (the front end
+    dies while the other replica's core may still be restarting); the SIGTERM waits for its
+    replica's core to be back, so that each heal is measured on its own."""
+    async def at(fraction: float, fault):
         await asyncio.sleep(max(0.0, start + fraction * duration - time.monotonic()))
+        return await fault
 
-    healed = {}
-    await at(0.2)
-    healed["engine core killed: replica ready again (s)"] = await kill_core(replicas[0], heal_s)
-    await at(0.4)
-    victim = replicas[1 % len(replicas)]
-    healed["front end killed: replacement started (s)"] = await kill_front_end(victim, heal_s)
-    await at(0.6)
-    exited, ready = await restart(replicas[0], heal_s)
+    core = asyncio.create_task(at(0.2, kill_core(replicas[0], heal_s)))
+    front_end = asyncio.create_task(at(0.4, kill_front_end(replicas[1 % len(replicas)],
+                                                           heal_s)))
+    healed = {"engine core killed: replica ready again (s)": await core}
+    exited, ready = await at(0.6, restart(replicas[0], heal_s))
+    healed["front end killed: replacement started (s)"] = await front_end
     healed["SIGTERM: drained and exited (s)"] = exited
     healed["  started again: ready (s)"] = ready
     return healed

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
 
 
 def test_the_fleet_loses_nothing_and_heals(tmp_path):
-    args = chaos.parse_args(["--streams", "128", "--duration", "12", "--max-tokens", "24",
+    args = chaos.parse_args(["--streams", "128", "--duration", "8", "--max-tokens", "24",
                              "--hang-after", "30", "--workdir", str(tmp_path)])
     result = asyncio.run(chaos.run(args))
     outcomes = result["outcomes"]
