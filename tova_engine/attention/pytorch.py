@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from tova_engine.attention.backend import AttentionBackend, DecodeRows, KindRows, layer_kinds
 from tova_engine.state.kv_state import KVState
@@ -164,6 +163,10 @@ class ChunkAttention(AttentionBackend):
         self.kinds = layer_kinds(state, policy)
         self.chunk_positions = torch.arange(length, device=device) + start  # [C]
         self._masks: dict[int, torch.Tensor] = {}
+        # Imported here: the module pulls in torch._dynamo (over a second at every process
+        # start, front ends included), and only a chunk's attention needs it.
+        from torch.nn.attention.bias import causal_lower_right
+
         self._causal_bias = causal_lower_right(length, entries + length)
         # Per layer that evicted: [R, entries + C], tokens back from the chunk's last position
         # of each dropped entry, -1 for kept ones (fixed size: no host sync to filter).

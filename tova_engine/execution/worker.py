@@ -72,6 +72,10 @@ def build_worker(config: EngineConfig, tp: TensorParallel) -> Worker:
 def _build_worker(config: EngineConfig, tp: TensorParallel) -> Worker:
     device, dtype = config.torch_device, config.torch_dtype
     configure_cpu_threads(device)  # before loading: GGUF dequantization uses threads
+    # The prompt chunks' causal bias pulls in torch._dynamo (over a second): loaded while the
+    # engine starts, not at the first prompt. attention/pytorch.py imports it lazily, so that
+    # front-end processes, which import this package without running it, do not pay for it.
+    import torch.nn.attention.bias  # noqa: F401
     source = load_source(config.model, config.load_format, dtype)
     model_config = source.config
     if tp.enabled:  # before any weight is read
