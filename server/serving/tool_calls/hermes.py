@@ -26,12 +26,11 @@ class HermesParser(ToolCallParser):
             if start < 0:
                 hold = 0 if final else partial_suffix(text, OPEN)
                 scan.text(text[position:len(text) - hold])
-                scan.held = len(text) - hold
                 return scan
             end = text.find(CLOSE, start + len(OPEN))
             if end < 0:  # a call being written: held, and dropped if the text ends here
                 scan.text(text[position:start])
-                scan.held, scan.unfinished = (len(text), True) if final else (start, False)
+                scan.unfinished = final
                 return scan
             call = call_of(loads_or_none(text[start + len(OPEN):end].strip()), names)
             if call is None:  # not a call to a declared function: the model's text

@@ -35,7 +35,7 @@ class Llama3JsonParser(ToolCallParser):
             if end is None:  # unfinished: a call being written, or content
                 if not could_be_call(text[position:], names):
                     break
-                scan.held, scan.unfinished = (len(text), True) if final else (position, False)
+                scan.unfinished = final
                 return scan
             call = call_of(loads_or_none(text[position:end]), names)
             if call is None:
@@ -47,9 +47,8 @@ class Llama3JsonParser(ToolCallParser):
         if not scan.calls:
             if position >= len(text) and not final:
                 return scan  # nothing but whitespace (or the tag) yet: held
-            return Scan(pieces=[text], held=len(text))  # not calls: all of it is content
+            return Scan(pieces=[text])  # not calls: all of it is content
         scan.text(text[position:])
-        scan.held = len(text)
         return scan
 
     def grammar(self, body_rule: str, parallel: bool) -> str:

@@ -51,7 +51,7 @@ class MistralParser(ToolCallParser):
         if start < len(text) and not text.startswith(MARKER, start):
             read = self._block(text, start, names)  # a block whose marker was dropped
             if read == _UNFINISHED:
-                return Scan(held=len(text)) if final else scan
+                return scan  # held; dropped if the text ends here
             if read != _NOT_CALLS:
                 calls, position = read
                 for call in calls:
@@ -61,12 +61,11 @@ class MistralParser(ToolCallParser):
             if start < 0:
                 hold = 0 if final else partial_suffix(text, MARKER)
                 scan.text(text[position:len(text) - hold])
-                scan.held = len(text) - hold
                 return scan
             read = self._block(text, skip_space(text, start + len(MARKER)), names)
             if read == _UNFINISHED:  # held, and dropped if the text ends here
                 scan.text(text[position:start])
-                scan.held, scan.unfinished = (len(text), True) if final else (start, False)
+                scan.unfinished = final
                 return scan
             if read == _NOT_CALLS:
                 scan.text(text[position:start + len(MARKER)])

@@ -36,12 +36,11 @@ class ParsedCall:
 @dataclass
 class Scan:
     """A text read as content pieces and calls, in order: `pieces[i]` is the text before
-    `calls[i]` (one more piece than calls: the text after the last call). `held`: where the
-    text may still turn into a call, not yet content (the text's length when nothing is)."""
+    `calls[i]` (one more piece than calls: the text after the last call). Text that may still
+    turn into a call is in neither: held back until the text says."""
 
     pieces: list[str] = field(default_factory=lambda: [""])
     calls: list[ParsedCall] = field(default_factory=list)
-    held: int = 0
     # The text ended inside a call, which is dropped (with the whitespace before it).
     unfinished: bool = False
 
