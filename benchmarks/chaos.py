@@ -49,7 +49,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.balancers import loopback_haproxy_config  # noqa: E402
+from benchmarks.balancers import haproxy  # noqa: E402
 
 OUTCOMES = ("complete", "error", "cut", "dropped", "short", "hung")
 FAILURES = ("short", "hung")
@@ -299,10 +299,7 @@ async def run(args) -> dict:
 
     replicas = [Replica(i, free_port(), flags, workdir) for i in range(args.replicas)]
     port = free_port()
-    config = workdir / "haproxy.cfg"
-    config.write_text(loopback_haproxy_config(port, [r.port for r in replicas]))
-    balancer = subprocess.Popen(["haproxy", "-db", "-f", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    balancer = haproxy(port, [r.port for r in replicas], workdir)
     try:
         for replica in replicas:
             replica.start()

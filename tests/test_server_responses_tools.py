@@ -16,20 +16,14 @@ import openai
 import pytest
 
 from tests.server_utils import SMOL_NAMES, auth_headers
+from tests.test_server_tools import SCHEMAS, TIME, WEATHER  # chat's tools, flat here
 
 pytest_plugins = ("tests.server_fixtures",)
 
 MODEL = SMOL_NAMES[0]
-WEATHER = {"type": "object",
-           "properties": {"city": {"type": "string", "maxLength": 20},
-                          "unit": {"enum": ["celsius", "fahrenheit"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
-TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 12}},
-        "required": ["zone"], "additionalProperties": False}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather now",
           "parameters": WEATHER, "strict": True},
          {"type": "function", "name": "get_time", "parameters": TIME}]
-SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = "What is the weather in Paris?"
 
 
